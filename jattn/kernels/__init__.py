@@ -1,0 +1,107 @@
+"""The registry of attention implementations: name -> what it is, what it supports, where it runs.
+
+Each implementation is a single-head kernel ``fn(q [T, D], k [S, D], v [S, Dv], *, spec)``
+returning a :class:`~jattn.kernels.common.KernelOutput`; :mod:`jattn.api` vmaps it over heads
+and batch. An implementation whose import fails (a backend it needs is missing) is simply not
+registered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+import jax
+
+from jattn.kernels.common import KernelOutput, Spec
+from jattn.kernels.fused import fused_attention
+from jattn.kernels.reference import reference_attention
+
+__all__ = [
+    "FEATURES",
+    "Implementation",
+    "KernelOutput",
+    "REGISTRY",
+    "Spec",
+    "available",
+    "register",
+]
+
+# Every feature a call can need. An implementation lists those it supports.
+FEATURES = frozenset(
+    {
+        "bias",
+        "causal",
+        "local_window",
+        "lengths",
+        "segments",
+        "dense_mask",
+        "mask_algebra",  # `|` and `~` of masks
+        "softcap",
+        "dropout",
+        "return_weights",
+        "return_lse",
+        "float64",
+        "gqa",
+        "value_head_dim",  # value head dim != query head dim
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """An attention implementation.
+
+    Attributes:
+      name: what ``implementation=`` calls it.
+      fn: the single-head kernel.
+      supports: the subset of :data:`FEATURES` it serves.
+      backends: the platforms it runs on ('cpu', 'gpu', 'tpu').
+      config_fn: ``(q_shape, k_shape, dtype, backend) -> config`` (e.g. block sizes), or None.
+      batched: True when ``fn`` takes whole ``[*B, ...]`` arrays itself rather than one head
+        (delegating implementations such as cuDNN).
+    """
+
+    name: str
+    fn: Callable[..., KernelOutput]
+    supports: frozenset[str]
+    backends: frozenset[str]
+    config_fn: Callable | None = None
+    batched: bool = False
+
+    def missing(self, needed: Iterable[str]) -> list[str]:
+        """The features of ``needed`` this implementation lacks, sorted."""
+        return sorted(set(needed) - self.supports)
+
+
+REGISTRY: dict[str, Implementation] = {}
+
+# Preference order when ``implementation=None``, most preferred first, per backend.
+DEFAULT_ORDER: dict[str, list[str]] = {"cpu": [], "gpu": [], "tpu": []}
+
+
+def register(impl: Implementation, *, default_rank: dict[str, int] | None = None) -> None:
+    """Adds ``impl`` to the registry; ``default_rank`` places it in the default order."""
+    REGISTRY[impl.name] = impl
+    for backend, rank in (default_rank or {}).items():
+        order = DEFAULT_ORDER.setdefault(backend, [])
+        if impl.name in order:
+            order.remove(impl.name)
+        order.insert(rank, impl.name)
+
+
+def available(backend: str | None = None) -> list[str]:
+    """Names of the implementations that run on ``backend`` (default: JAX's default backend)."""
+    backend = backend or jax.default_backend()
+    return [name for name, impl in REGISTRY.items() if backend in impl.backends]
+
+
+_ALL_BACKENDS = frozenset({"cpu", "gpu", "tpu"})
+
+register(
+    Implementation("reference", reference_attention, FEATURES, _ALL_BACKENDS),
+)
+register(
+    Implementation("fused", fused_attention, FEATURES, _ALL_BACKENDS),
+    default_rank={"cpu": 0, "gpu": 0, "tpu": 0},
+)

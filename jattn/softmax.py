@@ -1,0 +1,84 @@
+"""The fused masked softmax, and the safe-softmax pieces every kernel shares."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["masked_softmax"]
+
+Array = jax.Array
+
+
+def safe_max(x: Array, axis: int = -1, keepdims: bool = True) -> Array:
+    """Row max where a row of only ``-inf`` gives 0 instead of ``-inf``.
+
+    Subtracting it keeps ``exp`` finite and makes fully masked rows give ``exp(-inf) = 0``
+    instead of ``exp(nan)``. Softmax is invariant to the shift, so no gradient flows through it.
+    """
+    m = jnp.max(x, axis=axis, keepdims=keepdims)
+    return jax.lax.stop_gradient(jnp.where(jnp.isneginf(m), 0.0, m).astype(x.dtype))
+
+
+def masked_softmax(logits: Array, mask: Array | None = None, axis: int = -1) -> Array:
+    """Softmax of ``logits`` over ``axis`` where ``mask`` is True, zero elsewhere.
+
+    One pass over the logits: masked entries are excluded inside the reduction, not by adding a
+    ``-1e9`` tensor, so a row with no visible entry returns zeros (not a uniform average and not
+    NaN), and its gradient is zero. The computation runs in float32 (float64 for float64 input)
+    and the result has the dtype of ``logits``. The backward pass keeps only the output.
+
+    Args:
+      logits: any shape, floating point.
+      mask: boolean, broadcastable to ``logits`` (True = keep), or None.
+      axis: the axis to normalise over.
+    """
+    logits = jnp.asarray(logits)
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(f"logits must be floating point, got dtype {logits.dtype}")
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.dtype != jnp.bool_:
+            raise TypeError(f"mask must be boolean, got dtype {mask.dtype}")
+        try:
+            jnp.broadcast_shapes(mask.shape, logits.shape)
+        except ValueError:
+            raise ValueError(
+                f"mask of shape {mask.shape} is not broadcastable to logits of shape {logits.shape}"
+            ) from None
+    axis = axis % logits.ndim if logits.ndim else 0
+    return _masked_softmax(logits, mask, axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _masked_softmax(logits, mask, axis):
+    return _forward(logits, mask, axis)
+
+
+def _forward(logits, mask, axis):
+    acc = jnp.promote_types(logits.dtype, jnp.float32)
+    x = logits.astype(acc)
+    if mask is not None:
+        x = jnp.where(mask, x, -jnp.inf)
+    e = jnp.exp(x - safe_max(x, axis))
+    s = jnp.sum(e, axis=axis, keepdims=True)
+    return (e / jnp.where(s == 0, 1, s)).astype(logits.dtype)
+
+
+def _fwd(logits, mask, axis):
+    p = _forward(logits, mask, axis)
+    return p, (p, mask)
+
+
+def _bwd(axis, res, g):
+    p, mask = res
+    acc = jnp.promote_types(p.dtype, jnp.float32)
+    pf, gf = p.astype(acc), g.astype(acc)
+    # Masked entries have p == 0, so their gradient is zero without looking at the mask.
+    dx = pf * (gf - jnp.sum(gf * pf, axis=axis, keepdims=True))
+    return dx.astype(p.dtype), None
+
+
+_masked_softmax.defvjp(_fwd, _bwd)
