@@ -1,0 +1,239 @@
+"""Benchmark records: the schema, the FLOP convention, the environment, JSON-lines I/O.
+
+A record is one implementation measured on one case (shape, dtype, causal, mode), or one
+implementation that could not be measured (status other than "ok", with the reason).
+Reports are made from records only, so everything a report shows must be in here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import subprocess
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
+
+SCHEMA_VERSION = 1
+
+Mode = Literal["fwd", "fwd+bwd"]
+MODES: tuple[Mode, ...] = ("fwd", "fwd+bwd")
+
+Status = Literal["ok", "unsupported", "oom", "error", "absent"]
+STATUSES: tuple[Status, ...] = ("ok", "unsupported", "oom", "error", "absent")
+
+# FlashAttention convention: the backward pass does 2.5x the forward's matmul work
+# (five matmuls against two), so forward + backward is 3.5x the forward.
+BACKWARD_FACTOR = 2.5
+
+
+def attention_flops(B: int, T: int, S: int, N: int, H: int, *, causal: bool, mode: Mode) -> float:
+    """FLOPs of attention by the FlashAttention convention.
+
+    Forward: 4·B·N·T·S·H (two matmuls of 2·T·S·H each per head), halved when causal.
+    Forward + backward: 3.5× the forward. Softmax and masking are not counted.
+    """
+    flops = 4.0 * B * N * T * S * H
+    if causal:
+        flops /= 2
+    if mode == "fwd+bwd":
+        flops *= 1.0 + BACKWARD_FACTOR
+    elif mode != "fwd":
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return flops
+
+
+@dataclasses.dataclass
+class Record:
+    """One line of a results file. Times in seconds, memory in bytes; None = not measured."""
+
+    # what was measured
+    implementation: str  # "fused", "flash", ... (ours) or "jax.nn:xla", "torch.sdpa", ... (peers)
+    origin: Literal["ours", "peer"]
+    status: Status
+    reason: str | None  # why status is not "ok"
+    # where
+    backend: str  # JAX platform the run saw: "cpu", "gpu" or "tpu"
+    device_kind: str  # e.g. "cpu", "NVIDIA H100 80GB HBM3", "TPU v5 lite"
+    host_cpu: str
+    host_cores: int
+    versions: dict[str, str | None]
+    # the case (None in an "absent" record, which stands for the whole run)
+    shape_set: str | None = None
+    B: int | None = None
+    T: int | None = None
+    S: int | None = None
+    N: int | None = None
+    K: int | None = None
+    H: int | None = None
+    dtype: str | None = None
+    causal: bool | None = None
+    mask: str | None = None  # "causal" or "none"
+    mode: Mode | None = None
+    # timing: wall time of one call after warm-up, inputs already on the device
+    repeats: int | None = None
+    number: int | None = None  # calls per repeat (more than 1 only for very fast calls)
+    warmup: int | None = None
+    median_s: float | None = None
+    iqr_s: float | None = None  # 75th minus 25th percentile over the repeats
+    min_s: float | None = None
+    max_s: float | None = None
+    compile_s: float | None = None  # trace + lower + compile (JAX); None for eager torch
+    flops: float | None = None
+    tflops: float | None = None  # flops / median_s / 1e12
+    # memory
+    xla_argument_bytes: int | None = None  # XLA memory_analysis() of the compiled program
+    xla_output_bytes: int | None = None
+    xla_temp_bytes: int | None = None
+    xla_alias_bytes: int | None = None
+    xla_total_bytes: int | None = None  # argument + output + temp - alias
+    device_peak_bytes: int | None = None  # allocator high-water mark, see device_peak_scope
+    device_peak_scope: str | None = None  # "case" (reset before the case) or "process"
+    # bookkeeping
+    run_id: str = ""
+    timestamp: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=False)
+
+
+RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Record))
+CASE_FIELDS: tuple[str, ...] = ("B", "T", "S", "N", "K", "H", "dtype", "causal", "mode")
+REQUIRED_FIELDS: tuple[str, ...] = (
+    "implementation",
+    "origin",
+    "status",
+    "backend",
+    "device_kind",
+    "versions",
+    "schema_version",
+)
+
+
+def validate(record: dict[str, Any]) -> None:
+    """Raise ValueError if a record read from a file is not one this suite can report on."""
+    missing = [name for name in REQUIRED_FIELDS if name not in record]
+    if missing:
+        raise ValueError(f"record lacks fields {missing}: {record!r:.200}")
+    if record["status"] not in STATUSES:
+        raise ValueError(f"record status {record['status']!r} is not one of {STATUSES}")
+    if record["origin"] not in ("ours", "peer"):
+        raise ValueError(f"record origin {record['origin']!r} is not 'ours' or 'peer'")
+    if record["status"] == "ok":
+        lacking = [n for n in (*CASE_FIELDS, "median_s", "tflops") if record.get(n) is None]
+        if lacking:
+            raise ValueError(f"an 'ok' record lacks {lacking}: {record!r:.200}")
+    elif record["status"] != "absent" and not record.get("reason"):
+        raise ValueError(f"a {record['status']!r} record must give a reason: {record!r:.200}")
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_id() -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{os.getpid()}"
+
+
+class RecordWriter:
+    """Appends records to a JSON-lines file, one flush per record, so a crash keeps the rest."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = pathlib.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def write(self, record: Record) -> None:
+        self._file.write(record.to_json() + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_records(paths: Iterable[str | os.PathLike[str]]) -> Iterator[dict[str, Any]]:
+    """Yield the validated records of JSON-lines files, naming file and line on bad input."""
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    validate(record)
+                except ValueError as e:  # json.JSONDecodeError is a ValueError
+                    raise ValueError(f"{path}:{lineno}: {e}") from None
+                yield record
+
+
+# --- environment ---------------------------------------------------------------------------
+
+_VERSIONED = ("jax", "jaxlib", "flax", "numpy", "torch", "tokamax", "jattn")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def versions() -> dict[str, str | None]:
+    """Versions of the libraries that matter, without importing them (None = not installed)."""
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in _VERSIONED:
+        found[dist] = _version(dist)
+    found["jattn_commit"] = _git_describe()
+    return found
+
+
+def _git_describe() -> str | None:
+    """The commit of the jattn checkout this suite runs from, '-dirty' if it has local edits."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=10"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+@functools.cache
+def host_cpu() -> str:
+    """The CPU model name, e.g. 'AMD EPYC 7B13', or what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def host_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

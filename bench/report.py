@@ -1,0 +1,359 @@
+"""Reports from records: text and markdown tables, and PNG plots across backends.
+
+Records from several files (one per machine: a CPU run, a GPU run, a TPU run) are grouped by
+device, and every device gets its own table and its own column of plots.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+import pathlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+BASELINE = "jax.nn:xla"
+
+Rec = dict[str, Any]
+CaseKey = tuple[Any, ...]  # (mode, dtype, causal, B, T, S, N, K, H)
+
+
+def case_key(r: Rec) -> CaseKey:
+    return (r["mode"], r["dtype"], r["causal"], r["B"], r["T"], r["S"], r["N"], r["K"], r["H"])
+
+
+def device_key(r: Rec) -> tuple[str, str]:
+    return (r["backend"], r["device_kind"])
+
+
+def device_label(device: tuple[str, str]) -> str:
+    backend, kind = device
+    return backend if kind.lower() == backend else f"{backend}: {kind}"
+
+
+# --- selection -----------------------------------------------------------------------------
+
+
+def latest(records: Iterable[Rec]) -> list[Rec]:
+    """One record per (device, implementation, case): the newest, so a rerun replaces."""
+    best: dict[tuple[Any, ...], Rec] = {}
+    for r in records:
+        case = None if r["status"] == "absent" else case_key(r)
+        key = (device_key(r), r["implementation"], case)
+        if key not in best or r.get("timestamp", "") >= best[key].get("timestamp", ""):
+            best[key] = r
+    return list(best.values())
+
+
+def speedups(records: Iterable[Rec], baseline: str = BASELINE) -> dict[tuple[Any, ...], float]:
+    """{(device, implementation, case): baseline median / implementation median} for every
+    measured record whose device and case also have a measured baseline record."""
+    ok = [r for r in records if r["status"] == "ok"]
+    base = {
+        (device_key(r), case_key(r)): r["median_s"] for r in ok if r["implementation"] == baseline
+    }
+    out = {}
+    for r in ok:
+        ref = base.get((device_key(r), case_key(r)))
+        if ref is not None and r["median_s"] > 0:
+            out[(device_key(r), r["implementation"], case_key(r))] = ref / r["median_s"]
+    return out
+
+
+def _impl_order(records: Iterable[Rec]) -> list[str]:
+    """Ours first, then peers, each alphabetically: a stable column order for every table."""
+    names = {(r["origin"] != "ours", r["implementation"]) for r in records}
+    return [name for _, name in sorted(names)]
+
+
+# --- tables --------------------------------------------------------------------------------
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bool) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [c.ljust(w) for c, w in zip(cells, widths, strict=True)]
+        return "| " + " | ".join(padded) + " |" if markdown else "  ".join(padded).rstrip()
+
+    rule = (
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+        if markdown
+        else "  ".join("-" * w for w in widths)
+    )
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def run_table(records: Sequence[Any]) -> str:
+    """The table printed after a sweep: one row per record, in the order they were made."""
+    headers = [
+        "implementation", "mode", "mask", "dtype", "B", "T", "S", "N", "K", "H",
+        "median ms", "IQR ms", "TFLOP/s", "compile s", "XLA MiB", "status",
+    ]  # fmt: skip
+    rows = []
+    absent = []
+    for rec in records:
+        r = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else rec
+        if r["status"] == "absent":
+            absent.append(f"  {r['implementation']}: {r['reason']}")
+            continue
+        rows.append([
+            r["implementation"], r["mode"], r["mask"], r["dtype"],
+            *(str(r[d]) for d in ("B", "T", "S", "N", "K", "H")),
+            _ms(r["median_s"]),
+            _ms(r["iqr_s"]),
+            _num(r["tflops"], ".3f"),
+            _num(r["compile_s"], ".2f"),
+            _mib(r["xla_total_bytes"]),
+            r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"[:60],
+        ])  # fmt: skip
+    text = format_table(headers, rows, markdown=False)
+    if absent:
+        text += "\n\nnot measured:\n" + "\n".join(absent)
+    return text
+
+
+_STATUS_CELL = {"oom": "OOM", "unsupported": "n/a", "error": "error"}
+
+
+def markdown_report(records: Sequence[Rec], *, baseline: str = BASELINE) -> str:
+    """Per device: the machine, then one row per case and one column per implementation,
+    each cell `TFLOP/s (speed-up over the baseline)`."""
+    records = latest(records)
+    ups = speedups(records, baseline)
+    by_device: dict[tuple[str, str], list[Rec]] = collections.defaultdict(list)
+    for r in records:
+        by_device[device_key(r)].append(r)
+
+    out = [
+        "Cells: TFLOP/s by the FlashAttention convention (forward 4·B·N·T·S·H, halved when "
+        f"causal; forward+backward 3.5× that), and in brackets the speed-up over `{baseline}` "
+        "(its median time divided by this one's). OOM: out of memory; n/a: not supported.",
+    ]
+    for device in sorted(by_device):
+        recs = by_device[device]
+        measured = [r for r in recs if r["status"] != "absent"]
+        impls = _impl_order(measured)
+        out.append(f"\n### {device_label(device)}\n")
+        out.append(_machine_line(recs))
+        cells: dict[tuple[CaseKey, str], str] = {}
+        for r in measured:
+            if r["status"] == "ok":
+                up = ups.get((device, r["implementation"], case_key(r)))
+                cell = f"{r['tflops']:.3g}"
+                if up is not None:
+                    cell += f" ({up:.2f}×)"
+            else:
+                cell = _STATUS_CELL.get(r["status"], r["status"])
+            cells[(case_key(r), r["implementation"])] = cell
+        headers = ["mode", "mask", "dtype", "B", "T", "S", "N", "K", "H", *impls]
+        rows = []
+        for key in sorted({case_key(r) for r in measured}, key=_case_sort):
+            mode, dtype, causal, *dims = key
+            rows.append([
+                mode, "causal" if causal else "none", dtype, *map(str, dims),
+                *(cells.get((key, impl), "") for impl in impls),
+            ])  # fmt: skip
+        if rows:
+            out.append("\n" + format_table(headers, rows, markdown=True))
+        notes = sorted(
+            {
+                f"- `{r['implementation']}`: {r['status']}: {r['reason']}"
+                for r in recs
+                if r["status"] not in ("ok",)
+            }
+        )
+        if notes:
+            out.append("\nNot measured:\n\n" + "\n".join(notes[:20]))
+            if len(notes) > 20:
+                out.append(f"- ... and {len(notes) - 20} more")
+    return "\n".join(out) + "\n"
+
+
+def _case_sort(key: CaseKey) -> tuple[Any, ...]:
+    mode, dtype, causal, B, T, S, N, K, H = key
+    return (mode != "fwd", dtype, causal, N, K, H, T == S, S, T, B)
+
+
+def _machine_line(recs: Sequence[Rec]) -> str:
+    r = max(recs, key=lambda r: r.get("timestamp", ""))
+    v = r.get("versions", {})
+    libs = ", ".join(
+        f"{name} {v[name]}" for name in ("jax", "jaxlib", "flax", "torch") if v.get(name)
+    )
+    jattn = v.get("jattn") or "?"
+    if v.get("jattn_commit"):
+        jattn += f" ({v['jattn_commit']})"
+    dates = sorted({x["timestamp"][:10] for x in recs if x.get("timestamp")})
+    when = (
+        f", measured {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else "") if dates else ""
+    )
+    host = f"Host CPU {r.get('host_cpu', '?')} ({r.get('host_cores', '?')} cores)"
+    return f"{host}; jattn {jattn}; {libs}{when}."
+
+
+# --- plots ---------------------------------------------------------------------------------
+
+
+def _series_key(r: Rec) -> tuple[Any, ...]:
+    return (r["N"], r["K"], r["H"], r["T"] if r["T"] != r["S"] else None)
+
+
+def _series_label(key: tuple[Any, ...], batch: int | None) -> str:
+    N, K, H, T = key
+    label = f"N={N}" + (f" K={K}" if K != N else "") + f" H={H}"
+    if T is not None:
+        label += f" T={T}"
+    if batch is not None:
+        label += f" B={batch}"
+    return label
+
+
+def plot(
+    records: Sequence[Rec],
+    path: str | os.PathLike[str],
+    *,
+    metric: str = "tflops",
+    baseline: str = BASELINE,
+) -> pathlib.Path:
+    """Write a PNG: one column per device, one row per (mode, mask, dtype); x is the key/value
+    length S, y is TFLOP/s (`metric="tflops"`) or speed-up over the baseline
+    (`metric="speedup"`). Colour = implementation, line style = shape series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    if metric not in ("tflops", "speedup"):
+        raise ValueError(f"metric must be 'tflops' or 'speedup', got {metric!r}")
+    records = latest(records)
+    ok = [r for r in records if r["status"] == "ok"]
+    ups = speedups(ok, baseline)
+    if metric == "speedup":
+        ok = [
+            r
+            for r in ok
+            if r["implementation"] != baseline
+            and (device_key(r), r["implementation"], case_key(r)) in ups
+        ]
+
+    devices = sorted({device_key(r) for r in ok}) or [("none", "none")]
+    panels = sorted(
+        {(r["mode"], r["causal"], r["dtype"]) for r in ok},
+        key=lambda p: (p[0] != "fwd", p[1], p[2]),
+    )
+    panels = panels or [("fwd", False, "float32")]
+    impls = _impl_order(ok)
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(impls)}
+    all_series = sorted({_series_key(r) for r in ok}, key=str)
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D", "v", "P", "X"]
+    style_of = {key: (styles[i % 4], markers[i % 7]) for i, key in enumerate(all_series)}
+
+    fig, axes = plt.subplots(
+        len(panels),
+        len(devices),
+        figsize=(5.2 * len(devices), 3.6 * len(panels)),
+        squeeze=False,
+        sharex=False,
+    )
+    for col, device in enumerate(devices):
+        for row, (mode, causal, dtype) in enumerate(panels):
+            ax = axes[row][col]
+            here = [
+                r
+                for r in ok
+                if device_key(r) == device
+                and (r["mode"], r["causal"], r["dtype"]) == (mode, causal, dtype)
+            ]
+            groups: dict[tuple[Any, ...], list[Rec]] = collections.defaultdict(list)
+            for r in here:
+                groups[(r["implementation"], _series_key(r))].append(r)
+            for (impl, series), recs in sorted(groups.items(), key=lambda g: str(g[0])):
+                # Two shapes of one series at the same length (batch sizes differ): split by B.
+                by_batch: dict[int | None, list[Rec]] = {None: recs}
+                if len({r["S"] for r in recs}) < len(recs):
+                    by_batch = collections.defaultdict(list)
+                    for r in recs:
+                        by_batch[r["B"]].append(r)
+                for batch, points in by_batch.items():
+                    points = sorted(points, key=lambda r: r["S"])
+                    xs = [r["S"] for r in points]
+                    if metric == "tflops":
+                        ys = [r["tflops"] for r in points]
+                    else:
+                        ys = [ups[(device, impl, case_key(r))] for r in points]
+                    line, marker = style_of[series]
+                    ax.plot(xs, ys, linestyle=line, marker=marker, color=colors[impl], markersize=4,
+                            label=f"{impl} {_series_label(series, batch)}")  # fmt: skip
+            if metric == "speedup":
+                ax.axhline(1.0, color="grey", linewidth=0.8)
+                ax.set_yscale("log")
+            ax.set_xscale("log", base=2)
+            mask = "causal" if causal else "no mask"
+            ax.set_title(f"{device_label(device)}\n{mode}, {mask}, {dtype}", fontsize=9)
+            ax.set_xlabel("key/value length S")
+            ax.set_ylabel("TFLOP/s" if metric == "tflops" else f"speed-up over {baseline}")
+            ax.grid(True, which="both", alpha=0.3)
+            if not here:
+                ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes)
+
+    handles = [Line2D([], [], color=colors[n], label=n) for n in impls]
+    handles += [
+        Line2D(
+            [],
+            [],
+            color="black",
+            linestyle=style_of[k][0],
+            marker=style_of[k][1],
+            label=_series_label(k, None),
+        )
+        for k in all_series
+    ]
+    if handles:
+        fig.legend(
+            handles=handles,
+            loc="lower center",
+            ncol=min(4, len(handles)),
+            fontsize=8,
+            frameon=False,
+        )
+    rows_of_legend = math.ceil(len(handles) / 4)
+    fig.tight_layout(rect=(0, 0.03 * rows_of_legend + 0.02, 1, 1))
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    records: Sequence[Rec], out_dir: str | os.PathLike[str], *, baseline: str = BASELINE
+) -> dict[str, pathlib.Path]:
+    """Write report.md, throughput.png and speedup.png into `out_dir`; return their paths."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    throughput = plot(records, out / "throughput.png", metric="tflops", baseline=baseline)
+    speedup = plot(records, out / "speedup.png", metric="speedup", baseline=baseline)
+    md = markdown_report(records, baseline=baseline)
+    md += f"\n![throughput]({throughput.name})\n\n![speed-up over {baseline}]({speedup.name})\n"
+    report = out / "report.md"
+    report.write_text("# jattn benchmark report\n\n" + md, encoding="utf-8")
+    return {"markdown": report, "throughput": throughput, "speedup": speedup}

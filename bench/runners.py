@@ -1,0 +1,434 @@
+"""One runner per implementation: jattn's own, and the peers a user would pick instead.
+
+A runner turns a case into a measurement: it makes random inputs on the device, compiles
+(JAX) outside the timed region, checks the program fits, and times calls with
+`bench.timing.measure`. Anything it cannot serve raises; the sweep records the reason.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+import importlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from bench.records import Mode, host_cores
+from bench.shapes import Shape
+from bench.timing import SkipCase, Timing, TimingConfig, measure
+
+Origin = Literal["ours", "peer"]
+
+DTYPES: dict[str, str] = {
+    "float32": "float32",
+    "f32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "f16": "float16",
+    "fp16": "float16",
+}
+
+# Peers by the short name the CLI takes. Each may expand to several runners (tokamax on GPU).
+PEERS: tuple[str, ...] = ("xla", "cudnn", "flax", "torch", "tokamax")
+
+# jattn's oracle: materialises everything in float64 if asked, far too slow to be a contender.
+NOT_BY_DEFAULT: frozenset[str] = frozenset({"reference"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    shape: Shape
+    dtype: str
+    causal: bool
+    mode: Mode
+    shape_set: str
+
+    @property
+    def label(self) -> str:
+        mask = "causal" if self.causal else "no mask"
+        return f"{self.shape.label} {self.dtype} {mask} {self.mode}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    timing: Timing
+    compile_s: float | None = None
+    xla_memory: dict[str, int] | None = None  # argument/output/temp/alias/total bytes
+    device_peak_bytes: int | None = None
+    device_peak_scope: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Unavailable:
+    """An implementation that cannot run here at all; it becomes one 'absent' record."""
+
+    name: str
+    origin: Origin
+    reason: str
+
+
+class Runner(abc.ABC):
+    name: str
+    origin: Origin
+
+    @abc.abstractmethod
+    def run(self, case: Case, config: TimingConfig, *, seed: int) -> Measurement:
+        """Measure one case; raise NotImplementedError / SkipCase for what cannot be served."""
+
+
+# --- JAX-based runners ---------------------------------------------------------------------
+
+AttentionFn = Callable[[Any, Any, Any], Any]
+
+
+def _fits(memory: dict[str, int], device: Any) -> None:
+    """Refuse to run a compiled program that XLA says will not fit in free memory.
+
+    On CPU an attempt would not raise: the kernel's OOM killer would end the whole sweep.
+    """
+    needed = memory["output"] + memory["temp"]  # the arguments are already allocated
+    free: int | None = None
+    stats = _memory_stats(device)
+    if stats and "bytes_limit" in stats:
+        free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    elif device.platform == "cpu":
+        free = _host_available_bytes()
+    if free is not None and needed > 0.9 * free:
+        raise SkipCase(
+            "oom",
+            f"XLA memory analysis: the program needs {needed / 2**30:.2f} GiB beyond its "
+            f"inputs, {free / 2**30:.2f} GiB is free; not run",
+        )
+
+
+def _memory_stats(device: Any) -> dict[str, Any] | None:
+    try:
+        return device.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        return None
+
+
+def _host_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _xla_memory(compiled: Any) -> dict[str, int] | None:
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # not implemented on every backend
+        return None
+    if analysis is None:
+        return None
+    sizes = {
+        "argument": int(analysis.argument_size_in_bytes),
+        "output": int(analysis.output_size_in_bytes),
+        "temp": int(analysis.temp_size_in_bytes),
+        "alias": int(analysis.alias_size_in_bytes),
+    }
+    sizes["total"] = sizes["argument"] + sizes["output"] + sizes["temp"] - sizes["alias"]
+    return sizes
+
+
+class JaxRunner(Runner):
+    """Times a JAX attention function [B,T,N,H] x [B,S,K,H] -> [B,T,N,H] under jax.jit."""
+
+    def __init__(self, name: str, origin: Origin) -> None:
+        self.name = name
+        self.origin = origin
+
+    @abc.abstractmethod
+    def attention(self, case: Case) -> AttentionFn:
+        """The function to time, with the case's static options bound."""
+
+    def run(self, case: Case, config: TimingConfig, *, seed: int) -> Measurement:
+        import jax
+
+        attn = self.attention(case)
+        s = case.shape
+        kq, kk, kv, kd = jax.random.split(jax.random.key(seed), 4)
+        dtype = case.dtype
+        q = jax.random.normal(kq, (s.B, s.T, s.N, s.H), dtype)
+        k = jax.random.normal(kk, (s.B, s.S, s.K, s.H), dtype)
+        v = jax.random.normal(kv, (s.B, s.S, s.K, s.H), dtype)
+        if case.mode == "fwd":
+            fn: Callable[..., Any] = attn
+            args: tuple[Any, ...] = (q, k, v)
+        else:
+            # The cotangent is random too: a ones or zeros cotangent can let XLA simplify.
+            do = jax.random.normal(kd, (s.B, s.T, s.N, s.H), dtype)
+
+            def fn(q: Any, k: Any, v: Any, do: Any) -> Any:
+                out, vjp = jax.vjp(attn, q, k, v)
+                return out, vjp(do)
+
+            args = (q, k, v, do)
+        jax.block_until_ready(args)
+
+        start = time.perf_counter()
+        compiled = jax.jit(fn).lower(*args).compile()
+        compile_s = time.perf_counter() - start
+
+        device = jax.devices()[0]
+        memory = _xla_memory(compiled)
+        if memory is not None:
+            _fits(memory, device)
+        timing = measure(lambda: jax.block_until_ready(compiled(*args)), config)
+        stats = _memory_stats(device)
+        peak = stats.get("peak_bytes_in_use") if stats else None
+        return Measurement(
+            timing=timing,
+            compile_s=compile_s,
+            xla_memory=memory,
+            device_peak_bytes=None if peak is None else int(peak),
+            # JAX cannot reset the allocator's high-water mark: it covers the whole process.
+            device_peak_scope=None if peak is None else "process",
+        )
+
+
+class JattnRunner(JaxRunner):
+    def __init__(self, implementation: str) -> None:
+        super().__init__(f"jattn:{implementation}", "ours")
+        self.implementation = implementation
+
+    def attention(self, case: Case) -> AttentionFn:
+        import jattn
+
+        return functools.partial(
+            jattn.attention, is_causal=case.causal, implementation=self.implementation
+        )
+
+
+class JaxNnRunner(JaxRunner):
+    def __init__(self, implementation: Literal["xla", "cudnn"]) -> None:
+        super().__init__(f"jax.nn:{implementation}", "peer")
+        self.implementation = implementation
+
+    def attention(self, case: Case) -> AttentionFn:
+        import jax
+
+        if self.implementation == "cudnn" and case.dtype not in ("bfloat16", "float16"):
+            raise NotImplementedError(f"cuDNN attention takes float16/bfloat16, not {case.dtype}")
+        return functools.partial(
+            jax.nn.dot_product_attention,
+            is_causal=case.causal,
+            implementation=self.implementation,
+        )
+
+
+class FlaxLinenRunner(JaxRunner):
+    """`flax.linen.dot_product_attention`: the einsum + softmax path that linen's
+    MultiHeadDotProductAttention calls. (nnx's version forwards to jax.nn when there is no
+    dropout, so it would only measure jax.nn:xla again.)"""
+
+    def __init__(self) -> None:
+        super().__init__("flax.linen", "peer")
+
+    def attention(self, case: Case) -> AttentionFn:
+        import jax.numpy as jnp
+        from flax import linen
+
+        s = case.shape
+        if s.K != s.N:
+            raise NotImplementedError(
+                f"flax.linen needs as many KV heads as query heads (N={s.N}, K={s.K})"
+            )
+
+        def attn(q: Any, k: Any, v: Any) -> Any:
+            mask = None
+            if case.causal:  # what linen users build with nn.make_causal_mask
+                mask = jnp.tril(jnp.ones((s.T, s.S), dtype=jnp.bool_))[None, None]
+            return linen.dot_product_attention(q, k, v, mask=mask)
+
+        return attn
+
+
+class TokamaxRunner(JaxRunner):
+    def __init__(self, implementation: str | None) -> None:
+        super().__init__(f"tokamax:{implementation or 'auto'}", "peer")
+        self.implementation = implementation
+
+    def attention(self, case: Case) -> AttentionFn:
+        import tokamax
+
+        return functools.partial(
+            tokamax.dot_product_attention,
+            is_causal=case.causal,
+            implementation=self.implementation,
+        )
+
+
+# --- PyTorch -------------------------------------------------------------------------------
+
+
+class TorchRunner(Runner):
+    """`torch.nn.functional.scaled_dot_product_attention`, eager, on the device JAX uses.
+
+    PyTorch's layout is [B, N, T, H]; inputs are made in that layout so no transpose is timed.
+    """
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.name = "torch.sdpa"
+        self.origin = "peer"
+        self.device = device
+        # Same parallelism as XLA's CPU backend, which uses every core it may run on.
+        torch.set_num_threads(host_cores())
+
+    def _sync(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def run(self, case: Case, config: TimingConfig, *, seed: int) -> Measurement:
+        import torch
+        import torch.nn.functional as F
+
+        s = case.shape
+        dtype = getattr(torch, case.dtype)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+
+        def randn(*shape: int) -> Any:
+            return torch.randn(*shape, generator=gen, device=self.device, dtype=dtype)
+
+        q, k, v = randn(s.B, s.N, s.T, s.H), randn(s.B, s.K, s.S, s.H), randn(s.B, s.K, s.S, s.H)
+        kwargs: dict[str, Any] = {"is_causal": case.causal}
+        if s.K != s.N:
+            kwargs["enable_gqa"] = True
+
+        if case.mode == "fwd":
+
+            def step() -> None:
+                with torch.no_grad():
+                    F.scaled_dot_product_attention(q, k, v, **kwargs)
+                self._sync()
+
+        else:
+            do = randn(s.B, s.N, s.T, s.H)
+            for t in (q, k, v):
+                t.requires_grad_(True)
+
+            def step() -> None:
+                q.grad = k.grad = v.grad = None  # no accumulation into old gradients
+                F.scaled_dot_product_attention(q, k, v, **kwargs).backward(do)
+                self._sync()
+
+        self._sync()
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        timing = measure(step, config)
+        peak = torch.cuda.max_memory_allocated() if self.device == "cuda" else None
+        return Measurement(
+            timing=timing,
+            device_peak_bytes=peak,
+            device_peak_scope=None if peak is None else "case",
+        )
+
+
+# --- discovery -----------------------------------------------------------------------------
+
+
+def _import_error(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # ImportError, or a broken install raising anything else
+        return f"{module} is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def jattn_names(backend: str) -> tuple[list[str], list[str]]:
+    """(all registry names, the default ones for `backend`). Raises ImportError without jattn."""
+    from jattn import kernels
+
+    every = sorted(kernels.REGISTRY)
+    default = [
+        name
+        for name in kernels.available(backend)
+        if name not in NOT_BY_DEFAULT
+        # Pallas on CPU runs in interpret mode: a correctness tool, not a contender.
+        and not (backend == "cpu" and name.startswith("pallas"))
+    ]
+    return every, default
+
+
+def our_runners(
+    backend: str, names: Sequence[str] | None
+) -> tuple[list[Runner], list[Unavailable]]:
+    """jattn's implementations: `names`, or every default one on `backend` when None."""
+    try:
+        every, default = jattn_names(backend)
+    except Exception as e:
+        return [], [
+            Unavailable("jattn", "ours", f"jattn is not importable ({type(e).__name__}: {e})")
+        ]
+    from jattn import kernels
+
+    runners: list[Runner] = []
+    absent: list[Unavailable] = []
+    for name in default if names is None else names:
+        if name not in kernels.REGISTRY:
+            raise ValueError(f"unknown jattn implementation {name!r}; known: {every}")
+        if name not in kernels.available(backend):
+            where = sorted(kernels.REGISTRY[name].backends)
+            absent.append(Unavailable(f"jattn:{name}", "ours", f"runs on {where}, not {backend}"))
+            continue
+        runners.append(JattnRunner(name))
+    return runners, absent
+
+
+def peer_runners(
+    backend: str, device_kind: str, names: Sequence[str] | None
+) -> tuple[list[Runner], list[Unavailable]]:
+    """The peers measured alongside: `names` (short names from PEERS), or all when None."""
+    runners: list[Runner] = []
+    absent: list[Unavailable] = []
+    nvidia = backend == "gpu" and "nvidia" in device_kind.lower()
+    for name in PEERS if names is None else names:
+        if name == "xla":
+            runners.append(JaxNnRunner("xla"))
+        elif name == "cudnn":
+            if nvidia:
+                runners.append(JaxNnRunner("cudnn"))
+            elif names is not None:  # asked for by name: say why there is nothing
+                absent.append(
+                    Unavailable("jax.nn:cudnn", "peer", f"needs an NVIDIA GPU, not {device_kind}")
+                )
+        elif name == "flax":
+            runners.append(FlaxLinenRunner())
+        elif name == "torch":
+            if (error := _import_error("torch")) is not None:
+                absent.append(Unavailable("torch.sdpa", "peer", error))
+                continue
+            import torch
+
+            if backend == "cpu":
+                runners.append(TorchRunner("cpu"))
+            elif backend == "gpu" and torch.cuda.is_available():
+                runners.append(TorchRunner("cuda"))
+            else:
+                why = (
+                    "this torch build has no CUDA" if backend == "gpu" else f"no torch on {backend}"
+                )
+                absent.append(Unavailable("torch.sdpa", "peer", why))
+        elif name == "tokamax":
+            if (error := _import_error("tokamax")) is not None:
+                absent.append(Unavailable("tokamax", "peer", error))
+                continue
+            runners.append(TokamaxRunner(None))
+            if backend == "gpu":
+                runners.extend(TokamaxRunner(impl) for impl in ("triton", "mosaic"))
+        else:
+            raise ValueError(f"unknown peer {name!r}; known: {list(PEERS)}")
+    return runners, absent

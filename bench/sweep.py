@@ -1,0 +1,178 @@
+"""A sweep: every runner on every case, one record each, whatever happens to any one of them."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import itertools
+import os
+from collections.abc import Callable, Sequence
+
+from bench.records import (
+    Mode,
+    Record,
+    RecordWriter,
+    attention_flops,
+    host_cores,
+    host_cpu,
+    new_run_id,
+    now,
+    versions,
+)
+from bench.runners import Case, Runner, Unavailable, our_runners, peer_runners
+from bench.shapes import Shape
+from bench.timing import TimingConfig, classify
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """What to measure. `impls`/`peers` None means every default one; [] means none."""
+
+    shapes: Sequence[tuple[str, Shape]]  # (shape-set name, shape)
+    dtypes: Sequence[str] = ("float32",)
+    causal: Sequence[bool] = (False, True)
+    modes: Sequence[Mode] = ("fwd", "fwd+bwd")
+    impls: Sequence[str] | None = None
+    peers: Sequence[str] | None = None
+    timing: TimingConfig = dataclasses.field(default_factory=TimingConfig)
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    backend: str
+    device_kind: str
+
+
+def current_platform() -> Platform:
+    import jax
+
+    return Platform(backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind)
+
+
+def cases(config: SweepConfig) -> list[Case]:
+    """The cross product, minus causal runs of shapes that have nothing to mask (decode)."""
+    out = []
+    for (set_name, shape), dtype, causal, mode in itertools.product(
+        config.shapes, config.dtypes, config.causal, config.modes
+    ):
+        if causal and not shape.allows_causal:
+            continue
+        out.append(Case(shape=shape, dtype=dtype, causal=causal, mode=mode, shape_set=set_name))
+    return out
+
+
+def _base(name: str, origin: str, platform: Platform, run_id: str) -> dict[str, object]:
+    return {
+        "implementation": name,
+        "origin": origin,
+        "backend": platform.backend,
+        "device_kind": platform.device_kind,
+        "host_cpu": host_cpu(),
+        "host_cores": host_cores(),
+        "versions": versions(),
+        "run_id": run_id,
+        "timestamp": now(),
+    }
+
+
+def absent_record(item: Unavailable, platform: Platform, run_id: str) -> Record:
+    return Record(
+        **_base(item.name, item.origin, platform, run_id),  # type: ignore[arg-type]
+        status="absent",
+        reason=item.reason,
+    )
+
+
+def run_case(
+    runner: Runner, case: Case, config: SweepConfig, platform: Platform, run_id: str
+) -> Record:
+    """Measure one case with one runner; a failure becomes a record, never an exception."""
+    s = case.shape
+    flops = attention_flops(s.B, s.T, s.S, s.N, s.H, causal=case.causal, mode=case.mode)
+    fields = {
+        **_base(runner.name, runner.origin, platform, run_id),
+        "shape_set": case.shape_set,
+        "B": s.B,
+        "T": s.T,
+        "S": s.S,
+        "N": s.N,
+        "K": s.K,
+        "H": s.H,
+        "dtype": case.dtype,
+        "causal": case.causal,
+        "mask": "causal" if case.causal else "none",
+        "mode": case.mode,
+        "flops": flops,
+    }
+    try:
+        m = runner.run(case, config.timing, seed=config.seed)
+    except Exception as e:
+        status, reason = classify(e)
+        return Record(**fields, status=status, reason=reason)  # type: ignore[arg-type]
+    finally:
+        gc.collect()  # drop the case's device buffers before the next one allocates
+    t = m.timing
+    mem = m.xla_memory or {}
+    return Record(
+        **fields,  # type: ignore[arg-type]
+        status="ok",
+        reason=None,
+        repeats=t.repeats,
+        number=t.number,
+        warmup=t.warmup,
+        median_s=t.median_s,
+        iqr_s=t.iqr_s,
+        min_s=t.min_s,
+        max_s=t.max_s,
+        compile_s=m.compile_s,
+        tflops=flops / t.median_s / 1e12 if t.median_s > 0 else None,
+        xla_argument_bytes=mem.get("argument"),
+        xla_output_bytes=mem.get("output"),
+        xla_temp_bytes=mem.get("temp"),
+        xla_alias_bytes=mem.get("alias"),
+        xla_total_bytes=mem.get("total"),
+        device_peak_bytes=m.device_peak_bytes,
+        device_peak_scope=m.device_peak_scope,
+    )
+
+
+def run_sweep(
+    config: SweepConfig,
+    out_path: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> list[Record]:
+    """Run every runner on every case, appending each record to `out_path` as it is made."""
+    from tqdm.auto import tqdm
+
+    platform = current_platform()
+    run_id = new_run_id()
+    ours, ours_absent = our_runners(platform.backend, config.impls)
+    peers, peers_absent = (
+        ([], [])
+        if config.peers == []
+        else peer_runners(platform.backend, platform.device_kind, config.peers)
+    )
+    runners: list[Runner] = [*ours, *peers]
+    todo = cases(config)
+    records: list[Record] = []
+    with RecordWriter(out_path) as writer:
+        for item in [*ours_absent, *peers_absent]:
+            record = absent_record(item, platform, run_id)
+            writer.write(record)
+            records.append(record)
+        bar = tqdm(total=len(todo) * len(runners), unit="run", disable=not progress, desc="bench")
+        with bar:
+            for case, runner in itertools.product(todo, runners):
+                bar.set_postfix_str(f"{runner.name} {case.label}", refresh=True)
+                record = run_case(runner, case, config, platform, run_id)
+                writer.write(record)
+                records.append(record)
+                if record.status != "ok" and log is not None:
+                    (tqdm.write if progress else log)(
+                        f"{record.status}: {runner.name} {case.label}: {record.reason}"
+                    )
+                bar.update()
+    return records
