@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import os
 import pathlib
 from collections.abc import Iterable, Sequence
@@ -62,10 +61,13 @@ def speedups(records: Iterable[Rec], baseline: str = BASELINE) -> dict[tuple[Any
     return out
 
 
-def _impl_order(records: Iterable[Rec]) -> list[str]:
-    """Ours first, then peers, each alphabetically: a stable column order for every table."""
-    names = {(r["origin"] != "ours", r["implementation"]) for r in records}
-    return [name for _, name in sorted(names)]
+def _impl_order(records: Iterable[Rec], baseline: str = BASELINE) -> list[str]:
+    """Ours first, then the baseline, then the other peers: one stable order everywhere."""
+    names = {
+        (r["origin"] != "ours", r["implementation"] != baseline, r["implementation"])
+        for r in records
+    }
+    return [name for *_, name in sorted(names)]
 
 
 # --- tables --------------------------------------------------------------------------------
@@ -149,7 +151,7 @@ def markdown_report(records: Sequence[Rec], *, baseline: str = BASELINE) -> str:
     for device in sorted(by_device):
         recs = by_device[device]
         measured = [r for r in recs if r["status"] != "absent"]
-        impls = _impl_order(measured)
+        impls = _impl_order(measured, baseline)
         out.append(f"\n### {device_label(device)}\n")
         out.append(_machine_line(recs))
         cells: dict[tuple[CaseKey, str], str] = {}
@@ -212,17 +214,28 @@ def _machine_line(recs: Sequence[Rec]) -> str:
 
 
 def _series_key(r: Rec) -> tuple[Any, ...]:
-    return (r["N"], r["K"], r["H"], r["T"] if r["T"] != r["S"] else None)
+    """What a line joins: points of one implementation that differ only in length (and batch,
+    which fixed-token sweeps shrink as the length grows)."""
+    return (r["dtype"], r["N"], r["K"], r["H"], r["T"] if r["T"] != r["S"] else None)
 
 
-def _series_label(key: tuple[Any, ...], batch: int | None) -> str:
-    N, K, H, T = key
-    label = f"N={N}" + (f" K={K}" if K != N else "") + f" H={H}"
+def _series_label(key: tuple[Any, ...], batch: int | None = None) -> str:
+    dtype, N, K, H, T = key
+    label = f"{dtype} N={N}" + (f" K={K}" if K != N else "") + f" H={H}"
     if T is not None:
         label += f" T={T}"
     if batch is not None:
         label += f" B={batch}"
     return label
+
+
+def _length(x: float) -> str:
+    """Axis label for a sequence length: 512, 1k, 32k."""
+    return f"{x / 1024:g}k" if x >= 1024 else f"{x:g}"
+
+
+_STYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 def plot(
@@ -232,114 +245,104 @@ def plot(
     metric: str = "tflops",
     baseline: str = BASELINE,
 ) -> pathlib.Path:
-    """Write a PNG: one column per device, one row per (mode, mask, dtype); x is the key/value
-    length S, y is TFLOP/s (`metric="tflops"`) or speed-up over the baseline
-    (`metric="speedup"`). Colour = implementation, line style = shape series."""
+    """Write a PNG with one column per device and one row per (mode, mask).
+
+    x is the key/value length S (the sequence length when T = S, the cache length for decode
+    shapes); y is TFLOP/s (`metric="tflops"`) or the speed-up over `baseline`
+    (`metric="speedup"`). Colour = implementation, line style = shape series.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
     from matplotlib.lines import Line2D
 
     if metric not in ("tflops", "speedup"):
         raise ValueError(f"metric must be 'tflops' or 'speedup', got {metric!r}")
-    records = latest(records)
-    ok = [r for r in records if r["status"] == "ok"]
+    ok = [r for r in latest(records) if r["status"] == "ok"]
     ups = speedups(ok, baseline)
-    if metric == "speedup":
-        ok = [
-            r
-            for r in ok
-            if r["implementation"] != baseline
-            and (device_key(r), r["implementation"], case_key(r)) in ups
-        ]
 
-    devices = sorted({device_key(r) for r in ok}) or [("none", "none")]
+    def y_of(r: Rec) -> float | None:
+        if metric == "tflops":
+            return r["tflops"]
+        if r["implementation"] == baseline:
+            return None  # 1 by definition: drawn as the reference line instead
+        return ups.get((device_key(r), r["implementation"], case_key(r)))
+
+    points = [(r, y) for r in ok if (y := y_of(r)) is not None]
+    devices = sorted({device_key(r) for r, _ in points}) or [("none", "none")]
     panels = sorted(
-        {(r["mode"], r["causal"], r["dtype"]) for r in ok},
-        key=lambda p: (p[0] != "fwd", p[1], p[2]),
+        {(r["mode"], r["causal"]) for r, _ in points}, key=lambda p: (p[0] != "fwd", p[1])
     )
-    panels = panels or [("fwd", False, "float32")]
-    impls = _impl_order(ok)
+    panels = panels or [("fwd", False)]
+    impls = _impl_order((r for r, _ in points), baseline)
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(impls)}
-    all_series = sorted({_series_key(r) for r in ok}, key=str)
-    styles = ["-", "--", ":", "-."]
-    markers = ["o", "s", "^", "D", "v", "P", "X"]
-    style_of = {key: (styles[i % 4], markers[i % 7]) for i, key in enumerate(all_series)}
+    all_series = sorted({_series_key(r) for r, _ in points}, key=str)
+    style_of = {k: (_STYLES[i % 4], _MARKERS[i % 7]) for i, k in enumerate(all_series)}
 
     fig, axes = plt.subplots(
-        len(panels),
-        len(devices),
-        figsize=(5.2 * len(devices), 3.6 * len(panels)),
-        squeeze=False,
-        sharex=False,
+        len(panels), len(devices), figsize=(5.5 * len(devices), 3.8 * len(panels)), squeeze=False
     )
     for col, device in enumerate(devices):
-        for row, (mode, causal, dtype) in enumerate(panels):
+        for row, (mode, causal) in enumerate(panels):
             ax = axes[row][col]
-            here = [
-                r
-                for r in ok
-                if device_key(r) == device
-                and (r["mode"], r["causal"], r["dtype"]) == (mode, causal, dtype)
-            ]
-            groups: dict[tuple[Any, ...], list[Rec]] = collections.defaultdict(list)
-            for r in here:
-                groups[(r["implementation"], _series_key(r))].append(r)
-            for (impl, series), recs in sorted(groups.items(), key=lambda g: str(g[0])):
+            lines: dict[tuple[Any, ...], list[tuple[Rec, float]]] = collections.defaultdict(list)
+            for r, y in points:
+                if device_key(r) == device and (r["mode"], r["causal"]) == (mode, causal):
+                    lines[(r["implementation"], _series_key(r))].append((r, y))
+            for (impl, series), pts in sorted(lines.items(), key=lambda item: str(item[0])):
                 # Two shapes of one series at the same length (batch sizes differ): split by B.
-                by_batch: dict[int | None, list[Rec]] = {None: recs}
-                if len({r["S"] for r in recs}) < len(recs):
-                    by_batch = collections.defaultdict(list)
-                    for r in recs:
-                        by_batch[r["B"]].append(r)
-                for batch, points in by_batch.items():
-                    points = sorted(points, key=lambda r: r["S"])
-                    xs = [r["S"] for r in points]
-                    if metric == "tflops":
-                        ys = [r["tflops"] for r in points]
-                    else:
-                        ys = [ups[(device, impl, case_key(r))] for r in points]
-                    line, marker = style_of[series]
-                    ax.plot(xs, ys, linestyle=line, marker=marker, color=colors[impl], markersize=4,
-                            label=f"{impl} {_series_label(series, batch)}")  # fmt: skip
+                split = len({r["S"] for r, _ in pts}) < len(pts)
+                by_batch: dict[int | None, list[tuple[Rec, float]]] = collections.defaultdict(list)
+                for r, y in pts:
+                    by_batch[r["B"] if split else None].append((r, y))
+                for batch, line in by_batch.items():
+                    line.sort(key=lambda p: p[0]["S"])
+                    style, marker = style_of[series]
+                    ax.plot(
+                        [r["S"] for r, _ in line],
+                        [y for _, y in line],
+                        linestyle=style,
+                        marker=marker,
+                        markersize=4,
+                        color=colors[impl],
+                        label=f"{impl} {_series_label(series, batch)}",
+                    )
             if metric == "speedup":
                 ax.axhline(1.0, color="grey", linewidth=0.8)
-                ax.set_yscale("log")
+                ax.set_ylim(bottom=0)
+                ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}×"))
             ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: _length(x)))
             mask = "causal" if causal else "no mask"
-            ax.set_title(f"{device_label(device)}\n{mode}, {mask}, {dtype}", fontsize=9)
+            ax.set_title(f"{device_label(device)}\n{mode}, {mask}", fontsize=9)
             ax.set_xlabel("key/value length S")
             ax.set_ylabel("TFLOP/s" if metric == "tflops" else f"speed-up over {baseline}")
             ax.grid(True, which="both", alpha=0.3)
-            if not here:
+            if not lines:
                 ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes)
 
-    handles = [Line2D([], [], color=colors[n], label=n) for n in impls]
-    handles += [
-        Line2D(
-            [],
-            [],
-            color="black",
-            linestyle=style_of[k][0],
-            marker=style_of[k][1],
-            label=_series_label(k, None),
+    handles = [Line2D([], [], color=colors[name], label=name) for name in impls]
+    for key in all_series:
+        style, marker = style_of[key]
+        handles.append(
+            Line2D([], [], color="black", linestyle=style, marker=marker, label=_series_label(key))
         )
-        for k in all_series
-    ]
-    if handles:
-        fig.legend(
-            handles=handles,
-            loc="lower center",
-            ncol=min(4, len(handles)),
-            fontsize=8,
-            frameon=False,
-        )
-    rows_of_legend = math.ceil(len(handles) / 4)
-    fig.tight_layout(rect=(0, 0.03 * rows_of_legend + 0.02, 1, 1))
+    if metric == "speedup":
+        handles.append(Line2D([], [], color="grey", linewidth=0.8, label=f"{baseline} = 1"))
+    fig.tight_layout()
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(4, len(handles)),
+        fontsize=8,
+        frameon=False,
+    )
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
