@@ -1,0 +1,132 @@
+"""The report: tables and plots from records of two backends (a real CPU run, a fake GPU file)."""
+
+from __future__ import annotations
+
+import pathlib
+import struct
+
+import pytest
+
+from bench import __main__ as cli
+from bench.records import read_records
+from bench.report import latest, markdown_report, plot, speedups
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "fake_gpu_records.jsonl"
+GPU = ("gpu", "FAKE GPU (test fixture)")
+CPU_SHAPE = "1,16,16,2,2,8"
+
+
+@pytest.fixture(scope="module")
+def cpu_records_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cpu") / "cpu.jsonl"
+    cli.main(["--shape", CPU_SHAPE, "--impls", "none", "--peers", "xla,flax", "--modes", "fwd",
+              "--repeats", "1", "--min-time", "0", "--no-progress", "--out", str(out)])  # fmt: skip
+    return out
+
+
+def _png_size(path: pathlib.Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def test_speedups_are_baseline_time_over_time():
+    ups = speedups(list(read_records([FIXTURE])))
+    for T in (512, 1024, 2048):
+        for mode in ("fwd", "fwd+bwd"):
+            case = (mode, "bfloat16", False, 1, T, T, 8, 8, 64)
+            assert ups[(GPU, "jattn:fused", case)] == pytest.approx(2.0)
+            assert ups[(GPU, "jax.nn:cudnn", case)] == pytest.approx(4.0)
+            assert ups[(GPU, "torch.sdpa", case)] == pytest.approx(1.25)
+            assert ups[(GPU, "jax.nn:xla", case)] == pytest.approx(1.0)
+    # the OOM record has no time, so no speed-up
+    assert not any(key[2][4] == 32768 for key in ups)
+
+
+def _table(section: str) -> tuple[list[str], list[list[str]]]:
+    """The header and body cells of the first markdown table in `section`."""
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return cells[0], cells[2:]  # cells[1] is the |---| rule
+
+
+def test_markdown_puts_both_backends_side_by_side(cpu_records_file):
+    records = list(read_records([cpu_records_file, FIXTURE]))
+    md = markdown_report(records)
+    cpu_section, gpu_section = md.split("### gpu: FAKE GPU (test fixture)")
+    assert "### cpu" in cpu_section and "FAKE" not in cpu_section
+
+    header, rows = _table(cpu_section)
+    assert header == [
+        "mode",
+        "mask",
+        "dtype",
+        "B",
+        "T",
+        "S",
+        "N",
+        "K",
+        "H",
+        "jax.nn:xla",
+        "flax.linen",
+    ]
+    assert [row[:9] for row in rows] == [
+        ["fwd", "none", "float32", "1", "16", "16", "2", "2", "8"],
+        ["fwd", "causal", "float32", "1", "16", "16", "2", "2", "8"],
+    ]
+    assert all(row[9].endswith("(1.00×)") for row in rows)  # the baseline against itself
+
+    header, rows = _table(gpu_section)
+    assert header[9:] == ["jattn:fused", "jax.nn:xla", "jax.nn:cudnn", "torch.sdpa"]
+    assert len(rows) == 7  # 3 lengths x 2 modes measured, one OOM
+    by_case = {(row[0], row[4]): dict(zip(header[9:], row[9:], strict=True)) for row in rows}
+    first = by_case[("fwd", "512")]
+    assert first["jattn:fused"].endswith("(2.00×)")
+    assert first["jax.nn:cudnn"].endswith("(4.00×)")
+    assert first["torch.sdpa"].endswith("(1.25×)")
+    # TFLOP/s in the cell: the fixture's fused forward at T=512 took 0.5 ms
+    flops = 4 * 8 * 512 * 512 * 64
+    assert float(first["jattn:fused"].split()[0]) == pytest.approx(flops / 0.5e-3 / 1e12, rel=1e-2)
+    assert by_case[("fwd", "32768")]["jattn:fused"] == "OOM"
+    assert "`tokamax`: absent" in gpu_section
+
+
+def test_plots_are_pngs_with_a_column_per_backend(cpu_records_file, tmp_path):
+    records = list(read_records([cpu_records_file, FIXTURE]))
+    one = plot([r for r in records if r["backend"] == "gpu"], tmp_path / "one.png")
+    two = plot(records, tmp_path / "two.png")
+    (w1, _), (w2, _) = _png_size(one), _png_size(two)
+    assert w2 > 1.5 * w1  # a second column of subplots for the second device
+    speed = plot(records, tmp_path / "speedup.png", metric="speedup")
+    assert _png_size(speed)[0] > 0
+    with pytest.raises(ValueError, match="metric"):
+        plot(records, tmp_path / "x.png", metric="latency")
+
+
+def test_report_cli_writes_markdown_and_plots(cpu_records_file, tmp_path, capsys):
+    out_dir = tmp_path / "report"
+    assert cli.main(["report", str(cpu_records_file), str(FIXTURE), "--out-dir", str(out_dir)]) == 0
+    md = (out_dir / "report.md").read_text(encoding="utf-8")
+    assert md.startswith("# jattn benchmark report")
+    assert "![throughput](throughput.png)" in md
+    for name in ("throughput.png", "speedup.png"):
+        _png_size(out_dir / name)
+    assert "### gpu: FAKE GPU (test fixture)" in capsys.readouterr().out
+
+
+def test_a_rerun_replaces_the_older_record():
+    records = list(read_records([FIXTURE]))
+    old = next(r for r in records if r["implementation"] == "jattn:fused" and r["status"] == "ok")
+    new = {**old, "median_s": old["median_s"] / 2, "timestamp": "2026-02-01T00:00:00+00:00"}
+    kept = latest([*records, new])
+    assert len(kept) == len(records)
+    assert new in kept and old not in kept
+
+
+def test_bad_lines_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(FIXTURE.read_text().splitlines()[0] + "\n{not json\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
+        list(read_records([bad]))

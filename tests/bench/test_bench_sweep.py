@@ -1,0 +1,212 @@
+"""The sweep: records are complete and honest, failures become records, the CLI runs end to end."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import pytest
+
+from bench import __main__ as cli
+from bench.records import (
+    RECORD_FIELDS,
+    Record,
+    attention_flops,
+    read_records,
+    validate,
+)
+from bench.runners import Case, Measurement, Runner, _fits, jattn_names
+from bench.shapes import SHAPE_SETS, Shape, parse_shape
+from bench.sweep import SweepConfig, cases, current_platform, run_case
+from bench.timing import SkipCase, TimingConfig, classify, measure
+
+TINY = "1,32,32,2,2,8"  # B,T,S,N,K,H
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny sweep through the CLI, shared by the tests that read its records."""
+    out = tmp_path_factory.mktemp("run") / "tiny.jsonl"
+    code = cli.main(
+        [
+            "--shape", TINY,
+            "--peers", "xla,flax",
+            "--repeats", "2",
+            "--min-time", "0",
+            "--no-progress",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_flops_follow_the_flash_attention_convention():
+    fwd = attention_flops(2, 128, 256, 4, 64, causal=False, mode="fwd")
+    assert fwd == 4 * 2 * 4 * 128 * 256 * 64
+    assert attention_flops(2, 128, 256, 4, 64, causal=True, mode="fwd") == fwd / 2
+    assert attention_flops(2, 128, 256, 4, 64, causal=False, mode="fwd+bwd") == 3.5 * fwd
+    assert attention_flops(2, 128, 256, 4, 64, causal=True, mode="fwd+bwd") == 1.75 * fwd
+    with pytest.raises(ValueError, match="mode"):
+        attention_flops(1, 1, 1, 1, 1, causal=False, mode="bwd")  # type: ignore[arg-type]
+
+
+def test_tiny_sweep_writes_a_valid_record_per_implementation_and_case(tiny_run):
+    records = list(read_records([tiny_run]))  # validates every line
+    _, ours = jattn_names(jax.default_backend())
+    expected_impls = {f"jattn:{name}" for name in ours} | {"jax.nn:xla", "flax.linen"}
+    measured = [r for r in records if r["status"] != "absent"]
+    # absent peers (torch, tokamax) are only there when asked for: --peers names two others
+    assert {r["status"] for r in records} == {"ok"}, [r["reason"] for r in records]
+    assert {r["implementation"] for r in measured} == expected_impls
+    # 1 shape x 2 masks x 2 modes for every implementation, each exactly once
+    assert len(measured) == 4 * len(expected_impls)
+    keys = {(r["implementation"], r["causal"], r["mode"]) for r in measured}
+    assert len(keys) == len(measured)
+
+    platform = current_platform()
+    for r in measured:
+        assert set(r) == set(RECORD_FIELDS)
+        assert r["origin"] == ("ours" if r["implementation"].startswith("jattn:") else "peer")
+        assert (r["backend"], r["device_kind"]) == (platform.backend, platform.device_kind)
+        assert r["versions"]["jax"] == jax.__version__
+        assert r["versions"]["flax"] is not None
+        assert (r["B"], r["T"], r["S"], r["N"], r["K"], r["H"]) == (1, 32, 32, 2, 2, 8)
+        assert r["dtype"] == "float32"
+        assert r["mask"] == ("causal" if r["causal"] else "none")
+        assert r["repeats"] == 2 and r["number"] == 1 and r["warmup"] == 1
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert 0 <= r["iqr_s"] <= r["max_s"] - r["min_s"] + 1e-12
+        assert r["compile_s"] > 0
+        flops = attention_flops(1, 32, 32, 2, 8, causal=r["causal"], mode=r["mode"])
+        assert r["flops"] == flops
+        assert r["tflops"] == pytest.approx(flops / r["median_s"] / 1e12)
+        # XLA's memory analysis: at least the inputs (q, k, v, and do for fwd+bwd) and output
+        n_inputs = 3 if r["mode"] == "fwd" else 4
+        assert r["xla_argument_bytes"] == n_inputs * 32 * 2 * 8 * 4
+        assert r["xla_total_bytes"] >= r["xla_argument_bytes"] + r["xla_output_bytes"] > 0
+
+
+def test_the_cli_prints_a_table(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    cli.main(["--shape", "1,16,16,1,1,8", "--impls", "none", "--peers", "xla", "--modes", "fwd",
+              "--causal", "no", "--repeats", "1", "--no-progress", "--out", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "median ms" in printed and "TFLOP/s" in printed
+    assert "jax.nn:xla" in printed
+    assert f"1 records written to {out}" in printed
+
+
+def test_missing_peers_are_absent_records_not_errors(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokamax", None)  # makes `import tokamax` fail
+    monkeypatch.setitem(sys.modules, "torch", None)
+    out = tmp_path / "absent.jsonl"
+    cli.main(["--shape", TINY, "--impls", "none", "--peers", "torch,tokamax", "--no-progress",
+              "--out", str(out)])  # fmt: skip
+    records = list(read_records([out]))
+    assert sorted(r["implementation"] for r in records) == ["tokamax", "torch.sdpa"]
+    for r in records:
+        assert r["status"] == "absent"
+        assert "not importable" in r["reason"]
+        assert r["backend"] == jax.default_backend()
+
+
+def test_an_unsupported_case_is_a_record_and_the_sweep_goes_on(tmp_path):
+    out = tmp_path / "gqa.jsonl"
+    cli.main(["--shape", "1,16,16,4,2,8", "--impls", "none", "--peers", "flax,xla",
+              "--modes", "fwd", "--causal", "no", "--repeats", "1", "--no-progress",
+              "--out", str(out)])  # fmt: skip
+    by_impl = {r["implementation"]: r for r in read_records([out])}
+    assert by_impl["flax.linen"]["status"] == "unsupported"
+    assert "KV heads" in by_impl["flax.linen"]["reason"]
+    assert by_impl["jax.nn:xla"]["status"] == "ok"
+
+
+class _Failing(Runner):
+    name = "failing"
+    origin = "peer"
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def run(self, case: Case, config: TimingConfig, *, seed: int) -> Measurement:
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (NotImplementedError("softcap"), "unsupported"),
+        (RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 8GiB"), "oom"),
+        (MemoryError(), "oom"),
+        (SkipCase("oom", "does not fit"), "oom"),
+        (ValueError("bad"), "error"),
+    ],
+)
+def test_failures_are_classified_into_records(exc, status):
+    case = Case(Shape(1, 8, 8, 1, 1, 4), "float32", False, "fwd", "custom")
+    config = SweepConfig(shapes=[])
+    platform = current_platform()
+    record = run_case(_Failing(exc), case, config, platform, run_id="t")
+    assert record.status == status
+    assert record.reason
+    assert record.median_s is None and record.tflops is None
+    assert record.flops == attention_flops(1, 8, 8, 1, 4, causal=False, mode="fwd")
+    validate(json.loads(record.to_json()))
+    assert classify(exc) == (record.status, record.reason)
+
+
+def test_a_program_that_cannot_fit_is_not_run():
+    memory = {"argument": 0, "output": 2**62, "temp": 2**62, "alias": 0, "total": 2**63}
+    with pytest.raises(SkipCase) as info:
+        _fits(memory, jax.devices()[0])
+    assert info.value.status == "oom"
+    _fits({"argument": 0, "output": 1, "temp": 1, "alias": 0, "total": 2}, jax.devices()[0])
+
+
+def test_measure_warms_up_calibrates_and_repeats():
+    calls = []
+    timing = measure(lambda: calls.append(1), TimingConfig(repeats=3, warmup=2, min_time=0.0))
+    assert len(calls) == 2 + 1 + 3  # warm-up, calibration, samples of one call each
+    assert timing.number == 1 and timing.repeats == 3
+    assert timing.min_s <= timing.median_s <= timing.max_s
+    fast = measure(lambda: None, TimingConfig(repeats=2, warmup=1, min_time=1e-3))
+    assert fast.number > 1  # a no-op is far below a millisecond: calls are batched per sample
+
+
+def test_shape_sets_and_parsing():
+    assert SHAPE_SETS["quick"] == (
+        Shape(1, 1024, 1024, 8, 8, 64),
+        Shape(1, 2048, 2048, 8, 8, 64),
+        Shape(4, 512, 512, 8, 8, 64),
+    )
+    assert set(SHAPE_SETS["quick"]) <= set(SHAPE_SETS["full"])
+    assert [s.T for s in SHAPE_SETS["long"]] == [8192, 16384, 32768]
+    assert all(s.T == 1 and not s.allows_causal for s in SHAPE_SETS["decode"])
+    assert parse_shape("2,128,256,8,2,64") == Shape(2, 128, 256, 8, 2, 64)
+    assert parse_shape("2,128,8,64") == Shape(2, 128, 128, 8, 8, 64)
+    with pytest.raises(ValueError, match="multiple"):
+        parse_shape("1,8,8,3,2,4")
+    with pytest.raises(ValueError, match="6 numbers"):
+        parse_shape("1,2,3")
+
+
+def test_decode_shapes_run_without_a_causal_mask():
+    config = SweepConfig(shapes=[("decode", s) for s in SHAPE_SETS["decode"][:2]])
+    todo = cases(config)
+    assert todo and not any(c.causal for c in todo)
+    assert len(todo) == 2 * 2  # 2 shapes x (fwd, fwd+bwd), no causal variant
+
+
+def test_record_schema_round_trips():
+    record = Record(
+        implementation="x", origin="peer", status="absent", reason="because",
+        backend="cpu", device_kind="cpu", host_cpu="c", host_cores=1, versions={},
+    )  # fmt: skip
+    assert json.loads(record.to_json())["schema_version"] == 1
+    validate(json.loads(record.to_json()))
+    with pytest.raises(ValueError, match="reason"):
+        validate({**json.loads(record.to_json()), "status": "error", "reason": None})
+    with pytest.raises(ValueError, match="lacks"):
+        validate({**json.loads(record.to_json()), "status": "ok"})
