@@ -1,0 +1,188 @@
+"""Shared test machinery: random attention calls, brute-force masks, the float64 oracle."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jattn
+from jattn import masks as M
+
+# Tolerances against the float64 reference, per input dtype: (forward, gradients).
+TOL = {
+    jnp.float32: (2e-5, 2e-4),
+    jnp.float16: (1e-2, 3e-2),
+    jnp.bfloat16: (3e-2, 8e-2),
+}
+
+
+def tol(dtype) -> tuple[float, float]:
+    return TOL[jnp.dtype(dtype).type]
+
+
+@dataclasses.dataclass
+class Call:
+    """One attention call: arrays plus keyword arguments, and a brute-force dense mask."""
+
+    q: Any
+    k: Any
+    v: Any
+    bias: Any = None
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    dense: np.ndarray | None = None  # [*B, N, T, S] bool, the same mask written out by hand
+
+    def run(self, implementation, *, dtype=None, **extra):
+        cast = (
+            (lambda x: x) if dtype is None else (lambda x: None if x is None else x.astype(dtype))
+        )
+        return jattn.attention(
+            cast(self.q),
+            cast(self.k),
+            cast(self.v),
+            cast(self.bias),
+            implementation=implementation,
+            **self.kwargs,
+            **extra,
+        )
+
+
+def oracle(q, k, v, bias=None, **kwargs):
+    """The float64 reference on the given (possibly low-precision) inputs."""
+    f64 = lambda x: None if x is None else jnp.asarray(x).astype(jnp.float64)  # noqa: E731
+    return jattn.attention(f64(q), f64(k), f64(v), f64(bias), implementation="reference", **kwargs)
+
+
+def random_qkv(key, batch, t, s, n, kh, h, hv=None, dtype=jnp.float32, bias=False):
+    ks = jax.random.split(key, 4)
+    hv = h if hv is None else hv
+    q = jax.random.normal(ks[0], (*batch, t, n, h), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (*batch, s, kh, h), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (*batch, s, kh, hv), jnp.float32).astype(dtype)
+    b = None
+    if bias:
+        b = jax.random.normal(ks[3], (*batch, n, t, s), jnp.float32).astype(dtype)
+    return q, k, v, b
+
+
+def numpy_attention(q, k, v, bias, dense, scale, softcap=None):
+    """Attention written with numpy loops over heads, in float64. Independent of jattn.
+
+    ``dense`` is a boolean ``[*B, N, T, S]`` mask (or None). Empty rows give zeros.
+    """
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    *batch, t, n, h = q.shape
+    s, kh, hv = k.shape[-3], k.shape[-2], v.shape[-1]
+    g = n // kh
+    out = np.zeros((*batch, t, n, hv))
+    for idx in np.ndindex(*batch):
+        for head in range(n):
+            qi, ki, vi = q[idx][:, head], k[idx][:, head // g], v[idx][:, head // g]
+            logits = scale * qi @ ki.T
+            if softcap is not None:
+                logits = softcap * np.tanh(logits / softcap)
+            if bias is not None:
+                logits = (
+                    logits
+                    + np.broadcast_to(np.asarray(bias, np.float64), (*batch, n, t, s))[idx][head]
+                )
+            vis = np.ones((t, s), bool) if dense is None else dense[idx][head]
+            for row in range(t):
+                if not vis[row].any():
+                    continue
+                x = np.where(vis[row], logits[row], -np.inf)
+                p = np.exp(x - x.max())
+                out[idx][row, head] = (p / p.sum()) @ vi
+    return out
+
+
+def brute_force_mask(
+    batch,
+    n,
+    t,
+    s,
+    *,
+    is_causal=False,
+    window=None,
+    q_lengths=None,
+    kv_lengths=None,
+    q_seg=None,
+    kv_seg=None,
+    dense=None,
+):
+    """The intersection of the masking arguments, written out element by element."""
+    out = np.ones((*batch, n, t, s), bool)
+    dense_b = None if dense is None else np.broadcast_to(dense, (*batch, n, t, s))
+    for idx in np.ndindex(*batch, n):
+        b = idx[:-1]
+        for i in range(t):
+            for j in range(s):
+                ok = True
+                if is_causal:
+                    ok &= j <= i
+                if window is not None:
+                    ok &= i - window[0] <= j <= i + window[1]
+                if q_lengths is not None:
+                    ok &= i < np.asarray(q_lengths)[b]
+                if kv_lengths is not None:
+                    ok &= j < np.asarray(kv_lengths)[b]
+                if q_seg is not None:
+                    ok &= np.asarray(q_seg)[b][i] == np.asarray(kv_seg)[b][j]
+                if dense_b is not None:
+                    ok &= dense_b[idx][i, j]
+                out[idx][i, j] = ok
+    return out
+
+
+def mask_kwargs(draw_np: np.random.Generator, batch, n, t, s, choices: dict) -> tuple[dict, dict]:
+    """Builds jattn keyword arguments and the matching brute-force arguments."""
+    kw, bf = {}, {}
+    if choices.get("causal"):
+        kw["is_causal"] = True
+        bf["is_causal"] = True
+    if choices.get("window") is not None:
+        kw["local_window_size"] = choices["window"]
+        w = choices["window"]
+        bf["window"] = (w, w) if isinstance(w, int) else w
+    if choices.get("lengths"):
+        ql = draw_np.integers(0, t + 1, size=batch).astype(np.int32)
+        kl = draw_np.integers(0, s + 1, size=batch).astype(np.int32)
+        kw["query_seq_lengths"], kw["key_value_seq_lengths"] = jnp.asarray(ql), jnp.asarray(kl)
+        bf["q_lengths"], bf["kv_lengths"] = ql, kl
+    if choices.get("segments"):
+        qs = np.sort(draw_np.integers(0, 3, size=(*batch, t)), axis=-1).astype(np.int32)
+        ks = np.sort(draw_np.integers(0, 3, size=(*batch, s)), axis=-1).astype(np.int32)
+        kw["segment_ids"] = (jnp.asarray(qs), jnp.asarray(ks))
+        bf["q_seg"], bf["kv_seg"] = qs, ks
+    if choices.get("dense"):
+        # Broadcast over heads (the common padding-mask case) half the time.
+        heads = n if draw_np.random() < 0.5 else 1
+        d = draw_np.random((*batch, heads, t, s)) < 0.7
+        kw["mask"] = jnp.asarray(d)
+        bf["dense"] = d
+    return kw, bf
+
+
+def assert_close(actual, expected, atol, rtol=None, what=""):
+    rtol = atol if rtol is None else rtol
+    a = np.asarray(jnp.asarray(actual).astype(jnp.float64))
+    e = np.asarray(jnp.asarray(expected).astype(jnp.float64))
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    assert np.isfinite(a).all(), f"{what}: non-finite values"
+    np.testing.assert_allclose(a, e, atol=atol, rtol=rtol, err_msg=what)
+
+
+def cases_mask_objects():
+    """Composite mask objects and their brute-force equivalents (functions of i, j)."""
+    return {
+        "causal_offset": (M.Causal(2), lambda i, j: j <= i + 2),
+        "window_or_first": (
+            M.LocalWindow(1, 1) | M.LocalWindow(None, 0) & ~M.LocalWindow(0, None),
+            lambda i, j: (i - 1 <= j <= i + 1) or (j < i),
+        ),
+        "not_causal": (~M.Causal(0), lambda i, j: j > i),
+        "left_only": (M.LocalWindow(2, None), lambda i, j: j >= i - 2),
+    }

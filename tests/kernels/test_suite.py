@@ -1,0 +1,343 @@
+"""The shared suite: written once, run against every implementation in the registry.
+
+Each implementation is compared with the float64 reference, forward and gradients, on random
+inputs and random mask combinations. A feature an implementation lacks must raise
+NotImplementedError naming it; the suite checks that instead of skipping.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jattn
+from tests import helpers as H
+
+IMPLS = [name for name in jattn.kernels.available("cpu") if name != "reference"]
+
+
+def impl_supports(name: str, *features: str) -> bool:
+    return not jattn.kernels.REGISTRY[name].missing(features)
+
+
+@pytest.fixture(params=IMPLS, scope="module")
+def impl(request):
+    return request.param
+
+
+def _check_or_raises(impl, features, fn):
+    """Runs ``fn`` if ``impl`` supports ``features``, else checks it raises naming them."""
+    missing = jattn.kernels.REGISTRY[impl].missing(features)
+    if missing:
+        with pytest.raises(NotImplementedError, match=missing[0]):
+            fn()
+        return False
+    fn()
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracle itself, against an independent numpy implementation.
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_matches_numpy(causal):
+    q, k, v, b = H.random_qkv(jax.random.key(0), (2,), 5, 7, 4, 2, 8, bias=True)
+    q, k, v, b = (x.astype(jnp.float64) for x in (q, k, v, b))
+    out = jattn.attention(q, k, v, b, is_causal=causal, softcap=3.0, implementation="reference")
+    dense = H.brute_force_mask((2,), 4, 5, 7, is_causal=causal)
+    want = H.numpy_attention(q, k, v, b, dense, 1 / np.sqrt(8), softcap=3.0)
+    H.assert_close(out, want, 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and gradients on random inputs.
+
+SHAPES = [
+    # batch, T, S, N, K, H
+    ((), 1, 1, 1, 1, 8),
+    ((2,), 7, 7, 4, 4, 16),
+    ((2,), 7, 129, 4, 2, 32),  # GQA, odd lengths past a block size
+    ((1, 2), 129, 7, 2, 1, 8),  # two batch dims, MQA, T > S
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_f32(impl, shape, causal):
+    batch, t, s, n, kh, h = shape
+    q, k, v, b = H.random_qkv(jax.random.key(1), batch, t, s, n, kh, h, bias=True)
+    kw = dict(is_causal=causal)
+    out = jattn.attention(q, k, v, b, implementation=impl, **kw)
+    assert out.dtype == jnp.float32 and out.shape == q.shape
+    H.assert_close(out, H.oracle(q, k, v, b, **kw), H.tol(jnp.float32)[0], what=impl)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_forward_low_precision(impl, dtype):
+    q, k, v, _ = H.random_qkv(jax.random.key(2), (2,), 33, 65, 4, 2, 32, dtype=dtype)
+    out = jattn.attention(q, k, v, is_causal=True, implementation=impl)
+    assert out.dtype == dtype
+    H.assert_close(out, H.oracle(q, k, v, is_causal=True), H.tol(dtype)[0], what=impl)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients(impl, dtype, causal):
+    q, k, v, b = H.random_qkv(jax.random.key(3), (2,), 17, 33, 4, 2, 16, dtype=dtype, bias=True)
+    # Lengths make some rows empty: their gradients must be exactly zero, not NaN.
+    kw = dict(
+        is_causal=causal,
+        key_value_seq_lengths=jnp.array([33, 20], jnp.int32),
+        query_seq_lengths=jnp.array([17, 11], jnp.int32),
+    )
+    ct = jax.random.normal(jax.random.key(4), q.shape, jnp.float32)
+
+    def loss(impl_name, cast):
+        def f(q, k, v, b):
+            o = jattn.attention(cast(q), cast(k), cast(v), cast(b), implementation=impl_name, **kw)
+            return jnp.sum(o.astype(jnp.float32 if cast is None else o.dtype) * ct)
+
+        return f
+
+    got = jax.grad(loss(impl, lambda x: x), argnums=(0, 1, 2, 3))(q, k, v, b)
+    f64 = lambda x: x.astype(jnp.float64)  # noqa: E731
+    want = jax.grad(loss("reference", f64), argnums=(0, 1, 2, 3))(q, k, v, b)
+    gtol = H.tol(dtype)[1]
+    for name, g, w in zip("qkvb", got, want, strict=True):
+        assert g.dtype == dtype
+        scale = float(jnp.max(jnp.abs(w.astype(jnp.float64)))) + 1e-6
+        H.assert_close(g / scale, w / scale, gtol, what=f"{impl} d{name}")
+    # Padded query rows contribute nothing and get no gradient.
+    assert not np.any(np.asarray(got[0][1, 11:], np.float32))
+
+
+def test_jit_and_no_jit_agree(impl):
+    q, k, v, _ = H.random_qkv(jax.random.key(5), (2,), 9, 12, 2, 1, 8)
+    f = lambda q, k, v: jattn.attention(q, k, v, is_causal=True, implementation=impl)  # noqa
+    np.testing.assert_allclose(f(q, k, v), jax.jit(f)(q, k, v), atol=1e-6)
+
+
+def test_value_head_dim(impl):
+    q, k, v, _ = H.random_qkv(jax.random.key(6), (1,), 6, 10, 2, 2, 8, hv=12)
+
+    def run():
+        out = jattn.attention(q, k, v, implementation=impl)
+        assert out.shape == (1, 6, 2, 12)
+        H.assert_close(out, H.oracle(q, k, v), H.tol(jnp.float32)[0])
+
+    _check_or_raises(impl, ["value_head_dim"], run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks: random combinations against a brute-force dense mask.
+
+
+@st.composite
+def mask_calls(draw):
+    batch = draw(st.sampled_from([(), (1,), (2,)]))
+    t = draw(st.integers(1, 19))
+    s = draw(st.integers(1, 19))
+    kh = draw(st.sampled_from([1, 2]))
+    n = kh * draw(st.sampled_from([1, 2]))
+    h = draw(st.sampled_from([4, 8]))
+    self_attn = t == s
+    choices = dict(
+        causal=draw(st.booleans()),
+        window=draw(
+            st.none() | st.integers(0, 4) | st.tuples(st.integers(0, 4), st.integers(0, 4))
+        ),
+        lengths=draw(st.booleans()),
+        segments=draw(st.booleans()) and (self_attn or draw(st.booleans())),
+        dense=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        softcap=draw(st.none() | st.just(2.5)),
+    )
+    seed = draw(st.integers(0, 2**31 - 1))
+    return batch, t, s, n, kh, h, choices, seed
+
+
+def _build_call(batch, t, s, n, kh, h, choices, seed) -> H.Call:
+    rng = np.random.default_rng(seed)
+    q, k, v, b = H.random_qkv(jax.random.key(seed), batch, t, s, n, kh, h, bias=choices["bias"])
+    kw, bf = H.mask_kwargs(rng, batch, n, t, s, choices)
+    if choices["softcap"] is not None:
+        kw["softcap"] = choices["softcap"]
+    dense = H.brute_force_mask(batch, n, t, s, **bf)
+    return H.Call(q, k, v, b, kw, dense)
+
+
+@given(mask_calls())
+def test_random_masks(impl, case):
+    call = _build_call(*case)
+    kw = call.kwargs
+    want = H.oracle(
+        call.q, call.k, call.v, call.bias, mask=jnp.asarray(call.dense), softcap=kw.get("softcap")
+    )
+    got = call.run(impl)
+    H.assert_close(got, want, H.tol(jnp.float32)[0], what=f"{impl} {sorted(kw)}")
+    # Rows with no visible key are exactly zero.
+    empty = ~call.dense.any(-1)  # [*B, N, T]
+    got_rows = np.moveaxis(np.asarray(got), -2, -3)  # [*B, N, T, H]
+    assert not got_rows[empty].any()
+
+
+@settings(max_examples=10)
+@given(mask_calls())
+def test_random_masks_gradients(impl, case):
+    call = _build_call(*case)
+    ct = jax.random.normal(jax.random.key(7), call.q.shape)
+
+    def grads(impl_name, cast, **kw):
+        def f(q, k, v):
+            return jnp.sum(
+                jattn.attention(cast(q), cast(k), cast(v), implementation=impl_name, **kw) * ct
+            )
+
+        return jax.grad(f, argnums=(0, 1, 2))(call.q, call.k, call.v)
+
+    mask_only = {k: v for k, v in call.kwargs.items() if k != "softcap"}
+    got = grads(impl, lambda x: x, softcap=call.kwargs.get("softcap"), **mask_only)
+    want = grads(
+        "reference",
+        lambda x: x.astype(jnp.float64),
+        mask=jnp.asarray(call.dense),
+        softcap=call.kwargs.get("softcap"),
+    )
+    for g, w in zip(got, want, strict=True):
+        H.assert_close(g, w, 1e-4, what=impl)
+
+
+@pytest.mark.parametrize("name", list(H.cases_mask_objects()))
+def test_mask_objects(impl, name):
+    mask, fn = H.cases_mask_objects()[name]
+    t, s = 11, 13
+    q, k, v, _ = H.random_qkv(jax.random.key(8), (2,), t, s, 2, 2, 8)
+    dense = np.array([[fn(i, j) for j in range(s)] for i in range(t)])
+
+    def run():
+        got = jattn.attention(q, k, v, mask=mask, implementation=impl)
+        want = H.oracle(q, k, v, mask=jnp.asarray(dense))
+        H.assert_close(got, want, H.tol(jnp.float32)[0], what=name)
+
+    _check_or_raises(impl, mask._features(), run)
+
+
+def test_fully_masked_rows(impl):
+    q, k, v, b = H.random_qkv(jax.random.key(9), (2,), 6, 8, 2, 2, 8, bias=True)
+    mask = np.ones((2, 2, 6, 8), bool)
+    mask[0, :, 2] = False  # one empty row for every head
+    mask[1] = False  # a wholly empty batch element
+    mask = jnp.asarray(mask)
+
+    def f(q, k, v, b):
+        return jattn.attention(q, k, v, b, mask=mask, implementation=impl)
+
+    out = f(q, k, v, b)
+    assert not np.asarray(out[0, 2]).any() and not np.asarray(out[1]).any()
+    H.assert_close(out, H.oracle(q, k, v, b, mask=mask), H.tol(jnp.float32)[0])
+    grads = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2, 3))(q, k, v, b)
+    for g in grads:
+        assert np.isfinite(np.asarray(g)).all()
+    assert not np.asarray(grads[0][1]).any() and not np.asarray(grads[3][1]).any()
+    assert not np.asarray(grads[0][0, 2]).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Extras: weights, log-sum-exp, dropout.
+
+
+def test_return_weights(impl):
+    q, k, v, _ = H.random_qkv(jax.random.key(10), (2,), 5, 9, 4, 2, 8)
+
+    def run():
+        out, w = jattn.attention(q, k, v, is_causal=True, return_weights=True, implementation=impl)
+        _, w_ref = H.oracle(q, k, v, is_causal=True, return_weights=True)
+        assert w.shape == (2, 4, 5, 9)
+        H.assert_close(w, w_ref, 1e-5)
+        H.assert_close(w.sum(-1), np.ones((2, 4, 5)), 1e-5)
+
+    _check_or_raises(impl, ["return_weights"], run)
+
+
+def test_return_lse(impl):
+    q, k, v, b = H.random_qkv(jax.random.key(11), (2,), 7, 10, 2, 1, 8, bias=True)
+    kvl = jnp.array([10, 0], jnp.int32)
+
+    def run():
+        _, lse = jattn.attention(
+            q, k, v, b, key_value_seq_lengths=kvl, return_lse=True, implementation=impl
+        )
+        logits = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, 2, axis=2)) / np.sqrt(8) + b
+        want = jax.nn.logsumexp(logits, axis=-1)
+        assert lse.shape == (2, 2, 7) and lse.dtype == jnp.float32
+        H.assert_close(lse[0], want[0], 1e-5)
+        assert np.all(np.isneginf(np.asarray(lse[1])))  # no visible key: log(0)
+
+    _check_or_raises(impl, ["return_lse"], run)
+
+
+def test_lse_merges_key_blocks(impl):
+    """Attention over [K1; K2] equals the lse-weighted merge of attention over each half."""
+    q, k, v, _ = H.random_qkv(jax.random.key(12), (1,), 6, 16, 2, 2, 8)
+
+    def run():
+        o1, l1 = jattn.attention(q, k[:, :8], v[:, :8], return_lse=True, implementation=impl)
+        o2, l2 = jattn.attention(q, k[:, 8:], v[:, 8:], return_lse=True, implementation=impl)
+        lse = jnp.logaddexp(l1, l2)
+        w1 = jnp.exp(l1 - lse).transpose(0, 2, 1)[..., None]
+        w2 = jnp.exp(l2 - lse).transpose(0, 2, 1)[..., None]
+        H.assert_close(w1 * o1 + w2 * o2, H.oracle(q, k, v), 1e-5)
+
+    _check_or_raises(impl, ["return_lse"], run)
+
+
+def test_dropout(impl):
+    q, k, v, _ = H.random_qkv(jax.random.key(13), (2,), 16, 24, 2, 2, 8)
+    key = jax.random.key(14)
+
+    def run():
+        f = lambda rate, key: jattn.attention(  # noqa: E731
+            q, k, v, is_causal=True, dropout_rate=rate, dropout_rng=key, implementation=impl
+        )
+        out = f(0.25, key)
+        # The pattern is a function of key and positions: every implementation agrees.
+        ref = H.oracle(q, k, v, is_causal=True, dropout_rate=0.25, dropout_rng=key)
+        H.assert_close(out, ref, 1e-5)
+        np.testing.assert_array_equal(out, f(0.25, key))  # reproducible
+        assert not np.allclose(out, f(0.25, jax.random.key(15)))  # and key dependent
+        assert not np.allclose(out, f(0.0, key))
+
+        # Gradients agree with the reference under the same pattern.
+        def loss(q, impl_name, cast):
+            return jnp.sum(
+                jattn.attention(
+                    cast(q),
+                    cast(k),
+                    cast(v),
+                    dropout_rate=0.25,
+                    dropout_rng=key,
+                    implementation=impl_name,
+                )
+            )
+
+        g = jax.grad(loss)(q, impl, lambda x: x)
+        g_ref = jax.grad(loss)(q, "reference", lambda x: x.astype(jnp.float64))
+        H.assert_close(g, g_ref, 1e-4)
+
+    _check_or_raises(impl, ["dropout"], run)
+
+
+def test_dropout_keeps_expected_fraction():
+    from jattn import _dropout
+
+    seed = _dropout.head_seed(_dropout.seed_from_key(jax.random.key(0)), jnp.uint32(3))
+    keep = _dropout.keep_mask(seed, jnp.arange(512), jnp.arange(512), 0.3)
+    frac = float(keep.mean())
+    assert abs(frac - 0.7) < 0.01, frac
+    # Rows and columns are not trivially correlated.
+    assert float(jnp.abs(keep[:-1].mean(1) - keep[1:].mean(1)).max()) < 0.2
