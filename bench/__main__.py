@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     run.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="CPU threads for PyTorch (default: every core this process may use, as XLA does)",
+    )
+    run.add_argument(
         "--out",
         default=None,
         help="results file, JSON lines, appended to (default: results/bench-BACKEND-TIME.jsonl)",
@@ -154,6 +160,7 @@ def _run(args: argparse.Namespace) -> int:
         peers=_names(args.peers),
         timing=timing,
         seed=args.seed,
+        torch_threads=args.torch_threads,
     )
     platform = current_platform()
     out = args.out

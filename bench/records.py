@@ -94,6 +94,9 @@ class Record:
     xla_total_bytes: int | None = None  # argument + output + temp - alias
     device_peak_bytes: int | None = None  # allocator high-water mark, see device_peak_scope
     device_peak_scope: str | None = None  # "case" (reset before the case) or "process"
+    # CPU threads the implementation was given where the suite sets it (torch on CPU); None
+    # where the library decides (XLA's CPU backend uses every core the process may run on).
+    threads: int | None = None
     # bookkeeping
     run_id: str = ""
     timestamp: str = ""

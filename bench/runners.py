@@ -60,6 +60,7 @@ class Measurement:
     xla_memory: dict[str, int] | None = None  # argument/output/temp/alias/total bytes
     device_peak_bytes: int | None = None
     device_peak_scope: str | None = None
+    threads: int | None = None  # CPU threads the library was told to use, where we set it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,14 +278,15 @@ class TorchRunner(Runner):
     PyTorch's layout is [B, N, T, H]; inputs are made in that layout so no transpose is timed.
     """
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, *, threads: int | None = None) -> None:
         import torch
 
         self.name = "torch.sdpa"
         self.origin = "peer"
         self.device = device
-        # Same parallelism as XLA's CPU backend, which uses every core it may run on.
-        torch.set_num_threads(host_cores())
+        # By default the same parallelism as XLA's CPU backend: every core it may run on.
+        self.threads = threads or host_cores()
+        torch.set_num_threads(self.threads)
 
     def _sync(self) -> None:
         import torch
@@ -334,6 +336,7 @@ class TorchRunner(Runner):
             timing=timing,
             device_peak_bytes=peak,
             device_peak_scope=None if peak is None else "case",
+            threads=self.threads if self.device == "cpu" else None,
         )
 
 
@@ -389,9 +392,15 @@ def our_runners(
 
 
 def peer_runners(
-    backend: str, device_kind: str, names: Sequence[str] | None
+    backend: str,
+    device_kind: str,
+    names: Sequence[str] | None,
+    *,
+    torch_threads: int | None = None,
 ) -> tuple[list[Runner], list[Unavailable]]:
-    """The peers measured alongside: `names` (short names from PEERS), or all when None."""
+    """The peers measured alongside: `names` (short names from PEERS), or all when None.
+
+    `torch_threads`: CPU threads for PyTorch (default: every core, as XLA uses)."""
     runners: list[Runner] = []
     absent: list[Unavailable] = []
     nvidia = backend == "gpu" and "nvidia" in device_kind.lower()
@@ -414,7 +423,7 @@ def peer_runners(
             import torch
 
             if backend == "cpu":
-                runners.append(TorchRunner("cpu"))
+                runners.append(TorchRunner("cpu", threads=torch_threads))
             elif backend == "gpu" and torch.cuda.is_available():
                 runners.append(TorchRunner("cuda"))
             else:

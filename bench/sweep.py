@@ -36,6 +36,7 @@ class SweepConfig:
     peers: Sequence[str] | None = None
     timing: TimingConfig = dataclasses.field(default_factory=TimingConfig)
     seed: int = 0
+    torch_threads: int | None = None  # None: every core, like XLA's CPU backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,7 @@ def run_case(
         xla_total_bytes=mem.get("total"),
         device_peak_bytes=m.device_peak_bytes,
         device_peak_scope=m.device_peak_scope,
+        threads=m.threads,
     )
 
 
@@ -153,7 +155,12 @@ def run_sweep(
     peers, peers_absent = (
         ([], [])
         if config.peers == []
-        else peer_runners(platform.backend, platform.device_kind, config.peers)
+        else peer_runners(
+            platform.backend,
+            platform.device_kind,
+            config.peers,
+            torch_threads=config.torch_threads,
+        )
     )
     runners: list[Runner] = [*ours, *peers]
     todo = cases(config)

@@ -210,3 +210,19 @@ def test_record_schema_round_trips():
         validate({**json.loads(record.to_json()), "status": "error", "reason": None})
     with pytest.raises(ValueError, match="lacks"):
         validate({**json.loads(record.to_json()), "status": "ok"})
+
+
+def test_torch_peer_when_installed(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "torch.jsonl"
+    # GQA (N=4, K=2) exercises enable_gqa; both modes exercise no_grad and .backward()
+    cli.main(["--shape", "1,16,16,4,2,8", "--impls", "none", "--peers", "torch",
+              "--torch-threads", "1", "--repeats", "1", "--min-time", "0", "--no-progress",
+              "--out", str(out)])  # fmt: skip
+    records = list(read_records([out]))
+    assert len(records) == 4
+    for r in records:
+        assert r["implementation"] == "torch.sdpa" and r["status"] == "ok", r["reason"]
+        assert r["threads"] == 1 and r["compile_s"] is None
+        assert r["versions"]["torch"] is not None
+        assert r["tflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e12)
