@@ -94,6 +94,11 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _sig3(value: float) -> str:
+    """Three significant digits, trailing zeros kept so a column reads evenly: 0.0280, 1.07."""
+    return f"{value:#.3g}".rstrip(".")
+
+
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.2f}"
 
@@ -158,7 +163,7 @@ def markdown_report(records: Sequence[Rec], *, baseline: str = BASELINE) -> str:
         for r in measured:
             if r["status"] == "ok":
                 up = ups.get((device, r["implementation"], case_key(r)))
-                cell = f"{r['tflops']:.3g}"
+                cell = _sig3(r["tflops"])
                 if up is not None:
                     cell += f" ({up:.2f}×)"
             else:
