@@ -24,12 +24,15 @@ def case_key(r: Rec) -> CaseKey:
 
 
 def device_key(r: Rec) -> tuple[str, str]:
+    """(backend, device): JAX names every CPU just "cpu", so a CPU is told by its model."""
+    if r["backend"] == "cpu":
+        return ("cpu", f"{r.get('host_cpu', '?')}, {r.get('host_cores', '?')} cores")
     return (r["backend"], r["device_kind"])
 
 
 def device_label(device: tuple[str, str]) -> str:
     backend, kind = device
-    return backend if kind.lower() == backend else f"{backend}: {kind}"
+    return f"{backend}: {kind}"
 
 
 # --- selection -----------------------------------------------------------------------------

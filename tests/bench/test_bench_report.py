@@ -5,23 +5,16 @@ from __future__ import annotations
 import pathlib
 import struct
 
+import jax
 import pytest
 
 from bench import __main__ as cli
 from bench.records import read_records
 from bench.report import latest, markdown_report, plot, speedups
+from bench.runners import jattn_names
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "fake_gpu_records.jsonl"
 GPU = ("gpu", "FAKE GPU (test fixture)")
-CPU_SHAPE = "1,16,16,2,2,8"
-
-
-@pytest.fixture(scope="module")
-def cpu_records_file(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cpu") / "cpu.jsonl"
-    cli.main(["--shape", CPU_SHAPE, "--impls", "none", "--peers", "xla,flax", "--modes", "fwd",
-              "--repeats", "1", "--min-time", "0", "--no-progress", "--out", str(out)])  # fmt: skip
-    return out
 
 
 def _png_size(path: pathlib.Path) -> tuple[int, int]:
@@ -52,31 +45,27 @@ def _table(section: str) -> tuple[list[str], list[list[str]]]:
     return cells[0], cells[2:]  # cells[1] is the |---| rule
 
 
-def test_markdown_puts_both_backends_side_by_side(cpu_records_file):
-    records = list(read_records([cpu_records_file, FIXTURE]))
+def test_markdown_puts_both_backends_side_by_side(tiny_run):
+    records = list(read_records([tiny_run, FIXTURE]))
     md = markdown_report(records)
     cpu_section, gpu_section = md.split("### gpu: FAKE GPU (test fixture)")
-    assert "### cpu" in cpu_section and "FAKE" not in cpu_section
+    assert "### cpu: " in cpu_section and "FAKE" not in cpu_section
 
     header, rows = _table(cpu_section)
-    assert header == [
-        "mode",
-        "mask",
-        "dtype",
-        "B",
-        "T",
-        "S",
-        "N",
-        "K",
-        "H",
-        "jax.nn:xla",
-        "flax.linen",
-    ]
+    _, ours = jattn_names(jax.default_backend())
+    impls = [*(f"jattn:{name}" for name in sorted(ours)), "jax.nn:xla", "flax.linen"]
+    assert header == ["mode", "mask", "dtype", "B", "T", "S", "N", "K", "H", *impls]
     assert [row[:9] for row in rows] == [
-        ["fwd", "none", "float32", "1", "16", "16", "2", "2", "8"],
-        ["fwd", "causal", "float32", "1", "16", "16", "2", "2", "8"],
+        [mode, mask, "float32", "1", "32", "32", "2", "2", "8"]
+        for mode in ("fwd", "fwd+bwd")
+        for mask in ("none", "causal")
     ]
-    assert all(row[9].endswith("(1.00×)") for row in rows)  # the baseline against itself
+    xla = header.index("jax.nn:xla")
+    assert all(row[xla].endswith("(1.00×)") for row in rows)  # the baseline against itself
+    for row in rows:
+        for cell in row[9:]:
+            tflops, speedup = cell.split()
+            assert float(tflops) > 0 and speedup.startswith("(") and speedup.endswith("×)")
 
     header, rows = _table(gpu_section)
     assert header[9:] == ["jattn:fused", "jax.nn:xla", "jax.nn:cudnn", "torch.sdpa"]
@@ -93,8 +82,8 @@ def test_markdown_puts_both_backends_side_by_side(cpu_records_file):
     assert "`tokamax`: absent" in gpu_section
 
 
-def test_plots_are_pngs_with_a_column_per_backend(cpu_records_file, tmp_path):
-    records = list(read_records([cpu_records_file, FIXTURE]))
+def test_plots_are_pngs_with_a_column_per_backend(tiny_run, tmp_path):
+    records = list(read_records([tiny_run, FIXTURE]))
     one = plot([r for r in records if r["backend"] == "gpu"], tmp_path / "one.png")
     two = plot(records, tmp_path / "two.png")
     (w1, _), (w2, _) = _png_size(one), _png_size(two)
@@ -105,9 +94,9 @@ def test_plots_are_pngs_with_a_column_per_backend(cpu_records_file, tmp_path):
         plot(records, tmp_path / "x.png", metric="latency")
 
 
-def test_report_cli_writes_markdown_and_plots(cpu_records_file, tmp_path, capsys):
+def test_report_cli_writes_markdown_and_plots(tiny_run, tmp_path, capsys):
     out_dir = tmp_path / "report"
-    assert cli.main(["report", str(cpu_records_file), str(FIXTURE), "--out-dir", str(out_dir)]) == 0
+    assert cli.main(["report", str(tiny_run), str(FIXTURE), "--out-dir", str(out_dir)]) == 0
     md = (out_dir / "report.md").read_text(encoding="utf-8")
     assert md.startswith("# jattn benchmark report")
     assert "![throughput](throughput.png)" in md

@@ -21,25 +21,7 @@ from bench.shapes import SHAPE_SETS, Shape, parse_shape
 from bench.sweep import SweepConfig, cases, current_platform, run_case
 from bench.timing import SkipCase, TimingConfig, classify, measure
 
-TINY = "1,32,32,2,2,8"  # B,T,S,N,K,H
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One tiny sweep through the CLI, shared by the tests that read its records."""
-    out = tmp_path_factory.mktemp("run") / "tiny.jsonl"
-    code = cli.main(
-        [
-            "--shape", TINY,
-            "--peers", "xla,flax",
-            "--repeats", "2",
-            "--min-time", "0",
-            "--no-progress",
-            "--out", str(out),
-        ]
-    )  # fmt: skip
-    assert code == 0
-    return out
+TINY = "1,32,32,2,2,8"  # B,T,S,N,K,H: the shape of conftest.tiny_run
 
 
 def test_flops_follow_the_flash_attention_convention():
