@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Attention throughput: jattn's implementations against their peers.",
+        epilog="With no subcommand, `run` is meant: `python -m bench --repeats 3` is "
+        "`python -m bench run --repeats 3`. See `python -m bench run --help` for its options.",
     )
     sub = parser.add_subparsers(dest="command")
 
