@@ -325,7 +325,9 @@ class MultiHeadAttention(nnx.Module):
                         f"batch shape {k_new.shape[:-3]} of the decoded tokens does not match "
                         f"the cache's {cache_shape[:-3]}"
                     )
-                start = (0,) * (k_new.ndim - 3) + (index, 0, 0)
+                # dynamic_update_slice wants indices of one dtype (int64 zeros under x64).
+                zero = jnp.zeros((), index.dtype)
+                start = (zero,) * (k_new.ndim - 3) + (index, zero, zero)
                 dtype = self.cached_key.dtype
                 k = jax.lax.dynamic_update_slice(self.cached_key[...], k_new.astype(dtype), start)
                 v = jax.lax.dynamic_update_slice(self.cached_value[...], v_new.astype(dtype), start)

@@ -78,7 +78,7 @@ def _loop(
         rng, key = jax.random.split(rng)
         token = sample_logits(logits, key, temperature=temperature, top_k=top_k)
         token = jnp.where(finished, pad_id, token)
-        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, k))
+        out = jax.lax.dynamic_update_slice(out, token[:, None], (jnp.zeros_like(k), k))
         if eos_id is not None:
             finished = finished | (token == eos_id)
         m = nnx.merge(graphdef, cache, rest)
