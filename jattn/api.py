@@ -38,6 +38,7 @@ def attention(
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     implementation: str | Sequence[str] | None = None,
+    config: Any = None,
     return_weights: bool = False,
     return_lse: bool = False,
 ) -> Array | tuple[Array, ...]:
@@ -68,6 +69,10 @@ def attention(
         every implementation draws the same one.
       implementation: None picks the fastest implementation that supports the call on this
         backend; a name forces one (see ``jattn.kernels.REGISTRY``); a list tries each in order.
+      config: the tuning dataclass of the chosen implementation (e.g.
+        ``jattn.kernels.flash.FlashConfig(block_q=256, block_k=512)``); None uses its
+        heuristic default for the backend and shapes. Ignored by implementations of another
+        config type only when ``implementation`` lists several names.
       return_weights: also return the attention weights ``[*B, N, T, S]`` (before dropout).
       return_lse: also return the log-sum-exp of each row's logits ``[*B, N, T]`` (float32;
         ``-inf`` for a row with no visible key), to merge partial results exactly.
@@ -127,8 +132,17 @@ def attention(
         if on
     }
     impl = _select(implementation, needed)
-    config = None
-    if impl.config_fn is not None:
+    if config is not None and not (
+        impl.config_type is not None and isinstance(config, impl.config_type)
+    ):
+        if isinstance(implementation, str):
+            want = impl.config_type.__name__ if impl.config_type else "no config"
+            raise TypeError(
+                f"config of type {type(config).__name__} does not fit implementation "
+                f"{impl.name!r}, which takes {want}"
+            )
+        config = None
+    if config is None and impl.config_fn is not None:
         config = impl.config_fn(q.shape, k.shape, q.dtype, jax.default_backend())
 
     spec = Spec(

@@ -71,6 +71,24 @@ def _is_static_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
+# Integer helpers that stay Python ints when every argument is static (so kernels can size
+# their loops at trace time) and become traced otherwise.
+def _min(a: Any, b: Any) -> Any:
+    return min(a, b) if _is_static_int(a) and _is_static_int(b) else jnp.minimum(a, b)
+
+
+def _max(a: Any, b: Any) -> Any:
+    return max(a, b) if _is_static_int(a) and _is_static_int(b) else jnp.maximum(a, b)
+
+
+def _lt(a: Any, b: Any) -> Flag:
+    return bool(a < b) if _is_static_int(a) and _is_static_int(b) else jnp.less(a, b)
+
+
+def _where(c: Flag, a: Any, b: Any) -> Any:
+    return (a if c else b) if isinstance(c, bool) else jnp.where(c, a, b)
+
+
 class Mask:
     """Base class. Subclasses are frozen dataclasses registered as pytrees."""
 
@@ -81,17 +99,33 @@ class Mask:
         """
         raise NotImplementedError
 
-    def classify(self, q0: Any, q1: Any, k0: Any, k1: Any) -> tuple[Flag, Flag]:
-        """Returns ``(any_visible, all_visible)`` for rows ``[q0, q1)`` and columns ``[k0, k1)``.
+    def classify(self, q0: Any, k0: Any, bq: int, bk: int) -> tuple[Flag, Flag]:
+        """``(any_visible, all_visible)`` for rows ``[q0, q0+bq)`` and columns ``[k0, k0+bk)``.
 
-        ``any_visible`` False means the block is empty (skip it); ``all_visible`` True means no
-        entry is masked (skip the masking). Both are sound: when unsure, ``(True, False)``.
+        ``q0``/``k0`` may be traced; the block sizes ``bq``/``bk`` are static. ``any_visible``
+        False means the block is empty (skip it); ``all_visible`` True means no entry is masked
+        (skip the masking). Both are sound: when unsure, ``(True, False)``.
         """
         return True, False
 
+    def kv_range(self, q0: Any, q1: Any, kv_len: int) -> tuple[Any, Any]:
+        """A range ``[lo, hi)`` of key positions that holds every key visible from rows
+        ``[q0, q1)`` (conservative; ints or traced). Kernels loop over that range only."""
+        return 0, kv_len
+
+    def block(self, q0: Any, k0: Any, bq: int, bk: int) -> Array:
+        """The boolean ``[bq, bk]`` mask of the block at ``(q0, k0)`` (``q0``/``k0`` may be
+        traced; the block must lie inside the (padded) sequence)."""
+        return self(q0 + jnp.arange(bq), k0 + jnp.arange(bk))
+
+    def pad(self, q_len: int, kv_len: int) -> Mask:
+        """The mask extended to padded lengths; padded positions are never more visible than
+        what the caller bounds them to (kernels add their own ``kv < S`` bound)."""
+        return self
+
     def materialize(self, q_len: int, kv_len: int) -> Array:
         """The dense ``[q_len, kv_len]`` boolean mask of one head."""
-        return self(jnp.arange(q_len), jnp.arange(kv_len))
+        return self.block(0, 0, q_len, kv_len)
 
     # Composition. ``__bool__`` raises so that ``and``/``or`` misuse fails loudly.
     def __and__(self, other: Mask) -> Mask:
@@ -193,11 +227,15 @@ class Causal(Mask):
     def __call__(self, q_idx, kv_idx):
         return kv_idx[None, :] <= q_idx[:, None] + self.offset
 
-    def classify(self, q0, q1, k0, k1):
+    def classify(self, q0, k0, bq, bk):
         off = self.offset
-        if all(_is_static_int(v) for v in (q0, q1, k0, k1, off)):
-            return bool(k0 <= q1 - 1 + off), bool(k1 - 1 <= q0 + off)
-        return k0 <= q1 - 1 + off, k1 - 1 <= q0 + off
+        any_, all_ = k0 <= q0 + bq - 1 + off, k0 + bk - 1 <= q0 + off
+        if all(_is_static_int(x) for x in (q0, k0, off)):
+            return bool(any_), bool(all_)
+        return any_, all_
+
+    def kv_range(self, q0, q1, kv_len):
+        return 0, _min(kv_len, _max(0, q1 + self.offset))
 
     def _canonical(self, ctx):
         if _is_static_int(self.offset):
@@ -237,18 +275,23 @@ class LocalWindow(Mask):
             ok &= k <= q + self.right
         return ok
 
-    def classify(self, q0, q1, k0, k1):
-        static = all(_is_static_int(v) for v in (q0, q1, k0, k1))
+    def classify(self, q0, k0, bq, bk):
+        static = _is_static_int(q0) and _is_static_int(k0)
         any_, all_ = True, True
         if self.left is not None:
-            any_ = _and(any_, k1 - 1 >= q0 - self.left)
-            all_ = _and(all_, k0 >= q1 - 1 - self.left)
+            any_ = _and(any_, k0 + bk - 1 >= q0 - self.left)
+            all_ = _and(all_, k0 >= q0 + bq - 1 - self.left)
         if self.right is not None:
-            any_ = _and(any_, k0 <= q1 - 1 + self.right)
-            all_ = _and(all_, k1 - 1 <= q0 + self.right)
+            any_ = _and(any_, k0 <= q0 + bq - 1 + self.right)
+            all_ = _and(all_, k0 + bk - 1 <= q0 + self.right)
         if static:
             return bool(any_), bool(all_)
         return any_, all_
+
+    def kv_range(self, q0, q1, kv_len):
+        lo = 0 if self.left is None else _max(0, q0 - self.left)
+        hi = kv_len if self.right is None else _min(kv_len, _max(0, q1 + self.right))
+        return lo, hi
 
     def _features(self):
         return frozenset({"local_window"})
@@ -276,15 +319,21 @@ class Lengths(Mask):
             ok &= (kv_idx < self.kv)[None, :]
         return ok
 
-    def classify(self, q0, q1, k0, k1):
+    def classify(self, q0, k0, bq, bk):
         any_, all_ = True, True
         if self.q is not None:
-            any_ = _and(any_, q0 < self.q)
-            all_ = _and(all_, q1 <= self.q)
+            any_ = _and(any_, _lt(q0, self.q))
+            all_ = _and(all_, _lt(q0 + bq - 1, self.q))
         if self.kv is not None:
-            any_ = _and(any_, k0 < self.kv)
-            all_ = _and(all_, k1 <= self.kv)
+            any_ = _and(any_, _lt(k0, self.kv))
+            all_ = _and(all_, _lt(k0 + bk - 1, self.kv))
         return any_, all_
+
+    def kv_range(self, q0, q1, kv_len):
+        hi = kv_len if self.kv is None else _min(kv_len, self.kv)
+        if self.q is not None:
+            hi = _where(_lt(q0, self.q), hi, 0)
+        return 0, hi
 
     def _canonical(self, ctx):
         def one(x, name):
@@ -313,15 +362,21 @@ class Segments(Mask):
     def __call__(self, q_idx, kv_idx):
         return self.q_ids[q_idx][:, None] == self.kv_ids[kv_idx][None, :]
 
-    def materialize(self, q_len, kv_len):
-        return self.q_ids[:, None] == self.kv_ids[None, :]
+    def block(self, q0, k0, bq, bk):
+        qb = jax.lax.dynamic_slice_in_dim(self.q_ids, jnp.asarray(q0, jnp.int32), bq)
+        kb = jax.lax.dynamic_slice_in_dim(self.kv_ids, jnp.asarray(k0, jnp.int32), bk)
+        return qb[:, None] == kb[None, :]
 
-    def classify(self, q0, q1, k0, k1):
+    def pad(self, q_len, kv_len):
+        # Distinct negative ids: padded queries and keys never match anything.
+        q = jnp.pad(self.q_ids, (0, q_len - self.q_ids.shape[0]), constant_values=-1)
+        kv = jnp.pad(self.kv_ids, (0, kv_len - self.kv_ids.shape[0]), constant_values=-2)
+        return Segments(q, kv)
+
+    def classify(self, q0, k0, bq, bk):
         # Conservative: compare id ranges. Packed ids are usually sorted, where this is exact.
-        qb = jax.lax.dynamic_slice_in_dim(self.q_ids, q0, q1 - q0) if q1 > q0 else None
-        kb = jax.lax.dynamic_slice_in_dim(self.kv_ids, k0, k1 - k0) if k1 > k0 else None
-        if qb is None or kb is None:
-            return False, True
+        qb = jax.lax.dynamic_slice_in_dim(self.q_ids, jnp.asarray(q0, jnp.int32), bq)
+        kb = jax.lax.dynamic_slice_in_dim(self.kv_ids, jnp.asarray(k0, jnp.int32), bk)
         qmin, qmax, kmin, kmax = qb.min(), qb.max(), kb.min(), kb.max()
         any_ = jnp.logical_and(qmin <= kmax, kmin <= qmax)
         all_ = (qmin == qmax) & (kmin == kmax) & (qmin == kmin)
@@ -357,11 +412,23 @@ class Dense(Mask):
     def materialize(self, q_len, kv_len):
         return jnp.broadcast_to(self.mask, (q_len, kv_len))
 
-    def classify(self, q0, q1, k0, k1):
+    def _slice(self, q0, k0, bq, bk):
         m = self.mask
-        rows = (0, 1) if m.shape[0] == 1 else (q0, q1 - q0)
-        cols = (0, 1) if m.shape[1] == 1 else (k0, k1 - k0)
-        block = jax.lax.dynamic_slice(m, (rows[0], cols[0]), (rows[1], cols[1]))
+        rows = (0, 1) if m.shape[0] == 1 else (q0, bq)
+        cols = (0, 1) if m.shape[1] == 1 else (k0, bk)
+        start = (jnp.asarray(rows[0], jnp.int32), jnp.asarray(cols[0], jnp.int32))
+        return jax.lax.dynamic_slice(m, start, (rows[1], cols[1]))
+
+    def block(self, q0, k0, bq, bk):
+        return jnp.broadcast_to(self._slice(q0, k0, bq, bk), (bq, bk))
+
+    def pad(self, q_len, kv_len):
+        m = self.mask
+        pads = [(0, 0 if d == 1 else n - d) for d, n in zip(m.shape, (q_len, kv_len), strict=True)]
+        return Dense(jnp.pad(m, pads, constant_values=False))
+
+    def classify(self, q0, k0, bq, bk):
+        block = self._slice(q0, k0, bq, bk)
         return block.any(), block.all()
 
     def _canonical(self, ctx):
@@ -391,10 +458,20 @@ class And(Mask):
     def materialize(self, q_len, kv_len):
         return self.a.materialize(q_len, kv_len) & self.b.materialize(q_len, kv_len)
 
-    def classify(self, q0, q1, k0, k1):
-        a_any, a_all = self.a.classify(q0, q1, k0, k1)
-        b_any, b_all = self.b.classify(q0, q1, k0, k1)
+    def block(self, q0, k0, bq, bk):
+        return self.a.block(q0, k0, bq, bk) & self.b.block(q0, k0, bq, bk)
+
+    def pad(self, q_len, kv_len):
+        return And(self.a.pad(q_len, kv_len), self.b.pad(q_len, kv_len))
+
+    def classify(self, q0, k0, bq, bk):
+        a_any, a_all = self.a.classify(q0, k0, bq, bk)
+        b_any, b_all = self.b.classify(q0, k0, bq, bk)
         return _and(a_any, b_any), _and(a_all, b_all)
+
+    def kv_range(self, q0, q1, kv_len):
+        (alo, ahi), (blo, bhi) = self.a.kv_range(q0, q1, kv_len), self.b.kv_range(q0, q1, kv_len)
+        return _max(alo, blo), _min(ahi, bhi)
 
     def _canonical(self, ctx):
         return And(self.a._canonical(ctx), self.b._canonical(ctx))
@@ -413,10 +490,20 @@ class Or(Mask):
     def materialize(self, q_len, kv_len):
         return self.a.materialize(q_len, kv_len) | self.b.materialize(q_len, kv_len)
 
-    def classify(self, q0, q1, k0, k1):
-        a_any, a_all = self.a.classify(q0, q1, k0, k1)
-        b_any, b_all = self.b.classify(q0, q1, k0, k1)
+    def block(self, q0, k0, bq, bk):
+        return self.a.block(q0, k0, bq, bk) | self.b.block(q0, k0, bq, bk)
+
+    def pad(self, q_len, kv_len):
+        return Or(self.a.pad(q_len, kv_len), self.b.pad(q_len, kv_len))
+
+    def classify(self, q0, k0, bq, bk):
+        a_any, a_all = self.a.classify(q0, k0, bq, bk)
+        b_any, b_all = self.b.classify(q0, k0, bq, bk)
         return _or(a_any, b_any), _or(a_all, b_all)
+
+    def kv_range(self, q0, q1, kv_len):
+        (alo, ahi), (blo, bhi) = self.a.kv_range(q0, q1, kv_len), self.b.kv_range(q0, q1, kv_len)
+        return _min(alo, blo), _max(ahi, bhi)
 
     def _canonical(self, ctx):
         return Or(self.a._canonical(ctx), self.b._canonical(ctx))
@@ -434,8 +521,14 @@ class Not(Mask):
     def materialize(self, q_len, kv_len):
         return ~self.a.materialize(q_len, kv_len)
 
-    def classify(self, q0, q1, k0, k1):
-        a_any, a_all = self.a.classify(q0, q1, k0, k1)
+    def block(self, q0, k0, bq, bk):
+        return ~self.a.block(q0, k0, bq, bk)
+
+    def pad(self, q_len, kv_len):
+        return Not(self.a.pad(q_len, kv_len))
+
+    def classify(self, q0, k0, bq, bk):
+        a_any, a_all = self.a.classify(q0, k0, bq, bk)
         return _not(a_all), _not(a_any)
 
     def _canonical(self, ctx):
@@ -462,8 +555,8 @@ Or = _register(Or, ["a", "b"])
 Not = _register(Not, ["a"])
 
 
-def block_kind(mask: Mask | None, q0: Any, q1: Any, k0: Any, k1: Any) -> tuple[Flag, Flag]:
+def block_kind(mask: Mask | None, q0: Any, k0: Any, bq: int, bk: int) -> tuple[Flag, Flag]:
     """``(any_visible, all_visible)`` of a block, for kernels that may have no mask at all."""
     if mask is None:
         return True, True
-    return mask.classify(q0, q1, k0, k1)
+    return mask.classify(q0, k0, bq, bk)

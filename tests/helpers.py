@@ -24,6 +24,39 @@ def tol(dtype) -> tuple[float, float]:
     return TOL[jnp.dtype(dtype).type]
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """An implementation under test, with the config it runs with (None: its default)."""
+
+    name: str
+    config: Any = None
+
+    @property
+    def kw(self) -> dict:
+        return {"implementation": self.name, "config": self.config}
+
+    def __str__(self) -> str:
+        if self.config is None:
+            return self.name
+        fields = dataclasses.asdict(self.config).values()
+        return f"{self.name}[{'x'.join(map(str, fields))}]"
+
+
+def variants() -> list[Variant]:
+    """Every implementation that runs here, and small-block configs that force the blockwise
+    kernels through many blocks, padding and partial blocks even on tiny inputs."""
+    from jattn.kernels.flash import FlashConfig
+
+    out = [Variant(n) for n in jattn.kernels.available("cpu") if n != "reference"]
+    if "flash" in jattn.kernels.REGISTRY:
+        out += [Variant("flash", FlashConfig(8, 16)), Variant("flash", FlashConfig(16, 4))]
+    return out
+
+
+def impl_kw(impl) -> dict:
+    return impl.kw if isinstance(impl, Variant) else {"implementation": impl}
+
+
 @dataclasses.dataclass
 class Call:
     """One attention call: arrays plus keyword arguments, and a brute-force dense mask."""
@@ -44,7 +77,7 @@ class Call:
             cast(self.k),
             cast(self.v),
             cast(self.bias),
-            implementation=implementation,
+            **impl_kw(implementation),
             **self.kwargs,
             **extra,
         )

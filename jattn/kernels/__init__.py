@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 
 import jax
 
+from jattn.kernels import flash
 from jattn.kernels.common import KernelOutput, Spec
 from jattn.kernels.fused import fused_attention
 from jattn.kernels.reference import reference_attention
@@ -58,6 +59,7 @@ class Implementation:
       supports: the subset of :data:`FEATURES` it serves.
       backends: the platforms it runs on ('cpu', 'gpu', 'tpu').
       config_fn: ``(q_shape, k_shape, dtype, backend) -> config`` (e.g. block sizes), or None.
+      config_type: the type of that config, which users may pass as ``config=``.
       batched: True when ``fn`` takes whole ``[*B, ...]`` arrays itself rather than one head
         (delegating implementations such as cuDNN).
     """
@@ -67,6 +69,7 @@ class Implementation:
     supports: frozenset[str]
     backends: frozenset[str]
     config_fn: Callable | None = None
+    config_type: type | None = None
     batched: bool = False
 
     def missing(self, needed: Iterable[str]) -> list[str]:
@@ -104,4 +107,14 @@ register(
 register(
     Implementation("fused", fused_attention, FEATURES, _ALL_BACKENDS),
     default_rank={"cpu": 0, "gpu": 0, "tpu": 0},
+)
+register(
+    Implementation(
+        "flash",
+        flash.flash_attention,
+        FEATURES - {"return_weights"},
+        _ALL_BACKENDS,
+        config_fn=flash.default_config,
+        config_type=flash.FlashConfig,
+    ),
 )

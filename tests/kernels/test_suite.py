@@ -17,21 +17,15 @@ from hypothesis import strategies as st
 import jattn
 from tests import helpers as H
 
-IMPLS = [name for name in jattn.kernels.available("cpu") if name != "reference"]
 
-
-def impl_supports(name: str, *features: str) -> bool:
-    return not jattn.kernels.REGISTRY[name].missing(features)
-
-
-@pytest.fixture(params=IMPLS, scope="module")
-def impl(request):
+@pytest.fixture(params=H.variants(), ids=str, scope="module")
+def impl(request) -> H.Variant:
     return request.param
 
 
 def _check_or_raises(impl, features, fn):
     """Runs ``fn`` if ``impl`` supports ``features``, else checks it raises naming them."""
-    missing = jattn.kernels.REGISTRY[impl].missing(features)
+    missing = jattn.kernels.REGISTRY[impl.name].missing(features)
     if missing:
         with pytest.raises(NotImplementedError, match=missing[0]):
             fn()
@@ -72,7 +66,7 @@ def test_forward_f32(impl, shape, causal):
     batch, t, s, n, kh, h = shape
     q, k, v, b = H.random_qkv(jax.random.key(1), batch, t, s, n, kh, h, bias=True)
     kw = dict(is_causal=causal)
-    out = jattn.attention(q, k, v, b, implementation=impl, **kw)
+    out = jattn.attention(q, k, v, b, **impl.kw, **kw)
     assert out.dtype == jnp.float32 and out.shape == q.shape
     H.assert_close(out, H.oracle(q, k, v, b, **kw), H.tol(jnp.float32)[0], what=impl)
 
@@ -80,7 +74,7 @@ def test_forward_f32(impl, shape, causal):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_forward_low_precision(impl, dtype):
     q, k, v, _ = H.random_qkv(jax.random.key(2), (2,), 33, 65, 4, 2, 32, dtype=dtype)
-    out = jattn.attention(q, k, v, is_causal=True, implementation=impl)
+    out = jattn.attention(q, k, v, is_causal=True, **impl.kw)
     assert out.dtype == dtype
     H.assert_close(out, H.oracle(q, k, v, is_causal=True), H.tol(dtype)[0], what=impl)
 
@@ -99,7 +93,7 @@ def test_gradients(impl, dtype, causal):
 
     def loss(impl_name, cast):
         def f(q, k, v, b):
-            o = jattn.attention(cast(q), cast(k), cast(v), cast(b), implementation=impl_name, **kw)
+            o = jattn.attention(cast(q), cast(k), cast(v), cast(b), **H.impl_kw(impl_name), **kw)
             return jnp.sum(o.astype(jnp.float32 if cast is None else o.dtype) * ct)
 
         return f
@@ -118,7 +112,7 @@ def test_gradients(impl, dtype, causal):
 
 def test_jit_and_no_jit_agree(impl):
     q, k, v, _ = H.random_qkv(jax.random.key(5), (2,), 9, 12, 2, 1, 8)
-    f = lambda q, k, v: jattn.attention(q, k, v, is_causal=True, implementation=impl)  # noqa
+    f = lambda q, k, v: jattn.attention(q, k, v, is_causal=True, **impl.kw)  # noqa
     np.testing.assert_allclose(f(q, k, v), jax.jit(f)(q, k, v), atol=1e-6)
 
 
@@ -126,7 +120,7 @@ def test_value_head_dim(impl):
     q, k, v, _ = H.random_qkv(jax.random.key(6), (1,), 6, 10, 2, 2, 8, hv=12)
 
     def run():
-        out = jattn.attention(q, k, v, implementation=impl)
+        out = jattn.attention(q, k, v, **impl.kw)
         assert out.shape == (1, 6, 2, 12)
         H.assert_close(out, H.oracle(q, k, v), H.tol(jnp.float32)[0])
 
@@ -195,7 +189,7 @@ def test_random_masks_gradients(impl, case):
     def grads(impl_name, cast, **kw):
         def f(q, k, v):
             return jnp.sum(
-                jattn.attention(cast(q), cast(k), cast(v), implementation=impl_name, **kw) * ct
+                jattn.attention(cast(q), cast(k), cast(v), **H.impl_kw(impl_name), **kw) * ct
             )
 
         return jax.grad(f, argnums=(0, 1, 2))(call.q, call.k, call.v)
@@ -220,7 +214,7 @@ def test_mask_objects(impl, name):
     dense = np.array([[fn(i, j) for j in range(s)] for i in range(t)])
 
     def run():
-        got = jattn.attention(q, k, v, mask=mask, implementation=impl)
+        got = jattn.attention(q, k, v, mask=mask, **impl.kw)
         want = H.oracle(q, k, v, mask=jnp.asarray(dense))
         H.assert_close(got, want, H.tol(jnp.float32)[0], what=name)
 
@@ -235,7 +229,7 @@ def test_fully_masked_rows(impl):
     mask = jnp.asarray(mask)
 
     def f(q, k, v, b):
-        return jattn.attention(q, k, v, b, mask=mask, implementation=impl)
+        return jattn.attention(q, k, v, b, mask=mask, **impl.kw)
 
     out = f(q, k, v, b)
     assert not np.asarray(out[0, 2]).any() and not np.asarray(out[1]).any()
@@ -255,7 +249,7 @@ def test_return_weights(impl):
     q, k, v, _ = H.random_qkv(jax.random.key(10), (2,), 5, 9, 4, 2, 8)
 
     def run():
-        out, w = jattn.attention(q, k, v, is_causal=True, return_weights=True, implementation=impl)
+        out, w = jattn.attention(q, k, v, is_causal=True, return_weights=True, **impl.kw)
         _, w_ref = H.oracle(q, k, v, is_causal=True, return_weights=True)
         assert w.shape == (2, 4, 5, 9)
         H.assert_close(w, w_ref, 1e-5)
@@ -269,9 +263,7 @@ def test_return_lse(impl):
     kvl = jnp.array([10, 0], jnp.int32)
 
     def run():
-        _, lse = jattn.attention(
-            q, k, v, b, key_value_seq_lengths=kvl, return_lse=True, implementation=impl
-        )
+        _, lse = jattn.attention(q, k, v, b, key_value_seq_lengths=kvl, return_lse=True, **impl.kw)
         logits = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, 2, axis=2)) / np.sqrt(8) + b
         want = jax.nn.logsumexp(logits, axis=-1)
         assert lse.shape == (2, 2, 7) and lse.dtype == jnp.float32
@@ -286,8 +278,8 @@ def test_lse_merges_key_blocks(impl):
     q, k, v, _ = H.random_qkv(jax.random.key(12), (1,), 6, 16, 2, 2, 8)
 
     def run():
-        o1, l1 = jattn.attention(q, k[:, :8], v[:, :8], return_lse=True, implementation=impl)
-        o2, l2 = jattn.attention(q, k[:, 8:], v[:, 8:], return_lse=True, implementation=impl)
+        o1, l1 = jattn.attention(q, k[:, :8], v[:, :8], return_lse=True, **impl.kw)
+        o2, l2 = jattn.attention(q, k[:, 8:], v[:, 8:], return_lse=True, **impl.kw)
         lse = jnp.logaddexp(l1, l2)
         w1 = jnp.exp(l1 - lse).transpose(0, 2, 1)[..., None]
         w2 = jnp.exp(l2 - lse).transpose(0, 2, 1)[..., None]
@@ -302,7 +294,7 @@ def test_dropout(impl):
 
     def run():
         f = lambda rate, key: jattn.attention(  # noqa: E731
-            q, k, v, is_causal=True, dropout_rate=rate, dropout_rng=key, implementation=impl
+            q, k, v, is_causal=True, dropout_rate=rate, dropout_rng=key, **impl.kw
         )
         out = f(0.25, key)
         # The pattern is a function of key and positions: every implementation agrees.
@@ -321,7 +313,7 @@ def test_dropout(impl):
                     cast(v),
                     dropout_rate=0.25,
                     dropout_rng=key,
-                    implementation=impl_name,
+                    **H.impl_kw(impl_name),
                 )
             )
 

@@ -1,0 +1,370 @@
+"""Blockwise (flash) attention: online softmax over key blocks, O(T + S) memory, own backward.
+
+The forward pass walks the query blocks; for each it loops over the key/value blocks its mask
+can see (``Mask.kv_range``), keeping a running row max ``m``, row sum ``l`` and output
+accumulator in float32. Per block the mask is classified (``Mask.classify``): empty blocks are
+skipped, full blocks run without masking, and only mixed blocks evaluate the mask, from indices
+or from the block of a dense mask, never from a ``[T, S]`` array. The backward pass
+(``jax.custom_vjp``) saves only the output and the log-sum-exp and recomputes each block's
+scores, so training needs O(T + S) memory per head as well.
+
+Logits live in base-2 units (``log2(e)`` is folded into the scale, ``exp2`` replaces ``exp``),
+and the row sum comes out of the ``p @ v`` product through a column of ones appended to ``v``:
+on a CPU both save a pass over every block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jattn import _dropout
+from jattn.kernels.common import KernelOutput, Spec
+from jattn.masks import Lengths, Mask, block_kind
+
+Array = jax.Array
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashConfig:
+    """Block sizes of the flash kernel.
+
+    ``block_q`` rows of queries are processed against ``block_k`` keys at a time. Larger blocks
+    make better matrix products; smaller ones keep the ``[block_q, block_k]`` score block in
+    cache and skip more of a causal mask. Sequences shorter than a block use one block.
+    """
+
+    block_q: int = 512
+    block_k: int = 256
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"FlashConfig.{name} must be a positive int, got {v!r}")
+
+
+def default_config(q_shape, k_shape, dtype, backend: str) -> FlashConfig:
+    """The heuristic default. Measured on a 2-core Zen 4 CPU (see the README's benchmarks):
+    512 x 256 blocks keep a score block of 512 KiB in L2 and the products large enough."""
+    del q_shape, k_shape, dtype
+    if backend == "cpu":
+        return FlashConfig(512, 256)
+    return FlashConfig(128, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """The hashable part of a call, fixed at trace time."""
+
+    scale: float
+    softcap: float | None
+    dropout_rate: float
+    bq: int
+    bk: int
+    q_len: int
+    kv_len: int
+
+
+def flash_attention(q: Array, k: Array, v: Array, *, spec: Spec) -> KernelOutput:
+    """Attention of one head. ``q [T, D]``, ``k [S, D]``, ``v [S, Dv]`` -> ``out [T, Dv]``."""
+    if spec.return_weights:
+        raise NotImplementedError("flash does not support return_weights (it never forms them)")
+    cfg = spec.config or FlashConfig()
+    t, s = q.shape[0], k.shape[0]
+    bq, bk = min(cfg.block_q, t), min(cfg.block_k, s)
+    tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
+    st = _Static(spec.scale, spec.softcap, spec.dropout_rate, bq, bk, t, s)
+
+    qp = jnp.pad(q, ((0, tp - t), (0, 0)))
+    kp = jnp.pad(k, ((0, sp - s), (0, 0)))
+    vp = jnp.pad(v, ((0, sp - s), (0, 0)))
+    mask = None if spec.mask is None else spec.mask.pad(tp, sp)
+    if sp != s:  # padded keys are never visible; a static bound, so whole blocks still skip
+        mask = Lengths(kv=s) if mask is None else mask & Lengths(kv=s)
+    bias = spec.bias
+    if bias is not None:
+        bias = jnp.pad(bias, [(0, 0 if d == 1 else n - d) for d, n in zip(bias.shape, (tp, sp))])
+    out, lse2 = _flash(st, qp, kp, vp, bias, mask, spec.dropout_seed)
+    lse = lse2[:t] * LN2 if spec.return_lse else None
+    return KernelOutput(out[:t], lse, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block computations shared by forward and backward.
+
+
+def _logits(st: _Static, qi: Array, kj: Array, bias: Array | None, q0, k0):
+    """Base-2 logits of a block and, with softcap, the tanh needed by its derivative."""
+    acc = jnp.promote_types(qi.dtype, jnp.float32)
+    s = jnp.einsum("td,sd->ts", qi, kj, preferred_element_type=acc)
+    if qi.dtype not in (jnp.float32, jnp.float64):
+        s = s * (st.scale * LOG2E)  # low-precision q was not pre-scaled, to keep its bits
+    th = None
+    if st.softcap is not None:
+        c2 = st.softcap * LOG2E
+        th = jnp.tanh(s / c2)
+        s = c2 * th
+    if bias is not None:
+        s = s + _bias_block(bias, q0, k0, st.bq, st.bk).astype(s.dtype) * LOG2E
+    return s, th
+
+
+def _bias_block(bias: Array, q0, k0, bq: int, bk: int) -> Array:
+    rows = (0, 1) if bias.shape[0] == 1 else (q0, bq)
+    cols = (0, 1) if bias.shape[1] == 1 else (k0, bk)
+    return jax.lax.dynamic_slice(bias, _i32(rows[0], cols[0]), (rows[1], cols[1]))
+
+
+def _i32(*xs):
+    """Indices as int32 (under ``jax_enable_x64`` Python ints would become int64)."""
+    return tuple(jnp.asarray(x, jnp.int32) for x in xs)
+
+
+def _prescaled(st: _Static, q: Array) -> Array:
+    if q.dtype in (jnp.float32, jnp.float64):
+        return q * jnp.asarray(st.scale * LOG2E, q.dtype)
+    return q
+
+
+def _dispatch(flags, skip, full, mixed, carry):
+    """Runs ``skip``, ``full`` or ``mixed`` on ``carry`` by the block's classification,
+    statically when the flags are Python bools."""
+    any_, all_ = flags
+    if any_ is False:
+        return skip(carry)
+    if all_ is True:  # a block with every entry visible is not empty either
+        return full(carry)
+    if any_ is True and all_ is False:
+        return mixed(carry)
+    index = jnp.where(jnp.asarray(any_), jnp.where(jnp.asarray(all_), 1, 2), 0)
+    return jax.lax.switch(index, (skip, full, mixed), carry)
+
+
+def _block_range(st: _Static, mask: Mask | None, q0, tp: int, sp: int):
+    if mask is None:
+        return 0, sp // st.bk
+    lo, hi = mask.kv_range(q0, q0 + st.bq, sp)
+    if isinstance(lo, int) and isinstance(hi, int):
+        lo_b, hi_b = lo // st.bk, -(-hi // st.bk)
+        return lo_b, max(lo_b, hi_b)
+    lo_b = jnp.asarray(lo) // st.bk
+    hi_b = -(-jnp.asarray(hi) // st.bk)
+    return lo_b, jnp.maximum(lo_b, hi_b)
+
+
+def _keep(st: _Static, seed, q0, k0):
+    return _dropout.keep_mask(seed, q0 + jnp.arange(st.bq), k0 + jnp.arange(st.bk), st.dropout_rate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward.
+
+
+def _forward(st: _Static, q, k, v, bias, mask, seed):
+    tp, sp, dv = q.shape[0], k.shape[0], v.shape[1]
+    nq = tp // st.bq
+    dropout = st.dropout_rate > 0.0
+    qs = _prescaled(st, q)
+    # The row sum rides along in the p @ v product as an extra column (not with dropout, where
+    # the sum must be of the weights before dropping).
+    ve = v if dropout else jnp.concatenate([v, jnp.ones((sp, 1), v.dtype)], axis=1)
+    width = ve.shape[1]
+
+    def q_block(i):
+        q0 = i * st.bq
+        qi = jax.lax.dynamic_slice_in_dim(qs, q0, st.bq)
+
+        def update(j, carry, masked):
+            m, l, acc = carry
+            k0 = j * st.bk
+            kj = jax.lax.dynamic_slice_in_dim(k, k0, st.bk)
+            vj = jax.lax.dynamic_slice_in_dim(ve, k0, st.bk)
+            s, _ = _logits(st, qi, kj, bias, q0, k0)
+            if masked:
+                s = jnp.where(mask.block(q0, k0, st.bq, st.bk), s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            m_use = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+            alpha = jnp.exp2(m - m_use)
+            p = jnp.exp2(s - m_use[:, None])
+            if dropout:
+                l = l * alpha + p.sum(axis=1)
+                keep = _keep(st, seed, q0, k0)
+                p = jnp.where(keep, p * (1.0 / (1.0 - st.dropout_rate)), 0.0)
+            pv = jnp.einsum("ts,sd->td", p.astype(v.dtype), vj, preferred_element_type=acc.dtype)
+            return m_new, l, acc * alpha[:, None] + pv
+
+        def body(j, carry):
+            flags = block_kind(mask, q0, j * st.bk, st.bq, st.bk)
+            return _dispatch(
+                flags,
+                lambda c: c,
+                lambda c: update(j, c, masked=False),
+                lambda c: update(j, c, masked=True),
+                carry,
+            )
+
+        acc_dt = jnp.promote_types(q.dtype, jnp.float32)
+        init = (
+            jnp.full((st.bq,), -jnp.inf, acc_dt),
+            jnp.zeros((st.bq,), acc_dt),
+            jnp.zeros((st.bq, width), acc_dt),
+        )
+        lo, hi = _block_range(st, mask, q0, tp, sp)
+        m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
+        if not dropout:
+            acc, l = acc[:, :dv], acc[:, dv]
+        safe_l = jnp.where(l > 0, l, 1.0)
+        out = (acc / safe_l[:, None]).astype(q.dtype)
+        lse2 = jnp.where(l > 0, m + jnp.log2(safe_l), -jnp.inf)
+        return out, lse2
+
+    if nq == 1:
+        out, lse2 = q_block(0)
+        return out, lse2
+    outs, lses = jax.lax.map(q_block, jnp.arange(nq))
+    return outs.reshape(tp, dv), lses.reshape(tp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: recompute each block's probabilities from the saved log-sum-exp.
+
+
+def _backward(st: _Static, q, k, v, bias, mask, seed, out, lse2, g_out, g_lse2):
+    tp, sp, d = q.shape[0], k.shape[0], q.shape[1]
+    nq = tp // st.bq
+    dropout = st.dropout_rate > 0.0
+    acc_dt = jnp.promote_types(q.dtype, jnp.float32)
+    qs = _prescaled(st, q)
+    # dL/dlogits = p * (dp - delta); delta = rowsum(dO * O) minus the lse cotangent.
+    delta = jnp.sum(g_out.astype(acc_dt) * out.astype(acc_dt), axis=1)
+    if g_lse2 is not None:
+        delta = delta - g_lse2.astype(acc_dt)
+    # Rows with no visible key (lse = -inf) have p = 0 everywhere.
+    lse_use = jnp.where(jnp.isneginf(lse2), jnp.inf, lse2)
+
+    def q_block(i, carry):
+        dk, dv, dbias = carry
+        q0 = i * st.bq
+        qi = jax.lax.dynamic_slice_in_dim(q, q0, st.bq)
+        qsi = jax.lax.dynamic_slice_in_dim(qs, q0, st.bq)
+        doi = jax.lax.dynamic_slice_in_dim(g_out, q0, st.bq)
+        lsei = jax.lax.dynamic_slice_in_dim(lse_use, q0, st.bq)
+        deli = jax.lax.dynamic_slice_in_dim(delta, q0, st.bq)
+
+        def update(j, c, masked):
+            dqi, dk, dv, dbias = c
+            k0 = j * st.bk
+            kj = jax.lax.dynamic_slice_in_dim(k, k0, st.bk)
+            vj = jax.lax.dynamic_slice_in_dim(v, k0, st.bk)
+            s, th = _logits(st, qsi, kj, bias, q0, k0)
+            if masked:
+                s = jnp.where(mask.block(q0, k0, st.bq, st.bk), s, -jnp.inf)
+            p = jnp.exp2(s - lsei[:, None])
+            dp = jnp.einsum("td,sd->ts", doi, vj, preferred_element_type=acc_dt)
+            pd = p
+            if dropout:
+                keep = _keep(st, seed, q0, k0)
+                inv = 1.0 / (1.0 - st.dropout_rate)
+                pd = jnp.where(keep, p * inv, 0.0)
+                dp = jnp.where(keep, dp * inv, 0.0)
+            dvj = jnp.einsum("ts,td->sd", pd.astype(v.dtype), doi, preferred_element_type=acc_dt)
+            ds = p * (dp - deli[:, None])  # gradient of the (softcapped, biased) logits
+            if bias is not None:
+                dbias = _add_bias_block(dbias, ds, q0, k0, st)
+            if th is not None:
+                ds = ds * (1.0 - th * th)
+            ds = ds * st.scale
+            dsl = ds.astype(q.dtype)
+            dqi = dqi + jnp.einsum("ts,sd->td", dsl, kj, preferred_element_type=acc_dt)
+            dkj = jnp.einsum("ts,td->sd", dsl, qi, preferred_element_type=acc_dt)
+            dk = jax.lax.dynamic_update_slice_in_dim(
+                dk, jax.lax.dynamic_slice_in_dim(dk, k0, st.bk) + dkj, k0, axis=0
+            )
+            dv = jax.lax.dynamic_update_slice_in_dim(
+                dv, jax.lax.dynamic_slice_in_dim(dv, k0, st.bk) + dvj, k0, axis=0
+            )
+            return dqi, dk, dv, dbias
+
+        def body(j, c):
+            flags = block_kind(mask, q0, j * st.bk, st.bq, st.bk)
+            return _dispatch(
+                flags,
+                lambda c: c,
+                lambda c: update(j, c, masked=False),
+                lambda c: update(j, c, masked=True),
+                c,
+            )
+
+        lo, hi = _block_range(st, mask, q0, tp, sp)
+        dqi = jnp.zeros((st.bq, d), acc_dt)
+        dqi, dk, dv, dbias = jax.lax.fori_loop(lo, hi, body, (dqi, dk, dv, dbias))
+        return (dk, dv, dbias), dqi
+
+    init = (
+        jnp.zeros(k.shape, acc_dt),
+        jnp.zeros(v.shape, acc_dt),
+        None if bias is None else jnp.zeros(bias.shape, acc_dt),
+    )
+    (dk, dv, dbias), dq = jax.lax.scan(lambda c, i: q_block(i, c), init, jnp.arange(nq))
+    dq = dq.reshape(tp, d)
+    return (
+        dq.astype(q.dtype),
+        dk.astype(k.dtype),
+        dv.astype(v.dtype),
+        None if bias is None else dbias.astype(bias.dtype),
+    )
+
+
+def _add_bias_block(dbias: Array, ds: Array, q0, k0, st: _Static) -> Array:
+    blk = ds
+    rows, cols = (0, st.bq), (0, st.bk)
+    if dbias.shape[0] == 1:
+        blk, rows = blk.sum(0, keepdims=True), (0, 1)
+    else:
+        rows = (q0, st.bq)
+    if dbias.shape[1] == 1:
+        blk, cols = blk.sum(1, keepdims=True), (0, 1)
+    else:
+        cols = (k0, st.bk)
+    start = _i32(rows[0], cols[0])
+    cur = jax.lax.dynamic_slice(dbias, start, (rows[1], cols[1]))
+    return jax.lax.dynamic_update_slice(dbias, cur + blk, start)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom_vjp wiring.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(st: _Static, q, k, v, bias, mask: Any, seed):
+    return _forward(st, q, k, v, bias, mask, seed)
+
+
+def _flash_fwd(st, q, k, v, bias, mask, seed):
+    out, lse2 = _forward(st, q, k, v, bias, mask, seed)
+    return (out, lse2), (q, k, v, bias, mask, seed, out, lse2)
+
+
+def _flash_bwd(st, res, cts):
+    q, k, v, bias, mask, seed, out, lse2 = res
+    g_out, g_lse2 = cts
+    if isinstance(g_lse2, jax.custom_derivatives.SymbolicZero) or g_lse2 is None:
+        g_lse2 = None
+    else:
+        # The cotangent of lse2 = lse / ln2 is ln2 times that of the natural lse, and
+        # d lse / d logit = p in natural units: the logits need the natural one.
+        g_lse2 = g_lse2 / LN2
+    dq, dk, dv, dbias = _backward(st, q, k, v, bias, mask, seed, out, lse2, g_out, g_lse2)
+    return dq, dk, dv, dbias, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
