@@ -92,7 +92,8 @@ def flash_attention(q: Array, k: Array, v: Array, *, spec: Spec) -> KernelOutput
         mask = Lengths(kv=s) if mask is None else mask & Lengths(kv=s)
     bias = spec.bias
     if bias is not None:
-        bias = jnp.pad(bias, [(0, 0 if d == 1 else n - d) for d, n in zip(bias.shape, (tp, sp))])
+        pads = [(0, 0 if d == 1 else n - d) for d, n in zip(bias.shape, (tp, sp), strict=True)]
+        bias = jnp.pad(bias, pads)
     out, lse2 = _flash(st, qp, kp, vp, bias, mask, spec.dropout_seed)
     lse = lse2[:t] * LN2 if spec.return_lse else None
     return KernelOutput(out[:t], lse, None)
