@@ -270,7 +270,7 @@ def _select(implementation, needed: set[str]) -> kernels.Implementation:
         if not isinstance(name, str) or name not in kernels.REGISTRY:
             raise ValueError(f"unknown implementation {name!r}; known: {sorted(kernels.REGISTRY)}")
         impl = kernels.REGISTRY[name]
-        if backend not in impl.backends:
+        if backend not in impl.backends | impl.interpret_backends:
             reasons.append(f"{name!r} does not run on backend {backend!r}")
         elif missing := impl.missing(needed):
             reasons.append(f"{name!r} does not support {', '.join(missing)}")

@@ -26,6 +26,7 @@ __all__ = [
     "Spec",
     "available",
     "register",
+    "testable",
 ]
 
 # Every feature a call can need. An implementation lists those it supports.
@@ -62,6 +63,8 @@ class Implementation:
       config_type: the type of that config, which users may pass as ``config=``.
       batched: True when ``fn`` takes whole ``[*B, ...]`` arrays itself rather than one head
         (delegating implementations such as cuDNN).
+      interpret_backends: platforms where it runs only emulated (Pallas interpret mode on a
+        CPU): callable by name, for tests, but never chosen by default nor benchmarked.
     """
 
     name: str
@@ -71,6 +74,7 @@ class Implementation:
     config_fn: Callable | None = None
     config_type: type | None = None
     batched: bool = False
+    interpret_backends: frozenset[str] = frozenset()
 
     def missing(self, needed: Iterable[str]) -> list[str]:
         """The features of ``needed`` this implementation lacks, sorted."""
@@ -97,6 +101,16 @@ def available(backend: str | None = None) -> list[str]:
     """Names of the implementations that run on ``backend`` (default: JAX's default backend)."""
     backend = backend or jax.default_backend()
     return [name for name, impl in REGISTRY.items() if backend in impl.backends]
+
+
+def testable(backend: str | None = None) -> list[str]:
+    """:func:`available` plus those that run emulated on ``backend`` (Pallas interpret mode)."""
+    backend = backend or jax.default_backend()
+    return [
+        name
+        for name, impl in REGISTRY.items()
+        if backend in impl.backends or backend in impl.interpret_backends
+    ]
 
 
 _ALL_BACKENDS = frozenset({"cpu", "gpu", "tpu"})
