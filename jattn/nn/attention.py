@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.nnx import rnglib
 from flax.typing import Dtype
 
 from jattn import masks as jmasks
@@ -24,13 +23,13 @@ from jattn.api import attention as _attention
 __all__ = ["AdditiveAttention", "DotProductAttention", "MultiHeadAttention"]
 
 Implementation = str | Sequence[str] | None
-RngsLike = nnx.Rngs | rnglib.RngStream | jax.Array | None
+RngsLike = nnx.Rngs | nnx.RngStream | jax.Array | None
 
 _default_kernel_init = nnx.initializers.lecun_normal()
 _zeros = nnx.initializers.zeros_init()
 
 
-def _dropout_key(rngs: RngsLike, own: rnglib.RngStream | None, who: str) -> jax.Array:
+def _dropout_key(rngs: RngsLike, own: nnx.RngStream | None, who: str) -> jax.Array:
     if rngs is None:
         rngs = own
     if rngs is None:
@@ -41,7 +40,7 @@ def _dropout_key(rngs: RngsLike, own: rnglib.RngStream | None, who: str) -> jax.
         )
     if isinstance(rngs, nnx.Rngs):
         return rngs["dropout"]()
-    if isinstance(rngs, rnglib.RngStream):
+    if isinstance(rngs, nnx.RngStream):
         return rngs()
     return rngs
 

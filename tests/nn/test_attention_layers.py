@@ -167,10 +167,14 @@ def test_gqa_equals_mha_with_repeated_kv_heads(num_kv_heads):
 
 
 @pytest.mark.parametrize(
-    "num_kv_heads,chunks", [(4, [1] * T), (2, [2, 1, 3]), (1, [T])], ids=["mha", "gqa", "mqa"]
+    "num_kv_heads,chunks,implementation",
+    [(4, [1] * T, None), (2, [2, 1, 3], None), (1, [T], None), (2, [1, 3, 2], "flash")],
+    ids=["mha", "gqa", "mqa", "gqa-flash"],
 )
-def test_kv_cache_decoding_matches_full_pass(num_kv_heads, chunks):
-    layer = mha(num_kv_heads=num_kv_heads, rotary=RotaryEmbedding())
+def test_kv_cache_decoding_matches_full_pass(num_kv_heads, chunks, implementation):
+    if implementation is not None and implementation not in jattn.kernels.REGISTRY:
+        pytest.skip(f"{implementation} is not available")
+    layer = mha(num_kv_heads=num_kv_heads, rotary=RotaryEmbedding(), implementation=implementation)
     x = x_()
     full = layer(x, is_causal=True)
     layer.init_cache(B, T + 2)

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jattn
+import jattn.nn.attention as attention_module
 from jattn.nn import (
     DecoderLayer,
     DecoderLM,
@@ -192,6 +194,33 @@ def test_generate_seq2seq_greedy_follows_the_full_pass():
 # -- DecoderLM -------------------------------------------------------------------------------
 
 
+def test_lm_shapes_errors_and_implementation(monkeypatch):
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["implementation"])
+        return jattn.attention(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "_attention", spy)
+    lm = tiny_lm(implementation="reference", tie_output=True)
+    assert lm.output is None
+    assert lm(tokens(0, (3, 5))).shape == (3, 5, V)
+    assert seen == ["reference"] * 2  # both layers
+    seen.clear()
+    model = tiny_transformer(implementation=["reference"])
+    model(tokens(0, (2, 4)), tokens(1, (2, 3)))
+    assert seen == [["reference"]] * 6  # 2 encoder self, 2 decoder self, 2 cross
+    with pytest.raises(ValueError, match="int"):
+        lm(jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match="position_encoding"):
+        tiny_lm(position_encoding="absolute")
+    with pytest.raises(ValueError, match="init_cache"):
+        lm(tokens(0, (2, 1)), decode=True)
+    with pytest.raises(ValueError, match="lengths"):
+        lm.init_cache(2, 4)
+        lm(tokens(0, (2, 1)), lengths=jnp.array([1, 1]), decode=True)
+
+
 @pytest.mark.parametrize("position_encoding", ["rope", "learned"])
 def test_lm_no_leakage_and_padding(position_encoding):
     lm = tiny_lm(position_encoding=position_encoding, max_length=16)
@@ -250,8 +279,11 @@ def test_generate_greedy_follows_the_full_pass_and_stops_at_eos():
         assert np.all(row[end:] == 0)
 
 
-def test_generate_with_ragged_prompts_matches_one_by_one():
-    lm = tiny_lm(position_encoding="sinusoidal")
+@pytest.mark.parametrize("implementation", [None, "flash"])
+def test_generate_with_ragged_prompts_matches_one_by_one(implementation):
+    if implementation is not None and implementation not in jattn.kernels.REGISTRY:
+        pytest.skip(f"{implementation} is not available")
+    lm = tiny_lm(position_encoding="sinusoidal", implementation=implementation)
     prompt = tokens(0, (3, 5))
     lengths = jnp.array([5, 2, 3])
     batched = generate(lm, prompt, prompt_lengths=lengths, max_new_tokens=4)
