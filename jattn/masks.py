@@ -187,17 +187,15 @@ class _Context:
         x = jnp.asarray(x)
         lead = self.batch_shape + ((self.num_heads,) if heads else ())
         full = lead + per_head
+        layout = "[*batch" + (", heads" if heads else "") + ", ..." * bool(per_head) + "]"
+        bad = ValueError(f"{name} of shape {x.shape} is not broadcastable to {full} ({layout})")
         if x.ndim > len(full):
-            raise ValueError(
-                f"{name} has shape {x.shape}, which has more dimensions than the {full} "
-                f"([*batch{', heads' if heads else ''}{', ...' if per_head else ''}]) it must "
-                "broadcast to"
-            )
+            raise bad
         shape = (1,) * (len(full) - x.ndim) + x.shape
         for i, (got, want) in enumerate(zip(shape, full, strict=True)):
             tail = i >= len(lead)
             if got != want and not (got == 1 and (broadcast_tail or not tail)):
-                raise ValueError(f"{name} of shape {x.shape} is not broadcastable to {full}")
+                raise bad
         x = x.reshape(shape)
         nb = len(self.batch_shape)
         if heads:

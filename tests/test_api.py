@@ -1,0 +1,201 @@
+"""The public function: parity with jax.nn, argument validation, implementation choice."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jattn
+from jattn import masks as M
+from tests import helpers as H
+
+
+def test_public_names():
+    assert sorted(jattn.__all__) == ["attention", "kernels", "masked_softmax", "masks"]
+    for name in jattn.__all__:
+        assert hasattr(jattn, name)
+    assert {"reference", "fused", "flash"} <= set(jattn.kernels.REGISTRY)
+    assert {"Causal", "LocalWindow", "Lengths", "Segments", "Dense"} <= set(M.__all__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with jax.nn.dot_product_attention on random calls it accepts.
+
+
+@st.composite
+def jax_nn_calls(draw):
+    b = draw(st.integers(1, 2))
+    t, s = draw(st.integers(1, 24)), draw(st.integers(1, 24))
+    kh = draw(st.sampled_from([1, 2]))
+    n = kh * draw(st.sampled_from([1, 3]))
+    h = draw(st.sampled_from([8, 12, 16]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    kw = {}
+    if draw(st.booleans()):
+        kw["is_causal"] = True
+    if draw(st.booleans()):
+        kw["local_window_size"] = draw(
+            st.integers(0, 5) | st.tuples(st.integers(0, 5), st.integers(0, 5))
+        )
+    if draw(st.booleans()):
+        kw["key_value_seq_lengths"] = jnp.asarray(rng.integers(1, s + 1, b), jnp.int32)
+    if draw(st.booleans()):
+        kw["query_seq_lengths"] = jnp.asarray(rng.integers(1, t + 1, b), jnp.int32)
+    if draw(st.booleans()):
+        mshape = draw(st.sampled_from([(b, n, t, s), (b, 1, t, s), (1, 1, t, s), (1, 1, 1, s)]))
+        kw["mask"] = jnp.asarray(rng.random(mshape) < 0.8)
+    if draw(st.booleans()):
+        bshape = draw(st.sampled_from([(b, n, t, s), (1, n, 1, s), (1, 1, t, s)]))
+        kw["bias"] = jnp.asarray(rng.normal(size=bshape), jnp.float32)
+    if draw(st.booleans()):
+        kw["scale"] = draw(st.floats(0.05, 1.0))
+    return (b, t, s, n, kh, h, seed), kw
+
+
+@settings(max_examples=15)
+@given(jax_nn_calls())
+def test_parity_with_jax_nn(case):
+    (b, t, s, n, kh, h, seed), kw = case
+    q, k, v, _ = H.random_qkv(jax.random.key(seed), (b,), t, s, n, kh, h)
+    want = jax.nn.dot_product_attention(q, k, v, **kw)
+    # Rows with no visible key differ by design (jax.nn averages them; we return zeros).
+    bias = kw.pop("bias", None)
+    mask = kw.pop("mask", None)
+    dense = H.brute_force_mask(
+        (b,),
+        n,
+        t,
+        s,
+        is_causal=kw.get("is_causal", False),
+        window=_pair(kw.get("local_window_size")),
+        q_lengths=None if "query_seq_lengths" not in kw else np.asarray(kw["query_seq_lengths"]),
+        kv_lengths=(
+            None if "key_value_seq_lengths" not in kw else np.asarray(kw["key_value_seq_lengths"])
+        ),
+        dense=None if mask is None else np.asarray(mask),
+    )
+    live = np.moveaxis(dense.any(-1), -2, -1)  # [B, T, N]
+    for impl in ("fused", "flash", "reference"):
+        got = jattn.attention(q, k, v, bias, mask, implementation=impl, **kw)
+        np.testing.assert_allclose(
+            np.asarray(got)[live], np.asarray(want)[live], atol=2e-5, rtol=2e-5, err_msg=impl
+        )
+        assert not np.asarray(got)[~live].any()
+
+
+def _pair(w):
+    return None if w is None else ((w, w) if isinstance(w, int) else w)
+
+
+def test_unbatched_input_like_jax_nn():
+    q, k, v, _ = H.random_qkv(jax.random.key(0), (), 5, 6, 2, 2, 8)
+    got = jattn.attention(q, k, v, is_causal=True)
+    want = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    assert got.shape == (5, 2, 8)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_three_batch_dims():
+    q, k, v, _ = H.random_qkv(jax.random.key(0), (2, 1, 3), 4, 5, 2, 1, 8)
+    got = jattn.attention(q, k, v)
+    flat = jax.nn.dot_product_attention(
+        q.reshape(6, 4, 2, 8), k.reshape(6, 5, 1, 8), v.reshape(6, 5, 1, 8)
+    )
+    np.testing.assert_allclose(got, flat.reshape(got.shape), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: clear errors naming the argument and the shapes.
+
+Q, K, V, _ = H.random_qkv(jax.random.key(1), (2,), 4, 6, 4, 2, 8)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((Q[0, 0], K, V), {}, ValueError, r"query must be \[\*batch, T, N, H\].*\(4, 8\)"),
+        ((Q, K[0], V), {}, ValueError, r"same rank.*\(6, 2, 8\)"),
+        ((Q[:1], K, V), {}, ValueError, r"batch dims differ.*\(1, 4, 4, 8\)"),
+        ((Q[..., :3, :], K, V), {}, ValueError, r"query heads \(3, query.*multiple of"),
+        ((Q, K[..., :4], V), {}, ValueError, r"head dims differ.*\(2, 6, 2, 4\)"),
+        ((Q, K, V[:, :5]), {}, ValueError, r"key and value.*\(2, 5, 2, 8\)"),
+        ((Q, K, V.astype(jnp.bfloat16)), {}, TypeError, "share a dtype"),
+        ((Q.astype(jnp.int32), K, V), {}, TypeError, "query must be floating"),
+        ((Q, K, V), {"mask": jnp.ones((2, 4, 4, 5), bool)}, ValueError, r"mask of shape"),
+        ((Q, K, V), {"mask": jnp.ones((4, 6))}, TypeError, "mask must be boolean"),
+        ((Q, K, V), {"bias": jnp.ones((3, 4, 4, 6))}, ValueError, r"bias of shape \(3, 4, 4, 6\)"),
+        ((Q, K, V), {"local_window_size": -1}, ValueError, "non-negative"),
+        ((Q, K, V), {"local_window_size": (2, -3)}, ValueError, r"non-negative.*\(2, -3\)"),
+        (
+            (Q, K, V),
+            {"key_value_seq_lengths": jnp.ones((2, 3), jnp.int32)},
+            ValueError,
+            r"key_value_seq_lengths of shape \(2, 3\)",
+        ),
+        (
+            (Q, K, V),
+            {"query_seq_lengths": jnp.ones((3,), jnp.int32)},
+            ValueError,
+            r"query_seq_lengths of shape \(3,\) is not broadcastable to \(2,\)",
+        ),
+        ((Q, K, V), {"query_seq_lengths": jnp.ones((2,))}, TypeError, "integer"),
+        ((Q, K, V), {"segment_ids": jnp.zeros((2, 4), jnp.int32)}, ValueError, "segment_ids"),
+        ((Q, K, V), {"dropout_rate": 0.1}, ValueError, "dropout_rng"),
+        ((Q, K, V), {"dropout_rate": 1.0}, ValueError, r"dropout_rate must be in \[0, 1\)"),
+        ((Q, K, V), {"softcap": -1.0}, ValueError, "softcap"),
+        ((Q, K, V), {"implementation": "nope"}, ValueError, "unknown implementation 'nope'"),
+        ((Q, K, V), {"implementation": []}, ValueError, "non-empty"),
+        (
+            (Q, K, V),
+            {"implementation": "flash", "config": jattn.kernels.Spec(scale=1.0)},
+            TypeError,
+            "does not fit implementation 'flash'",
+        ),
+    ],
+)
+def test_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        jattn.attention(*args, **kwargs)
+
+
+def test_mask_objects_refuse_python_logic():
+    with pytest.raises(TypeError, match="no truth value"):
+        _ = M.Causal() and M.LocalWindow(1, 1)
+    with pytest.raises(TypeError, match="cannot combine"):
+        _ = M.Causal() & jnp.ones((2, 2), bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing an implementation.
+
+
+def test_named_implementation_lacking_a_feature_raises():
+    with pytest.raises(NotImplementedError, match="'flash' does not support return_weights"):
+        jattn.attention(Q, K, V, implementation="flash", return_weights=True)
+
+
+def test_list_tries_each_in_order():
+    out, w = jattn.attention(Q, K, V, implementation=["flash", "fused"], return_weights=True)
+    assert w.shape == (2, 4, 4, 6)
+    with pytest.raises(NotImplementedError, match="flash.*return_weights"):
+        jattn.attention(Q, K, V, implementation=["flash"], return_weights=True)
+
+
+def test_default_choice_supports_the_call():
+    # return_weights is served only by materialising kernels: the default must find one.
+    out, w = jattn.attention(Q, K, V, return_weights=True)
+    H.assert_close(out, H.oracle(Q, K, V), 2e-5)
+
+
+def test_config_reaches_the_kernel():
+    from jattn.kernels.flash import FlashConfig
+
+    with pytest.raises(ValueError, match="block_q must be a positive int"):
+        FlashConfig(block_q=0)
+    a = jattn.attention(Q, K, V, implementation="flash", config=FlashConfig(2, 3))
+    H.assert_close(a, H.oracle(Q, K, V), 2e-5)
