@@ -131,7 +131,7 @@ def attention(
         ]
         if on
     }
-    impl = _select(implementation, needed)
+    impl = _select(implementation, needed, t, s)
     if config is not None and not (
         impl.config_type is not None and isinstance(config, impl.config_type)
     ):
@@ -252,11 +252,10 @@ def _build_mask(mask, is_causal, q_lengths, kv_lengths, window, segment_ids):
     return functools.reduce(lambda a, b: a & b, parts)
 
 
-def _select(implementation, needed: set[str]) -> kernels.Implementation:
+def _select(implementation, needed: set[str], t: int, s: int) -> kernels.Implementation:
     backend = jax.default_backend()
     if implementation is None:
-        candidates = kernels.DEFAULT_ORDER.get(backend, []) + ["reference"]
-        for name in candidates:
+        for name in kernels.default_order(backend, t, s):
             impl = kernels.REGISTRY[name]
             if backend in impl.backends and not impl.missing(needed):
                 return impl

@@ -97,6 +97,22 @@ def register(impl: Implementation, *, default_rank: dict[str, int] | None = None
         order.insert(rank, impl.name)
 
 
+# The crossover between the materialising kernel and the blockwise one: below this many scores
+# per head (T * S) `fused` is faster, above it `flash` (and its memory stays O(T + S)). Measured
+# with `python -m bench` on a 2-core Zen 4 CPU; see the README's benchmark section.
+FLASH_MIN_SCORES = 256 * 256
+
+
+def default_order(backend: str, q_len: int, kv_len: int) -> list[str]:
+    """Implementations to try, in order, when ``implementation=None``."""
+    order = list(DEFAULT_ORDER.get(backend, []))
+    if "fused" in order and "flash" in order:
+        order.remove("flash")
+        at = order.index("fused") + (q_len * kv_len < FLASH_MIN_SCORES)
+        order.insert(at, "flash")
+    return [*order, "reference"]
+
+
 def available(backend: str | None = None) -> list[str]:
     """Names of the implementations that run on ``backend`` (default: JAX's default backend)."""
     backend = backend or jax.default_backend()
@@ -131,4 +147,5 @@ register(
         config_fn=flash.default_config,
         config_type=flash.FlashConfig,
     ),
+    default_rank={"cpu": 1, "gpu": 1, "tpu": 1},
 )
