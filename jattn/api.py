@@ -285,6 +285,12 @@ def _select(implementation, needed: set[str], t: int, s: int) -> kernels.Impleme
 @functools.partial(jax.jit, static_argnames=("impl_name",))
 def _run(impl_name: str, q: Array, k: Array, v: Array, spec: Spec):
     impl = kernels.REGISTRY[impl_name]
+    if impl.batched:
+        # Whole-array implementations (one Pallas launch, cuDNN) take the user's layout and
+        # the spec's leaves in their canonical [*B', K', G', ...] form, and index heads
+        # themselves.
+        res = impl.fn(q, k, v, spec=spec)
+        return res.out, res.lse, res.weights
     nb = q.ndim - 3
     *batch, t, n, h = q.shape
     s, kh, hv = k.shape[-3], k.shape[-2], v.shape[-1]

@@ -26,10 +26,15 @@ def tol(dtype) -> tuple[float, float]:
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """An implementation under test, with the config it runs with (None: its default)."""
+    """An implementation under test, with the config it runs with (None: its default).
+
+    ``slow``: it runs emulated (Pallas interpret mode), where every new shape costs seconds of
+    tracing; the suite gives it fewer random examples and skips its largest shapes.
+    """
 
     name: str
     config: Any = None
+    slow: bool = False
 
     @property
     def kw(self) -> dict:
@@ -47,9 +52,18 @@ def variants() -> list[Variant]:
     kernels through many blocks, padding and partial blocks even on tiny inputs."""
     from jattn.kernels.flash import FlashConfig
 
-    out = [Variant(n) for n in jattn.kernels.testable("cpu") if n != "reference"]
-    if "flash" in jattn.kernels.REGISTRY:
+    reg = jattn.kernels.REGISTRY
+    native = jattn.kernels.available("cpu")
+    out = [Variant(n) for n in native if n != "reference"]
+    if "flash" in reg:
         out += [Variant("flash", FlashConfig(8, 16)), Variant("flash", FlashConfig(16, 4))]
+    # Emulated kernels run once each, with blocks small enough for many blocks, partial
+    # blocks and padding on the suite's shapes, and different in the forward and backward.
+    if "pallas_gpu" in reg:
+        from jattn.kernels.pallas_gpu import PallasGpuConfig
+
+        cfg = PallasGpuConfig(16, 8, 8, 16, 16, 8, num_warps=4, num_stages=1)
+        out.append(Variant("pallas_gpu", cfg, slow=True))
     return out
 
 

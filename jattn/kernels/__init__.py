@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 import jax
 
-from jattn.kernels import flash
+from jattn.kernels import flash, pallas_gpu
 from jattn.kernels.common import KernelOutput, Spec
 from jattn.kernels.fused import fused_attention
 from jattn.kernels.reference import reference_attention
@@ -61,8 +61,11 @@ class Implementation:
       backends: the platforms it runs on ('cpu', 'gpu', 'tpu').
       config_fn: ``(q_shape, k_shape, dtype, backend) -> config`` (e.g. block sizes), or None.
       config_type: the type of that config, which users may pass as ``config=``.
-      batched: True when ``fn`` takes whole ``[*B, ...]`` arrays itself rather than one head
-        (delegating implementations such as cuDNN).
+      batched: True when ``fn`` takes whole arrays itself rather than one head (one Pallas
+        launch over batch and heads, or a delegating implementation such as cuDNN):
+        ``fn(q [*B, T, N, H], k [*B, S, K, H], v [*B, S, K, Hv], *, spec)`` with the spec's
+        leaves in the canonical ``[*B', K', G', ...]`` layout, returning ``out [*B, T, N, Hv]``,
+        ``lse [*B, N, T]`` and ``weights [*B, N, T, S]``.
       interpret_backends: platforms where it runs only emulated (Pallas interpret mode on a
         CPU): callable by name, for tests, but never chosen by default nor benchmarked.
     """
@@ -148,4 +151,17 @@ register(
         config_type=flash.FlashConfig,
     ),
     default_rank={"cpu": 1, "gpu": 1, "tpu": 1},
+)
+register(
+    Implementation(
+        "pallas_gpu",
+        pallas_gpu.pallas_gpu_attention,
+        pallas_gpu.SUPPORTS,
+        frozenset({"gpu"}),
+        config_fn=pallas_gpu.default_config,
+        config_type=pallas_gpu.PallasGpuConfig,
+        batched=True,
+        interpret_backends=frozenset({"cpu"}),
+    ),
+    default_rank={"gpu": 0},
 )

@@ -23,6 +23,10 @@ def impl(request) -> H.Variant:
     return request.param
 
 
+def _supports(impl, feature: str) -> bool:
+    return not jattn.kernels.REGISTRY[impl.name].missing([feature])
+
+
 def _check_or_raises(impl, features, fn):
     """Runs ``fn`` if ``impl`` supports ``features``, else checks it raises naming them."""
     missing = jattn.kernels.REGISTRY[impl.name].missing(features)
@@ -64,7 +68,11 @@ SHAPES = [
 @pytest.mark.parametrize("causal", [False, True])
 def test_forward_f32(impl, shape, causal):
     batch, t, s, n, kh, h = shape
-    q, k, v, b = H.random_qkv(jax.random.key(1), batch, t, s, n, kh, h, bias=True)
+    if impl.slow and max(t, s) > 64:
+        pytest.skip("emulated kernel: the long shapes are covered by test_forward_low_precision")
+    q, k, v, b = H.random_qkv(
+        jax.random.key(1), batch, t, s, n, kh, h, bias=_supports(impl, "bias")
+    )
     kw = dict(is_causal=causal)
     out = jattn.attention(q, k, v, b, **impl.kw, **kw)
     assert out.dtype == jnp.float32 and out.shape == q.shape
@@ -82,7 +90,9 @@ def test_forward_low_precision(impl, dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradients(impl, dtype, causal):
-    q, k, v, b = H.random_qkv(jax.random.key(3), (2,), 17, 33, 4, 2, 16, dtype=dtype, bias=True)
+    q, k, v, b = H.random_qkv(
+        jax.random.key(3), (2,), 17, 33, 4, 2, 16, dtype=dtype, bias=_supports(impl, "bias")
+    )
     # Lengths make some rows empty: their gradients must be exactly zero, not NaN.
     kw = dict(
         is_causal=causal,
@@ -93,16 +103,18 @@ def test_gradients(impl, dtype, causal):
 
     def loss(impl_name, cast):
         def f(q, k, v, b):
-            o = jattn.attention(cast(q), cast(k), cast(v), cast(b), **H.impl_kw(impl_name), **kw)
+            b = None if b is None else cast(b)
+            o = jattn.attention(cast(q), cast(k), cast(v), b, **H.impl_kw(impl_name), **kw)
             return jnp.sum(o.astype(jnp.float32 if cast is None else o.dtype) * ct)
 
         return f
 
-    got = jax.grad(loss(impl, lambda x: x), argnums=(0, 1, 2, 3))(q, k, v, b)
+    argnums = (0, 1, 2) if b is None else (0, 1, 2, 3)
+    got = jax.grad(loss(impl, lambda x: x), argnums=argnums)(q, k, v, b)
     f64 = lambda x: x.astype(jnp.float64)  # noqa: E731
-    want = jax.grad(loss("reference", f64), argnums=(0, 1, 2, 3))(q, k, v, b)
+    want = jax.grad(loss("reference", f64), argnums=argnums)(q, k, v, b)
     gtol = H.tol(dtype)[1]
-    for name, g, w in zip("qkvb", got, want, strict=True):
+    for name, g, w in zip("qkvb"[: len(argnums)], got, want, strict=True):
         assert g.dtype == dtype
         scale = float(jnp.max(jnp.abs(w.astype(jnp.float64)))) + 1e-6
         H.assert_close(g / scale, w / scale, gtol, what=f"{impl} d{name}")
@@ -155,6 +167,38 @@ def mask_calls(draw):
     return batch, t, s, n, kh, h, choices, seed
 
 
+# The mask_calls choices and the features they need.
+_CHOICE_FEATURES = {
+    "causal": "causal",
+    "window": "local_window",
+    "lengths": "lengths",
+    "segments": "segments",
+    "dense": "dense_mask",
+    "bias": "bias",
+    "softcap": "softcap",
+}
+
+
+_OFF = {"window": None, "softcap": None}  # the value of a choice left out (else False)
+
+# An emulated (slow) variant runs one drawn case in SLOW_EVERY: each new shape costs it
+# seconds of tracing.
+SLOW_EVERY = 3
+
+
+def _fit(impl, case):
+    """``case`` without the choices ``impl`` does not support (test_features_raise_or_match
+    checks that those raise), or None when a slow variant skips it."""
+    batch, t, s, n, kh, h, choices, seed = case
+    if impl.slow and seed % SLOW_EVERY:
+        return None
+    choices = {
+        c: v if _supports(impl, _CHOICE_FEATURES[c]) else _OFF.get(c, False)
+        for c, v in choices.items()
+    }
+    return batch, t, s, n, kh, h, choices, seed
+
+
 def _build_call(batch, t, s, n, kh, h, choices, seed) -> H.Call:
     rng = np.random.default_rng(seed)
     q, k, v, b = H.random_qkv(jax.random.key(seed), batch, t, s, n, kh, h, bias=choices["bias"])
@@ -167,6 +211,8 @@ def _build_call(batch, t, s, n, kh, h, choices, seed) -> H.Call:
 
 @given(mask_calls())
 def test_random_masks(impl, case):
+    if (case := _fit(impl, case)) is None:
+        return
     call = _build_call(*case)
     kw = call.kwargs
     want = H.oracle(
@@ -183,6 +229,8 @@ def test_random_masks(impl, case):
 @settings(max_examples=10)
 @given(mask_calls())
 def test_random_masks_gradients(impl, case):
+    if (case := _fit(impl, case)) is None:
+        return
     call = _build_call(*case)
     ct = jax.random.normal(jax.random.key(7), call.q.shape)
 
@@ -206,6 +254,20 @@ def test_random_masks_gradients(impl, case):
         H.assert_close(g, w, 1e-4, what=impl)
 
 
+@pytest.mark.parametrize("feature", ["bias", "dense_mask", "softcap"])
+def test_features_raise_or_match(impl, feature):
+    q, k, v, b = H.random_qkv(jax.random.key(16), (2,), 5, 6, 2, 1, 8, bias=True)
+    dense = jnp.asarray(np.random.default_rng(0).random((2, 2, 5, 6)) < 0.7)
+    kw = {"bias": dict(bias=b), "dense_mask": dict(mask=dense), "softcap": dict(softcap=1.5)}
+    kw = kw[feature]
+
+    def run():
+        got = jattn.attention(q, k, v, **kw, **impl.kw)
+        H.assert_close(got, H.oracle(q, k, v, **kw), H.tol(jnp.float32)[0], what=feature)
+
+    _check_or_raises(impl, [feature], run)
+
+
 @pytest.mark.parametrize("name", list(H.cases_mask_objects()))
 def test_mask_objects(impl, name):
     mask, fn = H.cases_mask_objects()[name]
@@ -227,17 +289,25 @@ def test_fully_masked_rows(impl):
     mask[0, :, 2] = False  # one empty row for every head
     mask[1] = False  # a wholly empty batch element
     mask = jnp.asarray(mask)
+    kw = dict(mask=mask)
+    if not (_supports(impl, "dense_mask") and _supports(impl, "bias")):
+        # The same empty rows from segment ids and lengths, without a bias.
+        b = None
+        q_ids = jnp.array([[0, 0, 1, 0, 0, 0], [0] * 6], jnp.int32)
+        kv_ids = jnp.zeros((2, 8), jnp.int32)
+        kw = dict(segment_ids=(q_ids, kv_ids), key_value_seq_lengths=jnp.array([8, 0]))
+    argnums = (0, 1, 2) if b is None else (0, 1, 2, 3)
 
     def f(q, k, v, b):
-        return jattn.attention(q, k, v, b, mask=mask, **impl.kw)
+        return jattn.attention(q, k, v, b, **kw, **impl.kw)
 
     out = f(q, k, v, b)
     assert not np.asarray(out[0, 2]).any() and not np.asarray(out[1]).any()
     H.assert_close(out, H.oracle(q, k, v, b, mask=mask), H.tol(jnp.float32)[0])
-    grads = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2, 3))(q, k, v, b)
+    grads = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=argnums)(q, k, v, b)
     for g in grads:
         assert np.isfinite(np.asarray(g)).all()
-    assert not np.asarray(grads[0][1]).any() and not np.asarray(grads[3][1]).any()
+    assert not np.asarray(grads[0][1]).any() and not np.asarray(grads[-1][1]).any()
     assert not np.asarray(grads[0][0, 2]).any()
 
 
@@ -259,12 +329,15 @@ def test_return_weights(impl):
 
 
 def test_return_lse(impl):
-    q, k, v, b = H.random_qkv(jax.random.key(11), (2,), 7, 10, 2, 1, 8, bias=True)
+    q, k, v, b = H.random_qkv(
+        jax.random.key(11), (2,), 7, 10, 2, 1, 8, bias=_supports(impl, "bias")
+    )
     kvl = jnp.array([10, 0], jnp.int32)
 
     def run():
         _, lse = jattn.attention(q, k, v, b, key_value_seq_lengths=kvl, return_lse=True, **impl.kw)
-        logits = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, 2, axis=2)) / np.sqrt(8) + b
+        logits = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, 2, axis=2)) / np.sqrt(8)
+        logits = logits if b is None else logits + b
         want = jax.nn.logsumexp(logits, axis=-1)
         assert lse.shape == (2, 2, 7) and lse.dtype == jnp.float32
         H.assert_close(lse[0], want[0], 1e-5)
