@@ -64,6 +64,10 @@ def variants() -> list[Variant]:
 
         cfg = PallasGpuConfig(16, 8, 8, 16, 16, 8, num_warps=4, num_stages=1)
         out.append(Variant("pallas_gpu", cfg, slow=True))
+    if "pallas_tpu" in reg:
+        from jattn.kernels.pallas_tpu import PallasTpuConfig
+
+        out.append(Variant("pallas_tpu", PallasTpuConfig(16, 8, 16, 8, 8, 16), slow=True))
     return out
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 import jax
 
-from jattn.kernels import flash, pallas_gpu
+from jattn.kernels import flash, pallas_gpu, pallas_tpu
 from jattn.kernels.common import KernelOutput, Spec
 from jattn.kernels.fused import fused_attention
 from jattn.kernels.reference import reference_attention
@@ -164,4 +164,17 @@ register(
         interpret_backends=frozenset({"cpu"}),
     ),
     default_rank={"gpu": 0},
+)
+register(
+    Implementation(
+        "pallas_tpu",
+        pallas_tpu.pallas_tpu_attention,
+        pallas_tpu.SUPPORTS,
+        frozenset({"tpu"}),
+        config_fn=pallas_tpu.default_config,
+        config_type=pallas_tpu.PallasTpuConfig,
+        batched=True,
+        interpret_backends=frozenset({"cpu"}),
+    ),
+    default_rank={"tpu": 0},
 )
