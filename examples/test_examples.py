@@ -1,0 +1,172 @@
+"""Each example on a tiny configuration: two training steps, a checkpoint saved and resumed,
+then generation / classification, the plots and the summary.
+
+The second run of each example resumes the first one's checkpoint without training further,
+so what it holds after the restore can be compared with what was saved. Runs in one process
+reuse the compiled steps (same model structure, same optimizer settings).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from examples import char_lm, chatbot, classifier, common
+
+
+def flat(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    """A nested dict of arrays as {"a/b/0/c": array}; keys compared as strings (an orbax
+    restore without a target names list entries "0", an NNX pure dict 0)."""
+    if isinstance(tree, dict):
+        out: dict[str, np.ndarray] = {}
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}{k}/"))
+        return out
+    return {prefix.rstrip("/"): np.asarray(tree)}
+
+
+def check_run_and_resume(module: Any, argv: list[str], out: Path) -> tuple[dict, dict]:
+    ckpt = out / "ckpt"
+    argv = [*argv, "--out-dir", str(out), "--no-progress", "--seed", "3"]
+    first = module.run([*argv, "--steps", "2"])
+    assert first.summary["step"] == 2
+    assert first.summary["resumed_from"] is None
+    assert np.isfinite(first.summary["val_loss"])
+
+    saved, meta = common.read_checkpoint(ckpt)
+    assert meta["step"] == 2
+    assert int(saved["optimizer"]["step"]) == 2
+    assert [v["step"] for v in meta["history"]["val"]] == [2]
+
+    second = module.run([*argv, "--steps", "2", "--resume"])
+    assert second.summary["resumed_from"] == 2
+    assert second.trainer.step == 2
+    restored = second.trainer.checkpoint_tree()
+    want, got = flat(saved["params"]), flat(restored["params"])
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    for name, value in flat(saved["optimizer"]).items():
+        np.testing.assert_array_equal(flat(restored["optimizer"])[name], value, err_msg=name)
+    # The validation loss of the restored model is the saved model's.
+    assert second.summary["val_loss"] == pytest.approx(first.summary["val_loss"], rel=1e-6)
+
+    for png in ("loss.png", "attention.png"):
+        path = out / png
+        assert path.stat().st_size > 1000, path
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    written = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert written["step"] == 2
+    return first.summary, second.summary
+
+
+GUTENBERG = """The Project Gutenberg EBook of Something
+
+*** START OF THIS PROJECT GUTENBERG EBOOK SOMETHING ***
+
+Produced by Somebody
+
+THE BOOK
+
+{body}
+End of the Project Gutenberg EBook of Something
+
+*** END OF THIS PROJECT GUTENBERG EBOOK SOMETHING ***
+licence text that must not be learnt
+"""
+
+
+def test_char_lm(tmp_path: Path) -> None:
+    body = "the island rose out of the sea, and the engineer looked at it.\n" * 12
+    text = tmp_path / "book.txt"
+    text.write_text(GUTENBERG.format(body=body).replace("\n", "\r\n"), encoding="utf-8-sig")
+    argv = [
+        "--text", str(text), "--seq-len", "16", "--batch-size", "4",
+        "--d-model", "16", "--layers", "1", "--heads", "2",
+        "--prompt", "the ", "--temperature", "0.8", "--gen-length", "8", "--top-k", "5",
+    ]  # fmt: skip
+    first, second = check_run_and_resume(char_lm, argv, tmp_path / "run")
+    assert first["characters"] == len("THE BOOK\n\n" + body)  # header and footer cut
+    assert first["vocab_size"] == len(set("THE BOOK\n" + body))
+    (sample,) = second["samples"]
+    assert sample["temperature"] == 0.8 and sample["alpha"] == pytest.approx(1.25)
+    assert sample["text"].startswith("the ") and len(sample["text"]) == 4 + 8
+    assert set(sample["text"]) <= set("THE BOOK\n" + body)
+
+
+def test_char_lm_default_text_and_alpha() -> None:
+    args = char_lm.parse_args(["--alpha", "2", "4"])
+    assert args.temperature == [0.5, 0.25]
+    text, source = char_lm.load_text(args)
+    assert source == "pydoc_data.topics" and len(text) > 100_000
+    with pytest.raises(SystemExit):
+        char_lm.parse_args(["--alpha", "2", "--temperature", "1"])
+
+
+def test_strip_gutenberg_markers() -> None:
+    text = "header\nTITLE\nbody\nFOOTER\nlicence\n"
+    assert common.strip_gutenberg(text, start_marker="TITLE", end_marker="FOOTER") == (
+        "TITLE\nbody\n"
+    )
+    assert common.strip_gutenberg("no markers here\n") == "no markers here\n"
+
+
+def test_chatbot_generated_task(tmp_path: Path) -> None:
+    argv = [
+        "--generated-pairs", "64", "--batch-size", "8", "--max-len", "12",
+        "--d-model", "16", "--heads", "2", "--layers", "1", "--d-ff", "32",
+        "--ask", "1 2 3", "4 5 6 7",
+    ]  # fmt: skip
+    first, second = check_run_and_resume(chatbot, argv, tmp_path / "run")
+    assert first["data"] == "generated digit reversal"
+    answers = second["answers"]
+    assert [a["question"] for a in answers] == ["1 2 3", "4 5 6 7"]
+    for a in answers:
+        assert isinstance(a["greedy"], str) and isinstance(a["sampled"], str)
+        assert set(a["greedy"]) <= set("0123456789 ")
+
+
+def test_chatbot_csv_and_tokenizer(tmp_path: Path) -> None:
+    data = tmp_path / "qa.csv"
+    data.write_text(
+        'Q,A,label\n12시 땡!,하루가 또 가네요.,0\n"쉼표, 있는 질문",그렇군요.,0\n,빈 질문,1\n'
+        "오늘 너무 힘들어,힘내세요.,1\n",
+        encoding="utf-8",
+    )
+    pairs, _, skipped = chatbot.load_pairs(chatbot.parse_args(["--data", str(data)]))
+    assert skipped == 1 and pairs[1] == ("쉼표, 있는 질문", "그렇군요.")
+    tok = common.train_subword_tokenizer([t for qa in pairs for t in qa], vocab_size=60)
+    assert [tok.id_to_token(i) for i in range(4)] == list(common.SPECIAL_TOKENS)
+    assert tok.decode(tok.encode("오늘 너무 힘들어").ids) == "오늘 너무 힘들어"
+
+
+def test_classifier_generated_task(tmp_path: Path) -> None:
+    argv = [
+        "--generated-examples", "64", "--batch-size", "8", "--max-len", "32",
+        "--embed", "8", "--hidden", "8", "--units", "8",
+        "--classify", "abcxdef", "zzz",
+    ]  # fmt: skip
+    first, second = check_run_and_resume(classifier, argv, tmp_path / "run")
+    assert 0.0 <= first["val_accuracy"] <= 1.0
+    assert first["majority_baseline_val"] > 0
+    results = second["classified"]
+    assert [r["text"] for r in results] == ["abcxdef", "zzz"]
+    for r in results:
+        assert r["predicted"] in ("x", "y", "z")
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-2)
+
+
+def test_classifier_csv_cleans_labels(tmp_path: Path) -> None:
+    data = tmp_path / "labels.csv"
+    data.write_text(
+        "Q,A,label\n좋아해,저도요,2   \n헤어졌어,힘내요,1\n밥 먹자,좋아요,0\n"
+        "이상한 줄,?,x\n빈 라벨,?,\n",
+        encoding="utf-8",
+    )
+    examples, _, skipped = classifier.load_examples(classifier.parse_args(["--data", str(data)]))
+    assert examples == [("좋아해", 2), ("헤어졌어", 1), ("밥 먹자", 0)]
+    assert skipped == 2
