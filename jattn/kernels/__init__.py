@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 import jax
 
-from jattn.kernels import flash, pallas_gpu, pallas_tpu
+from jattn.kernels import cudnn, flash, pallas_gpu, pallas_tpu
 from jattn.kernels.common import KernelOutput, Spec
 from jattn.kernels.fused import fused_attention
 from jattn.kernels.reference import reference_attention
@@ -177,4 +177,11 @@ register(
         interpret_backends=frozenset({"cpu"}),
     ),
     default_rank={"tpu": 0},
+)
+# cuDNN is chosen only by name: whether it can serve a call depends on the dtype, the head dims
+# and the mask's values (offsets, window sides), which the default choice does not see.
+register(
+    Implementation(
+        "cudnn", cudnn.cudnn_attention, cudnn.SUPPORTS, frozenset({"gpu"}), batched=True
+    ),
 )

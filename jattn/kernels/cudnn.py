@@ -1,0 +1,129 @@
+"""``implementation="cudnn"``: delegation to ``jax.nn.dot_product_attention`` with cuDNN.
+
+cuDNN's fused attention takes a subset of what jattn does: float16/bfloat16 inputs, one head
+dim for queries, keys and values (a multiple of 8, at most 128, or 256 from Hopper on),
+grouped-query attention, top-left causal masking, per-batch sequence lengths and left-only
+sliding windows. Every other call raises NotImplementedError naming what cuDNN lacks, before
+anything runs. Softcap, bias, dense masks, segment ids, dropout, the log-sum-exp and the weights
+are left to the other implementations (``jax.nn`` passes neither softcap nor segment ids nor
+dropout to cuDNN; a bias's gradient and the residual's are not exported for every shape).
+
+Rows with no visible key are zeroed here, whatever cuDNN returns for them, so the result keeps
+jattn's contract (zeros, never NaN).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jattn.kernels import _pallas_common as pc
+from jattn.kernels.common import KernelOutput, Spec
+
+Array = jax.Array
+
+SUPPORTS = frozenset({"causal", "lengths", "local_window", "gqa"})
+
+_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+
+def _max_head_dim() -> int:
+    """cuDNN flash attention takes head dims up to 256 from Hopper (sm90) on, 128 before."""
+    try:
+        cap = jax.devices("gpu")[0].compute_capability
+        return 256 if tuple(int(x) for x in cap.split(".")) >= (9, 0) else 128
+    except (RuntimeError, AttributeError, ValueError):
+        return 256
+
+
+def jax_nn_kwargs(q: Array, k: Array, v: Array, spec: Spec) -> dict:
+    """The ``jax.nn.dot_product_attention`` keyword arguments that make cuDNN compute this call
+    (besides ``implementation``), or NotImplementedError naming what cuDNN does not take."""
+    for name, on in [
+        ("bias", spec.bias is not None),
+        ("softcap", spec.softcap is not None),
+        ("dropout", spec.dropout_rate > 0.0),
+        ("return_weights", spec.return_weights),
+        ("return_lse", spec.return_lse),
+    ]:
+        if on:
+            raise NotImplementedError(f"cudnn does not support {name}")
+    if q.dtype not in _DTYPES:
+        raise NotImplementedError(
+            f"cudnn does not support {q.dtype} inputs (cuDNN takes float16 and bfloat16)"
+        )
+    h, hv = q.shape[-1], v.shape[-1]
+    if hv != h:
+        raise NotImplementedError(
+            f"cudnn does not support value_head_dim (value head dim {hv} != query head dim {h})"
+        )
+    limit = _max_head_dim()
+    if h % 8 or h > limit:
+        raise NotImplementedError(
+            f"cudnn does not support head dim {h} (cuDNN takes multiples of 8 up to {limit})"
+        )
+    *batch, t, _, _ = q.shape
+    s = k.shape[-3]
+    plan, arrays = pc.plan_mask(spec.mask, tuple(batch), t, s, s)
+    if plan.segments:
+        raise NotImplementedError("cudnn does not support segments")
+    if plan.offset or plan.right not in (None, 0):
+        raise NotImplementedError(
+            "cudnn does not support causal with an offset or a right window other than 0 "
+            "(cuDNN's causal mask is top-left aligned, its window left-only)"
+        )
+    if plan.left is not None and plan.right is None:
+        raise NotImplementedError(
+            "cudnn does not support local_window with an unbounded right side"
+        )
+    kw: dict = {"scale": spec.scale, "is_causal": plan.right == 0}
+    if plan.left is not None:
+        # With causal masking a window (left, right) is (left, 0); cuDNN takes exactly that.
+        kw["local_window_size"] = (plan.left, 0)
+    if plan.q_len:
+        kw["query_seq_lengths"] = arrays.q_len
+    if plan.kv_len:
+        kw["key_value_seq_lengths"] = arrays.kv_len
+    return kw
+
+
+def _empty_rows(kw: dict, nb: int, t: int, s: int) -> Array | None:
+    """``[B, T]``: True for the query rows that see no key, or None when none can."""
+    rows = jnp.arange(t, dtype=jnp.int32)[None, :]
+    lo = jnp.zeros((1, t), jnp.int32)
+    hi = jnp.full((nb, t), s, jnp.int32)
+    if "key_value_seq_lengths" in kw:
+        hi = jnp.minimum(hi, kw["key_value_seq_lengths"][:, None])
+    if kw["is_causal"]:
+        hi = jnp.minimum(hi, rows + 1)
+    if "local_window_size" in kw:
+        lo = jnp.maximum(lo, rows - kw["local_window_size"][0])
+    empty = lo >= hi
+    if "query_seq_lengths" in kw:
+        empty = empty | (rows >= kw["query_seq_lengths"][:, None])
+    if not ("key_value_seq_lengths" in kw or "query_seq_lengths" in kw or t > s):
+        return None  # causal rows always see key 0, windows always see the diagonal
+    return empty
+
+
+def cudnn_attention(q: Array, k: Array, v: Array, *, spec: Spec) -> KernelOutput:
+    """Attention over whole arrays via cuDNN: ``q [*B, T, N, H]``, ``k/v [*B, S, K, H]`` ->
+    ``out [*B, T, N, H]``; the mask leaves of ``spec`` are in :func:`jattn.attention`'s
+    canonical ``[*B', K', G', ...]`` layout."""
+    kw = jax_nn_kwargs(q, k, v, spec)
+    *batch, t, n, h = q.shape
+    s, kh = k.shape[-3], k.shape[-2]
+    nb = math.prod(batch)
+    out = jax.nn.dot_product_attention(
+        q.reshape(nb, t, n, h),
+        k.reshape(nb, s, kh, h),
+        v.reshape(nb, s, kh, h),
+        implementation="cudnn",
+        **kw,
+    )
+    empty = _empty_rows(kw, nb, t, s)
+    if empty is not None:
+        out = jnp.where(empty[:, :, None, None], jnp.zeros((), out.dtype), out)
+    return KernelOutput(out.reshape(*batch, t, n, h), None, None)
