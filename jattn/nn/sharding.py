@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
     "Rules",
+    "create_sharded",
     "default_rules",
     "make_mesh",
     "make_train_step",
@@ -176,6 +177,28 @@ def shard_model(node: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
     state = nnx.state(node)
     nnx.update(node, jax.device_put(state, state_shardings(state, mesh, rules)))
     return node
+
+
+def create_sharded(factory: Callable[[], Any], mesh: Mesh, rules: Rules | None = None) -> Any:
+    """Builds ``factory()`` (e.g. ``lambda: DecoderLM(..., rngs=nnx.Rngs(0))``) with its state
+    created where ``rules`` place it.
+
+    The constructor runs under ``jit`` with sharding constraints on its output, so every device
+    computes and stores only its own shards: no host ever holds the whole model, which is what
+    models larger than one device, and several hosts, need. The values are those of
+    ``shard_model(factory(), mesh, rules)``, up to the rounding of initialisers under ``jit``.
+    """
+
+    @nnx.jit
+    def create():
+        node = factory()
+        state = nnx.state(node)
+        nnx.update(
+            node, jax.lax.with_sharding_constraint(state, state_shardings(state, mesh, rules))
+        )
+        return node
+
+    return create()
 
 
 def shard_batch(batch: Any, mesh: Mesh, *, data_axis: str = "data") -> Any:
