@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -282,3 +283,35 @@ def test_make_mesh_errors():
     mesh = sh.make_mesh()
     assert mesh.axis_names == ("data", "model")
     assert mesh.shape["data"] == len(jax.devices())
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes with jax.distributed (the multi-host path), on this machine's CPU.
+
+
+@pytest.mark.slow
+def test_two_processes():
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.parallel._multihost", str(port), str(pid)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pid in (0, 1)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-4000:]
+        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("{"))))
+    for res in results:
+        assert (res["devices"], res["local"]) == (8, 4)
+        assert res["ring_err"] < 2e-6
+        np.testing.assert_allclose(res["losses"], res["want_losses"], rtol=2e-6)
