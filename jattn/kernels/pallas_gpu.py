@@ -95,24 +95,25 @@ class PallasGpuConfig:
 
 # Defaults by GPU generation and head dim, (fwd q, fwd k, dkv q, dkv k, dq q, dq k, warps,
 # stages). The forward tiles follow the FlashAttention-2 Triton kernels: on Hopper and Ampere
-# data-centre parts (228/164 KiB of shared memory per SM) 128-row query tiles with 3-4 stages;
-# large head dims halve the key tile to stay within shared memory and registers.
+# data-centre parts (228/164 KiB of shared memory per SM) 128-row query tiles with 3 stages;
+# head dim 256 halves the query tile, whose float32 accumulator would otherwise spill
+# registers. Educated guesses, not measured (no GPU was at hand): tune with `config=`.
 _DEFAULTS: dict[str, dict[int, tuple[int, ...]]] = {
     "hopper": {
         64: (128, 128, 64, 128, 128, 64, 8, 3),
         128: (128, 128, 64, 128, 128, 64, 8, 3),
-        256: (128, 64, 32, 64, 64, 32, 8, 2),
+        256: (64, 64, 32, 64, 64, 32, 4, 2),
     },
     "ampere": {
         64: (128, 64, 64, 128, 128, 64, 4, 3),
         128: (128, 64, 64, 64, 64, 64, 8, 3),
-        256: (64, 64, 32, 64, 64, 32, 8, 2),
+        256: (64, 32, 32, 32, 32, 32, 4, 2),
     },
     # Consumer, Turing, Ada and unknown parts: ~100 KiB of shared memory per SM.
     "small": {
         64: (128, 64, 64, 64, 64, 64, 4, 2),
         128: (64, 64, 32, 64, 64, 32, 4, 2),
-        256: (64, 32, 32, 32, 32, 32, 4, 1),
+        256: (64, 32, 16, 32, 32, 16, 4, 1),
     },
 }
 
@@ -136,9 +137,9 @@ def default_config(q_shape, k_shape, dtype, backend: str) -> PallasGpuConfig:
     table = _DEFAULTS[_generation(jax.devices()[0].device_kind)]
     key = min((d for d in table if d >= head_dim), default=256)
     bq, bk, bq_dkv, bk_dkv, bq_dq, bk_dq, warps, stages = table[key]
-    if jnp.dtype(dtype).itemsize == 4:  # float32 tiles take twice the shared memory
-        bq, bk = bq, max(_MIN_DOT, bk // 2)
-        bk_dkv, bq_dq = max(_MIN_DOT, bk_dkv // 2), max(_MIN_DOT, bq_dq // 2)
+    if jnp.dtype(dtype).itemsize == 4:  # float32 tiles take twice the registers and memory
+        half = lambda b: max(_MIN_DOT, b // 2)  # noqa: E731
+        bk, bk_dkv, bq_dq = half(bk), half(bk_dkv), half(bq_dq)
     return PallasGpuConfig(bq, bk, bq_dkv, bk_dkv, bq_dq, bk_dq, warps, stages)
 
 

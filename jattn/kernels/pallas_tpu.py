@@ -225,9 +225,12 @@ def _lanes(x: Array, width: int) -> Array:
 
 
 def _dot(a: Array, b: Array, tb: bool = False) -> Array:
-    """``a @ b`` (``b`` transposed if ``tb``) with float32 accumulation on the MXU."""
+    """``a @ b`` (``b`` transposed if ``tb``) with float32 accumulation on the MXU. Float32
+    operands get full precision: Mosaic's default would round them to bfloat16."""
     dims = (((1,), (1 if tb else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    f32 = a.dtype == jnp.float32 and b.dtype == jnp.float32
+    precision = lax.Precision.HIGHEST if f32 else None
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _logits(st: _Static, a: Array, b: Array):
