@@ -195,6 +195,9 @@ def ring_attention(
 
     Returns:
       ``out`` or ``(out, lse)``, in ``layout`` order, sharded like ``query``.
+
+    There is no ``bias``, dense ``mask`` or dropout: each would need its ``[T, S]`` slices on
+    every device at every step.
     """
     _check_layout(layout)
     q, k, v = (jnp.asarray(x) for x in (query, key, value))
@@ -346,6 +349,10 @@ def ring_attention_local(
     positions); ``segment_ids`` are the local shards ``[*b, T/P]`` (or a pair with ``[*b, S/P]``).
     Other arguments as for :func:`ring_attention`. Returns ``out`` (the query's dtype) or
     ``(out, lse [*b, N, T/P])``.
+
+    With ``implementation="flash"``, run the enclosing ``shard_map`` with ``check_vma=False``:
+    the flash kernel's block loops start from constants that ``check_vma`` types as unvarying
+    over the mesh, and ``lax.switch`` then rejects its branches (as :func:`ring_attention` does).
     """
     _check_layout(layout)
     if query.ndim < 3 or key.ndim != query.ndim or value.ndim != query.ndim:
@@ -597,14 +604,17 @@ def _backward(r: _Ring, q, k, v, q_len, kv_len, q_ids, kv_ids, o, lse, g_o, g_ls
     me = jax.lax.axis_index(r.axis_name)
     n = r.chunks
     cq, ck = q.shape[-3] // n, k.shape[-3] // n
-    f32 = jnp.promote_types(q.dtype, jnp.float32)  # float64 stays float64
+    acc_dt = jnp.promote_types(q.dtype, jnp.float32)  # float64 stays float64
     qs, q_idss = _split(q, n, -3), _split(q_ids, n, -1)
     os_, lses = _split(o, n, -3), _split(lse, n, -1)
-    gos, glses = _split(g_o.astype(f32), n, -3), _split(g_lse.astype(f32), n, -1)
+    gos, glses = _split(g_o.astype(acc_dt), n, -3), _split(g_lse.astype(acc_dt), n, -1)
     ks, vs, kv_idss = _split(k, n, -3), _split(v, n, -3), _split(kv_ids, n, -1)
     held = (ks, vs, kv_idss)
-    dq0 = tuple(jnp.zeros_like(x, f32) for x in qs)
-    dkv0 = (tuple(jnp.zeros_like(x, f32) for x in ks), tuple(jnp.zeros_like(x, f32) for x in vs))
+    dq0 = tuple(jnp.zeros_like(x, acc_dt) for x in qs)
+    dkv0 = (
+        tuple(jnp.zeros_like(x, acc_dt) for x in ks),
+        tuple(jnp.zeros_like(x, acc_dt) for x in vs),
+    )
 
     def pair_grads(a, b, ks, vs, mask, c):
         dq, dk, dv = c
@@ -615,10 +625,10 @@ def _backward(r: _Ring, q, k, v, q_len, kv_len, q_ids, kv_ids, o, lse, g_o, g_ls
         (o_b, lse_b), vjp = jax.vjp(f, qs[a], ks[b], vs[b])
         w = _weight(lse_b, lses[a])
         g_o_b = _rows(w) * gos[a]
-        dot = jnp.sum(gos[a] * (o_b.astype(f32) - os_[a]), axis=-1)  # [*B, T, N]
+        dot = jnp.sum(gos[a] * (o_b.astype(acc_dt) - os_[a]), axis=-1)  # [*B, T, N]
         g_lse_b = w * (jnp.swapaxes(dot, -1, -2) + glses[a])
         dqa, dkb, dvb = vjp((g_o_b.astype(o_b.dtype), g_lse_b))
-        return dq + dqa.astype(f32), dk + dkb.astype(f32), dv + dvb.astype(f32)
+        return dq + dqa.astype(acc_dt), dk + dkb.astype(acc_dt), dv + dvb.astype(acc_dt)
 
     def step(s, blk, dq, dkv):
         ks, vs, kv_idss = blk
