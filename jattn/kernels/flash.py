@@ -214,10 +214,12 @@ def _forward(st: _Static, q, k, v, bias, mask, seed):
             )
 
         acc_dt = jnp.promote_types(q.dtype, jnp.float32)
+        # Built *_like(qi) so that inside shard_map they vary across devices like qi does
+        # (constants would not, and lax.switch requires equal branch types).
         init = (
-            jnp.full((st.bq,), -jnp.inf, acc_dt),
-            jnp.zeros((st.bq,), acc_dt),
-            jnp.zeros((st.bq, width), acc_dt),
+            jnp.full_like(qi, -jnp.inf, acc_dt, shape=(st.bq,)),
+            jnp.zeros_like(qi, acc_dt, shape=(st.bq,)),
+            jnp.zeros_like(qi, acc_dt, shape=(st.bq, width)),
         )
         lo, hi = _block_range(st, mask, q0, tp, sp)
         m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
@@ -306,14 +308,14 @@ def _backward(st: _Static, q, k, v, bias, mask, seed, out, lse2, g_out, g_lse2):
             )
 
         lo, hi = _block_range(st, mask, q0, tp, sp)
-        dqi = jnp.zeros((st.bq, d), acc_dt)
+        dqi = jnp.zeros_like(qi, acc_dt)
         dqi, dk, dv, dbias = jax.lax.fori_loop(lo, hi, body, (dqi, dk, dv, dbias))
         return (dk, dv, dbias), dqi
 
     init = (
-        jnp.zeros(k.shape, acc_dt),
-        jnp.zeros(v.shape, acc_dt),
-        None if bias is None else jnp.zeros(bias.shape, acc_dt),
+        jnp.zeros_like(k, acc_dt),
+        jnp.zeros_like(v, acc_dt),
+        None if bias is None else jnp.zeros_like(bias, acc_dt),
     )
     (dk, dv, dbias), dq = jax.lax.scan(lambda c, i: q_block(i, c), init, jnp.arange(nq))
     dq = dq.reshape(tp, d)

@@ -52,3 +52,20 @@ def test_default_config_and_override():
     a = jattn.attention(q, q, q, is_causal=True, implementation="flash")
     b = jattn.attention(q, q, q, is_causal=True, implementation="flash", config=FlashConfig(8, 8))
     assert jnp.allclose(a, b, atol=1e-5)
+
+
+def test_runs_inside_shard_map_with_type_checks():
+    """Loop carries must vary across devices like the inputs (shard_map's check_vma)."""
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("x",), (AxisType.Auto,))
+
+    def local(q):
+        return jattn.attention(q, q, q, is_causal=True, implementation="flash")
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=P("x"), out_specs=P("x"))
+    x = jax.random.normal(jax.random.key(0), (2, 8, 1, 4))
+    assert jnp.allclose(f(x), local(x), atol=1e-6)
+    g = jax.grad(lambda x: f(x).sum())(x)
+    assert jnp.allclose(g, jax.grad(lambda x: local(x).sum())(x), atol=1e-5)
