@@ -15,7 +15,14 @@ from tests import helpers as H
 
 
 def test_public_names():
-    assert sorted(jattn.__all__) == ["attention", "kernels", "masked_softmax", "masks"]
+    assert sorted(jattn.__all__) == [
+        "attention",
+        "kernels",
+        "masked_softmax",
+        "masks",
+        "nn",
+        "parallel",
+    ]
     for name in jattn.__all__:
         assert hasattr(jattn, name)
     assert {"reference", "fused", "flash"} <= set(jattn.kernels.REGISTRY)
