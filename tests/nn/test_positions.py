@@ -60,8 +60,8 @@ def test_learned_embedding_shapes_and_training_signal():
 def test_rope_scores_depend_only_on_the_offset():
     key_q, key_k = jax.random.split(jax.random.key(0))
     h = 16
-    q = jax.random.normal(key_q, (1, 1, 1, h))
-    k = jax.random.normal(key_k, (1, 1, 1, h))
+    q = jax.random.normal(key_q, (1, 1, 1, h), jnp.float32)
+    k = jax.random.normal(key_k, (1, 1, 1, h), jnp.float32)
     rope = RotaryEmbedding()
 
     def score(m, n):
@@ -77,7 +77,7 @@ def test_rope_scores_depend_only_on_the_offset():
 
 
 def test_rope_is_a_rotation():
-    x = jax.random.normal(jax.random.key(1), (2, 5, 3, 8))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 3, 8), jnp.float32)
     positions = jnp.arange(5)[None].repeat(2, 0)
     y = apply_rotary(x, positions)
     assert y.shape == x.shape

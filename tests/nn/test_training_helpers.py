@@ -53,7 +53,7 @@ def np_smoothed_ce(logits, targets, eps):
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_cross_entropy_matches_numpy_and_ignores_padding(eps):
     k1, k2 = jax.random.split(jax.random.key(0))
-    logits = jax.random.normal(k1, (3, 5, 7)) * 3
+    logits = jax.random.normal(k1, (3, 5, 7), jnp.float32) * 3
     targets = jax.random.randint(k2, (3, 5), 1, 7)
     targets = targets.at[0, 3:].set(0).at[2, 1:].set(0)  # pad_id 0
     keep = np.asarray(targets) != 0
@@ -62,7 +62,9 @@ def test_cross_entropy_matches_numpy_and_ignores_padding(eps):
     got = cross_entropy(logits, targets, label_smoothing=eps, pad_id=0)
     assert float(got) == pytest.approx(want, rel=1e-5)
     # Logits at padded positions do not matter.
-    noisy = logits + 100.0 * jnp.asarray(~keep)[..., None] * jax.random.normal(k2, logits.shape)
+    noisy = logits + 100.0 * jnp.asarray(~keep)[..., None] * jax.random.normal(
+        k2, logits.shape, jnp.float32
+    )
     assert float(cross_entropy(noisy, targets, label_smoothing=eps, pad_id=0)) == pytest.approx(
         float(got), rel=1e-6
     )
