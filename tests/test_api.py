@@ -21,6 +21,7 @@ def test_public_names():
         "masked_softmax",
         "masks",
         "nn",
+        "optim",
         "parallel",
     ]
     for name in jattn.__all__:
