@@ -228,6 +228,11 @@ def generate_text(
     ``seq_len // 2`` new characters, each prompted with the last characters that fit.
     """
     ids = data.encode(prompt)
+    if len(ids) < len(prompt):
+        warnings.warn(
+            f"{len(prompt) - len(ids)} prompt characters are not in the vocabulary; dropped",
+            stacklevel=2,
+        )
     if len(ids) == 0:
         ids = data.val[:1]
     out = list(ids.tolist())

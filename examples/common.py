@@ -637,7 +637,7 @@ def fit(
                 total_tokens += window_tokens
                 timed_seconds += now - window_start
                 rate = window_tokens / (now - window_start)
-                bar.set_postfix(loss=f"{mean:.4f}", **{f"{unit}/s": f"{rate:,.0f}"})
+                bar.set_postfix(loss=f"{mean:.4f}", **{f"{unit}/s": f"{rate:,.0f}"}, refresh=False)
             window_tokens, window_start = 0, now
         bar.update(1)
         last = done == args.steps
@@ -755,10 +755,10 @@ def plot_attention(
         weights = weights[None]
     panels, rows, cols = weights.shape
     row_labels, col_labels, note = _drawable_labels(list(row_labels), list(col_labels))
-    size = 0.16
-    width = min(4.0 + size * cols, 12.0) * min(panels, 2)
-    height = (1.6 + size * rows) * math.ceil(panels / 2)
+    size = 0.11  # inches per token: room for a 7-point label
     ncols = min(panels, 2)
+    width = min(1.8 + size * cols, 8.0) * ncols
+    height = min(1.2 + size * rows, 8.0) * math.ceil(panels / ncols)
     fig, axes = plt.subplots(
         math.ceil(panels / ncols), ncols, figsize=(width, height), dpi=100, squeeze=False
     )

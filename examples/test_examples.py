@@ -12,10 +12,21 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import pytest
 
 from examples import char_lm, chatbot, classifier, common
+
+
+@pytest.fixture(autouse=True, scope="module")
+def quick_compiles() -> Any:
+    """Tiny models run in milliseconds; what costs here is XLA optimising each new program
+    (train step, evaluation, decoding), which it does several times faster at this setting."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def flat(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
@@ -146,7 +157,7 @@ def test_chatbot_csv_and_tokenizer(tmp_path: Path) -> None:
 
 def test_classifier_generated_task(tmp_path: Path) -> None:
     argv = [
-        "--generated-examples", "64", "--batch-size", "8", "--max-len", "32",
+        "--generated-examples", "64", "--batch-size", "8", "--max-len", "16",
         "--embed", "8", "--hidden", "8", "--units", "8",
         "--classify", "abcxdef", "zzz",
     ]  # fmt: skip
