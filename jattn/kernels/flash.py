@@ -263,8 +263,10 @@ def _backward(st: _Static, q, k, v, bias, mask, seed, out, lse2, g_out, g_lse2):
         lsei = jax.lax.dynamic_slice_in_dim(lse_use, q0, st.bq)
         deli = jax.lax.dynamic_slice_in_dim(delta, q0, st.bq)
 
-        def update(j, c, masked):
-            dqi, dk, dv, dbias = c
+        def local(j, masked):
+            """One block's contributions (dq_i, dk_j, dv_j, dlogits). Only these small arrays
+            pass through the block's switch; the big accumulators are updated outside it, so
+            XLA never copies them per block."""
             k0 = j * st.bk
             kj = jax.lax.dynamic_slice_in_dim(k, k0, st.bk)
             vj = jax.lax.dynamic_slice_in_dim(v, k0, st.bk)
@@ -281,31 +283,41 @@ def _backward(st: _Static, q, k, v, bias, mask, seed, out, lse2, g_out, g_lse2):
                 dp = jnp.where(keep, dp * inv, 0.0)
             dvj = jnp.einsum("ts,td->sd", pd.astype(v.dtype), doi, preferred_element_type=acc_dt)
             ds = p * (dp - deli[:, None])  # gradient of the (softcapped, biased) logits
-            if bias is not None:
-                dbias = _add_bias_block(dbias, ds, q0, k0, st)
+            dlogits = ds if bias is not None else None
             if th is not None:
                 ds = ds * (1.0 - th * th)
-            ds = ds * st.scale
-            dsl = ds.astype(q.dtype)
-            dqi = dqi + jnp.einsum("ts,sd->td", dsl, kj, preferred_element_type=acc_dt)
+            dsl = (ds * st.scale).astype(q.dtype)
+            dqj = jnp.einsum("ts,sd->td", dsl, kj, preferred_element_type=acc_dt)
             dkj = jnp.einsum("ts,td->sd", dsl, qi, preferred_element_type=acc_dt)
+            return dqj, dkj, dvj, dlogits
+
+        def skipped(j):
+            zq = jnp.zeros_like(qi, acc_dt)
+            zk = jnp.zeros_like(qi, acc_dt, shape=(st.bk, d))
+            zv = jnp.zeros_like(qi, acc_dt, shape=(st.bk, v.shape[1]))
+            zb = None if bias is None else jnp.zeros_like(qi, acc_dt, shape=(st.bq, st.bk))
+            return zq, zk, zv, zb
+
+        def body(j, c):
+            dqi, dk, dv, dbias = c
+            flags = block_kind(mask, q0, j * st.bk, st.bq, st.bk)
+            dqj, dkj, dvj, dlogits = _dispatch(
+                flags,
+                skipped,
+                lambda j: local(j, masked=False),
+                lambda j: local(j, masked=True),
+                j,
+            )
+            k0 = j * st.bk
             dk = jax.lax.dynamic_update_slice_in_dim(
                 dk, jax.lax.dynamic_slice_in_dim(dk, k0, st.bk) + dkj, k0, axis=0
             )
             dv = jax.lax.dynamic_update_slice_in_dim(
                 dv, jax.lax.dynamic_slice_in_dim(dv, k0, st.bk) + dvj, k0, axis=0
             )
-            return dqi, dk, dv, dbias
-
-        def body(j, c):
-            flags = block_kind(mask, q0, j * st.bk, st.bq, st.bk)
-            return _dispatch(
-                flags,
-                lambda c: c,
-                lambda c: update(j, c, masked=False),
-                lambda c: update(j, c, masked=True),
-                c,
-            )
+            if bias is not None:
+                dbias = _add_bias_block(dbias, dlogits, q0, k0, st)
+            return dqi + dqj, dk, dv, dbias
 
         lo, hi = _block_range(st, mask, q0, tp, sp)
         dqi = jnp.zeros_like(qi, acc_dt)
