@@ -131,32 +131,30 @@ def attention(
         ]
         if on
     }
-    impl = _select(implementation, needed, t, s)
-    if config is not None and not (
-        impl.config_type is not None and isinstance(config, impl.config_type)
-    ):
-        if isinstance(implementation, str):
-            want = impl.config_type.__name__ if impl.config_type else "no config"
-            raise TypeError(
-                f"config of type {type(config).__name__} does not fit implementation "
-                f"{impl.name!r}, which takes {want}"
-            )
-        config = None
-    if config is None and impl.config_fn is not None:
-        config = impl.config_fn(q.shape, k.shape, q.dtype, jax.default_backend())
-
-    spec = Spec(
-        scale=float(scale),
-        softcap=None if softcap is None else float(softcap),
-        dropout_rate=float(dropout_rate),
-        return_weights=bool(return_weights),
-        return_lse=bool(return_lse),
-        config=config,
-        mask=mask_obj,
-        bias=bias,
-        dropout_seed=seeds,
-    )
-    out, lse, weights = _run(impl.name, q, k, v, spec)
+    candidates, reasons = _candidates(implementation, needed, t, s)
+    for impl in candidates:
+        spec = Spec(
+            scale=float(scale),
+            softcap=None if softcap is None else float(softcap),
+            dropout_rate=float(dropout_rate),
+            return_weights=bool(return_weights),
+            return_lse=bool(return_lse),
+            config=_config_for(impl, config, implementation, q, k),
+            mask=mask_obj,
+            bias=bias,
+            dropout_seed=seeds,
+        )
+        try:
+            out, lse, weights = _run(impl.name, q, k, v, spec)
+            break
+        except NotImplementedError as e:
+            # A kernel may refuse a call only it can judge (cuDNN: dtypes, head dims, mask
+            # values); the next candidate takes it.
+            if len(candidates) == 1 and isinstance(implementation, str):
+                raise
+            reasons.append(f"{impl.name!r}: {e}")
+    else:
+        raise NotImplementedError("; ".join(reasons))
 
     extra = ([weights] if return_weights else []) + ([lse] if return_lse else [])
     return (out, *extra) if extra else out
@@ -252,19 +250,26 @@ def _build_mask(mask, is_causal, q_lengths, kv_lengths, window, segment_ids):
     return functools.reduce(lambda a, b: a & b, parts)
 
 
-def _select(implementation, needed: set[str], t: int, s: int) -> kernels.Implementation:
+def _candidates(
+    implementation, needed: set[str], t: int, s: int
+) -> tuple[list[kernels.Implementation], list[str]]:
+    """The implementations to try in order, and why the others were passed over."""
     backend = jax.default_backend()
+    reasons: list[str] = []
     if implementation is None:
+        out = []
         for name in kernels.default_order(backend, t, s):
             impl = kernels.REGISTRY[name]
             if backend in impl.backends and not impl.missing(needed):
-                return impl
-        raise NotImplementedError(f"no implementation supports {sorted(needed)} on {backend}")
+                out.append(impl)
+        if not out:
+            raise NotImplementedError(f"no implementation supports {sorted(needed)} on {backend}")
+        return out, reasons
 
     names = [implementation] if isinstance(implementation, str) else list(implementation)
     if not names:
         raise ValueError("implementation must be None, a name or a non-empty list of names")
-    reasons = []
+    out = []
     for name in names:
         if not isinstance(name, str) or name not in kernels.REGISTRY:
             raise ValueError(f"unknown implementation {name!r}; known: {sorted(kernels.REGISTRY)}")
@@ -274,8 +279,27 @@ def _select(implementation, needed: set[str], t: int, s: int) -> kernels.Impleme
         elif missing := impl.missing(needed):
             reasons.append(f"{name!r} does not support {', '.join(missing)}")
         else:
-            return impl
-    raise NotImplementedError("; ".join(reasons))
+            out.append(impl)
+    if not out:
+        raise NotImplementedError("; ".join(reasons))
+    return out, reasons
+
+
+def _config_for(impl: kernels.Implementation, config, implementation, q: Array, k: Array):
+    """The user's config when it is of the implementation's type, else its heuristic one."""
+    if config is not None and not (
+        impl.config_type is not None and isinstance(config, impl.config_type)
+    ):
+        if isinstance(implementation, str):
+            want = impl.config_type.__name__ if impl.config_type else "no config"
+            raise TypeError(
+                f"config of type {type(config).__name__} does not fit implementation "
+                f"{impl.name!r}, which takes {want}"
+            )
+        config = None
+    if config is None and impl.config_fn is not None:
+        config = impl.config_fn(q.shape, k.shape, q.dtype, jax.default_backend())
+    return config
 
 
 # ---------------------------------------------------------------------------------------------

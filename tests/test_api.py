@@ -207,3 +207,22 @@ def test_config_reaches_the_kernel():
         FlashConfig(block_q=0)
     a = jattn.attention(Q, K, V, implementation="flash", config=FlashConfig(2, 3))
     H.assert_close(a, H.oracle(Q, K, V), 2e-5)
+
+
+def test_a_kernel_refusing_at_trace_time_passes_to_the_next(monkeypatch):
+    """Kernels that judge a call only when traced (cuDNN) raise NotImplementedError; a list
+    (and the default order) then moves on to the next candidate."""
+
+    def refuse(q, k, v, *, spec):
+        raise NotImplementedError("refuses head dim 8")
+
+    fake = jattn.kernels.Implementation(
+        "refuser", refuse, jattn.kernels.FEATURES, frozenset({"cpu"})
+    )
+    monkeypatch.setitem(jattn.kernels.REGISTRY, "refuser", fake)
+    out = jattn.attention(Q, K, V, implementation=["refuser", "fused"])
+    H.assert_close(out, H.oracle(Q, K, V), 2e-5)
+    with pytest.raises(NotImplementedError, match="refuses head dim 8"):
+        jattn.attention(Q, K, V, implementation="refuser")
+    with pytest.raises(NotImplementedError, match="'refuser': refuses head dim 8"):
+        jattn.attention(Q, K, V, implementation=["refuser"])

@@ -178,10 +178,12 @@ register(
     ),
     default_rank={"tpu": 0},
 )
-# cuDNN is chosen only by name: whether it can serve a call depends on the dtype, the head dims
-# and the mask's values (offsets, window sides), which the default choice does not see.
+# cuDNN first on NVIDIA GPUs: whether it serves a call also depends on the dtype, head dims and
+# mask values, which it checks when traced, raising NotImplementedError; `attention` then moves
+# on to the next candidate (pallas_gpu, then flash / fused).
 register(
     Implementation(
         "cudnn", cudnn.cudnn_attention, cudnn.SUPPORTS, frozenset({"gpu"}), batched=True
     ),
+    default_rank={"gpu": 0},
 )
