@@ -97,10 +97,16 @@ def test_char_lm(tmp_path: Path) -> None:
     text.write_text(GUTENBERG.format(body=body).replace("\n", "\r\n"), encoding="utf-8-sig")
     argv = [
         "--text", str(text), "--seq-len", "16", "--batch-size", "4",
-        "--d-model", "16", "--layers", "1", "--heads", "2",
+        "--d-model", "16", "--layers", "1", "--heads", "2", "--dropout", "0.1",
         "--prompt", "the ", "--temperature", "0.8", "--gen-length", "8", "--top-k", "5",
     ]  # fmt: skip
     first, second = check_run_and_resume(char_lm, argv, tmp_path / "run")
+    # The same seed trains the same model (initialisation, batches and dropout masks).
+    again_argv = [*argv, "--out-dir", str(tmp_path / "again"), "--no-progress", "--seed", "3"]
+    again = flat(char_lm.run([*again_argv, "--steps", "2"]).trainer.checkpoint_tree()["params"])
+    saved, _ = common.read_checkpoint(tmp_path / "run" / "ckpt")
+    for name, value in flat(saved["params"]).items():
+        np.testing.assert_array_equal(again[name], value, err_msg=name)
     assert first["characters"] == len("THE BOOK\n\n" + body)  # header and footer cut
     assert first["vocab_size"] == len(set("THE BOOK\n" + body))
     (sample,) = second["samples"]
