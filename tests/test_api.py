@@ -65,7 +65,7 @@ def jax_nn_calls(draw):
     return (b, t, s, n, kh, h, seed), kw
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(jax_nn_calls())
 def test_parity_with_jax_nn(case):
     (b, t, s, n, kh, h, seed), kw = case

@@ -181,16 +181,12 @@ _CHOICE_FEATURES = {
 
 _OFF = {"window": None, "softcap": None}  # the value of a choice left out (else False)
 
-# An emulated (slow) variant runs one drawn case in SLOW_EVERY: each new shape costs it
-# seconds of tracing.
-SLOW_EVERY = 3
-
 
 def _fit(impl, case):
     """``case`` without the choices ``impl`` does not support (test_features_raise_or_match
-    checks that those raise), or None when a slow variant skips it."""
+    checks that those raise), or None when the variant runs only one case in ``every``."""
     batch, t, s, n, kh, h, choices, seed = case
-    if impl.slow and seed % SLOW_EVERY:
+    if seed % impl.every:
         return None
     choices = {
         c: v if _supports(impl, _CHOICE_FEATURES[c]) else _OFF.get(c, False)
