@@ -139,7 +139,7 @@ def attention(
             dropout_rate=float(dropout_rate),
             return_weights=bool(return_weights),
             return_lse=bool(return_lse),
-            config=_config_for(impl, config, implementation, q, k),
+            config=_config_for(impl, config, implementation, q, k, needed),
             mask=mask_obj,
             bias=bias,
             dropout_seed=seeds,
@@ -285,7 +285,9 @@ def _candidates(
     return out, reasons
 
 
-def _config_for(impl: kernels.Implementation, config, implementation, q: Array, k: Array):
+def _config_for(
+    impl: kernels.Implementation, config, implementation, q: Array, k: Array, needed: set[str]
+):
     """The user's config when it is of the implementation's type, else its heuristic one."""
     if config is not None and not (
         impl.config_type is not None and isinstance(config, impl.config_type)
@@ -298,7 +300,8 @@ def _config_for(impl: kernels.Implementation, config, implementation, q: Array, 
             )
         config = None
     if config is None and impl.config_fn is not None:
-        config = impl.config_fn(q.shape, k.shape, q.dtype, jax.default_backend())
+        backend = jax.default_backend()
+        config = impl.config_fn(q.shape, k.shape, q.dtype, backend, features=frozenset(needed))
     return config
 
 

@@ -59,7 +59,8 @@ class Implementation:
       fn: the single-head kernel.
       supports: the subset of :data:`FEATURES` it serves.
       backends: the platforms it runs on ('cpu', 'gpu', 'tpu').
-      config_fn: ``(q_shape, k_shape, dtype, backend) -> config`` (e.g. block sizes), or None.
+      config_fn: ``(q_shape, k_shape, dtype, backend, features=...) -> config`` (e.g. block
+        sizes; ``features`` is the set of FEATURES the call needs), or None.
       config_type: the type of that config, which users may pass as ``config=``.
       batched: True when ``fn`` takes whole arrays itself rather than one head (one Pallas
         launch over batch and heads, or a delegating implementation such as cuDNN):

@@ -52,17 +52,22 @@ class FlashConfig:
                 raise ValueError(f"FlashConfig.{name} must be a positive int, got {v!r}")
 
 
-def default_config(q_shape, k_shape, dtype, backend: str) -> FlashConfig:
-    """The heuristic default, from `python -m bench` sweeps on a 2-core Zen 4 CPU.
+def default_config(
+    q_shape, k_shape, dtype, backend: str, features: frozenset[str] = frozenset()
+) -> FlashConfig:
+    """The heuristic default, from sweeps on a 2-core Zen 4 CPU (see the README's benchmarks).
 
-    512 x 256 blocks gave the best throughput at T = 2k-4k (the score block of 8 heads stays
-    in L2/L3 and the products are large). Shorter sequences use at least four query blocks, down
-    to 128 rows, so that a causal mask can skip about half of the blocks.
+    Without a causal or window mask, 256 x 512 blocks were best from T = 512 to 4k: long enough
+    key blocks for large products, and a score block of 8 heads that stays in cache. With one,
+    taller query blocks (512 rows) did better at T >= 2k, and shorter sequences keep at least
+    four query blocks (down to 128 rows) so that about half of the blocks can be skipped.
     """
-    del k_shape, dtype
+    del dtype
     if backend != "cpu":
         return FlashConfig(128, 128)
     t = q_shape[-3]
+    if not features & {"causal", "local_window"}:
+        return FlashConfig(256, 512)
     block_q = 512
     while block_q > 128 and 4 * block_q > t:
         block_q //= 2

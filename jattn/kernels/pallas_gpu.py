@@ -127,7 +127,9 @@ def _generation(device_kind: str) -> str:
     return "small"
 
 
-def default_config(q_shape, k_shape, dtype, backend: str) -> PallasGpuConfig:
+def default_config(
+    q_shape, k_shape, dtype, backend: str, features: frozenset[str] = frozenset()
+) -> PallasGpuConfig:
     """The heuristic default for the GPU ``jax.devices()[0]`` (by ``device_kind``) and the head
     dim of ``q_shape``. Off a GPU (interpret mode) small tiles keep the emulation quick."""
     del k_shape

@@ -103,7 +103,9 @@ def _generation(device_kind: str) -> str:
     return "large"
 
 
-def default_config(q_shape, k_shape, dtype, backend: str) -> PallasTpuConfig:
+def default_config(
+    q_shape, k_shape, dtype, backend: str, features: frozenset[str] = frozenset()
+) -> PallasTpuConfig:
     """The heuristic default for the TPU ``jax.devices()[0]`` (by ``device_kind``); off a TPU
     (interpret mode) small tiles keep the emulation quick."""
     del k_shape, dtype
