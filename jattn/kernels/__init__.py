@@ -104,7 +104,7 @@ def register(impl: Implementation, *, default_rank: dict[str, int] | None = None
 # The crossover between the materialising kernel and the blockwise one: below this many scores
 # per head (T * S) `fused` is faster, above it `flash` (and its memory stays O(T + S)). Measured
 # with `python -m bench` on a 2-core Zen 4 CPU; see the README's benchmark section.
-FLASH_MIN_SCORES = 256 * 256
+FLASH_MIN_SCORES = 512 * 1024
 
 
 def default_order(backend: str, q_len: int, kv_len: int) -> list[str]:
