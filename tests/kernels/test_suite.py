@@ -68,8 +68,9 @@ SHAPES = [
 @pytest.mark.parametrize("causal", [False, True])
 def test_forward_f32(impl, shape, causal):
     batch, t, s, n, kh, h = shape
-    if impl.slow and max(t, s) > 64:
-        pytest.skip("emulated kernel: the long shapes are covered by test_forward_low_precision")
+    if impl.slow:
+        # Emulated kernels trace every block: keep the shape's oddness, not its length.
+        t, s = min(t, 37), min(s, 37)
     q, k, v, b = H.random_qkv(
         jax.random.key(1), batch, t, s, n, kh, h, bias=_supports(impl, "bias")
     )
