@@ -27,9 +27,7 @@ def test_memory_grows_linearly_with_sequence(causal):
         return lambda q, k, v: jattn.attention(q, k, v, is_causal=causal, implementation=impl)
 
     def fwd_bwd(impl):
-        return lambda q, k, v: jax.grad(lambda *a: fwd(impl)(*a).sum(), argnums=(0, 1, 2))(
-            q, k, v
-        )
+        return lambda q, k, v: jax.grad(lambda *a: fwd(impl)(*a).sum(), argnums=(0, 1, 2))(q, k, v)
 
     n, h = 2, 32
     for make in (fwd, fwd_bwd):
