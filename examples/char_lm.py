@@ -306,7 +306,7 @@ def run(argv: Sequence[str] | None = None) -> Result:
     tx = common.make_optimizer(
         "cosine", args.lr, args.warmup, args.steps, weight_decay=args.weight_decay
     )
-    trainer = common.Trainer(model, tx, lm_loss, seed=args.seed)
+    trainer = common.Trainer(model, tx, lm_loss, seed=args.seed, mesh=common.parse_mesh(args.mesh))
     history: dict[str, list] = {"train": [], "val": []}
     resumed_from = None
     if saved_meta is not None:

@@ -187,3 +187,31 @@ def test_classifier_csv_cleans_labels(tmp_path: Path) -> None:
     examples, _, skipped = classifier.load_examples(classifier.parse_args(["--data", str(data)]))
     assert examples == [("좋아해", 2), ("헤어졌어", 1), ("밥 먹자", 0)]
     assert skipped == 2
+
+
+def test_char_lm_on_a_mesh_matches_one_device(tmp_path):
+    """--mesh data=4,model=2 on 8 host devices trains to the same loss as one device."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys; from examples import char_lm; "
+        "a = ['--steps', '2', '--batch-size', '8', '--seq-len', '32', '--d-model', '64', "
+        "'--layers', '2', '--heads', '4', '--eval-every', '0', '--no-progress', "
+        "'--gen-length', '4']; "
+        f"x = char_lm.main(a + ['--out-dir', {str(tmp_path / 'a')!r}]); "
+        f"y = char_lm.main(a + ['--out-dir', {str(tmp_path / 'b')!r}, "
+        "'--mesh', 'data=4,model=2']); "
+        "print('RESULT', json.dumps([x['val_loss'], y['val_loss']]))"
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    single, sharded = json.loads(line.split(" ", 1)[1])
+    assert abs(single - sharded) < 1e-4 * max(1.0, abs(single))
