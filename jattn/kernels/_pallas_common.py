@@ -25,6 +25,20 @@ from jax import lax
 
 from jattn import masks as masks_lib
 
+# What both Pallas kernels serve (the rest raises NotImplementedError naming the feature).
+SUPPORTS = frozenset(
+    {
+        "causal",
+        "local_window",
+        "lengths",
+        "segments",
+        "softcap",
+        "return_lse",
+        "gqa",
+        "value_head_dim",
+    }
+)
+
 Array = jax.Array
 
 LOG2E = math.log2(math.e)

@@ -39,18 +39,7 @@ Array = jax.Array
 # Triton's dot needs every dimension >= 16; loads and stores need power-of-two sizes.
 _MIN_DOT = 16
 
-SUPPORTS = frozenset(
-    {
-        "causal",
-        "local_window",
-        "lengths",
-        "segments",
-        "softcap",
-        "return_lse",
-        "gqa",
-        "value_head_dim",
-    }
-)
+SUPPORTS = pc.SUPPORTS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,18 +44,7 @@ Array = jax.Array
 
 LANES = 128
 
-SUPPORTS = frozenset(
-    {
-        "causal",
-        "local_window",
-        "lengths",
-        "segments",
-        "softcap",
-        "return_lse",
-        "gqa",
-        "value_head_dim",
-    }
-)
+SUPPORTS = pc.SUPPORTS
 
 
 @dataclasses.dataclass(frozen=True)
