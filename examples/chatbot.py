@@ -246,19 +246,7 @@ def run(argv: Sequence[str] | None = None) -> Result:
     """Trains, validates, answers and plots; returns the summary and the trained state."""
     t0 = time.perf_counter()
     args = parse_args(argv)
-    checkpoints = common.Checkpoints(args.ckpt_dir)
-    saved_meta = None
-    if args.resume and checkpoints.latest_step() is not None:
-        saved_meta = checkpoints.read_meta()
-        common.restore_model_args(args, saved_meta["args"], MODEL_ARGS)
-    elif checkpoints.latest_step() is not None:
-        checkpoints.close()
-        raise SystemExit(
-            f"{args.ckpt_dir} already holds checkpoints: pass --resume to continue from them "
-            "or choose another --ckpt-dir"
-        )
-    elif args.resume:
-        print(f"--resume: no checkpoint in {args.ckpt_dir}, starting afresh", flush=True)
+    checkpoints, saved_meta = common.open_checkpoints(args, MODEL_ARGS)
 
     pairs, source, skipped = load_pairs(args)
     train_idx, val_idx = common.shuffled_split(len(pairs), args.val_fraction, args.seed)

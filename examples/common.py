@@ -59,6 +59,7 @@ __all__ = [
     "read_csv_columns",
     "read_text",
     "record_attention",
+    "open_checkpoints",
     "restore_model_args",
     "show_token",
     "shuffled_split",
@@ -519,6 +520,27 @@ def _to_device(batch: Batch) -> dict[str, jax.Array]:
 
 
 # -- checkpoints -------------------------------------------------------------------------------
+
+
+def open_checkpoints(
+    args: argparse.Namespace, model_args: Sequence[str]
+) -> tuple[Checkpoints, dict[str, Any] | None]:
+    """The run's checkpoint directory and, with ``--resume`` and a checkpoint there, its saved
+    meta (whose model settings replace ``args``'). Refuses to overwrite checkpoints silently."""
+    checkpoints = Checkpoints(args.ckpt_dir)
+    if checkpoints.latest_step() is None:
+        if args.resume:
+            print(f"--resume: no checkpoint in {args.ckpt_dir}, starting afresh", flush=True)
+        return checkpoints, None
+    if not args.resume:
+        checkpoints.close()
+        raise SystemExit(
+            f"{args.ckpt_dir} already holds checkpoints: pass --resume to continue from them "
+            "or choose another --ckpt-dir"
+        )
+    saved_meta = checkpoints.read_meta()
+    restore_model_args(args, saved_meta["args"], model_args)
+    return checkpoints, saved_meta
 
 
 class Checkpoints:
