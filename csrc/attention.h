@@ -1,0 +1,141 @@
+// The native CPU attention kernel: the contract between the XLA FFI bindings (ffi.cc), the
+// forward kernel (forward.cc) and the backward kernel (backward.cc).
+//
+// One call covers the whole batch. Layouts are row-major and contiguous:
+//   q [B, T, N, H]   k [B, S, K, H]   v [B, S, K, Hv]   out [B, T, N, Hv]   lse [B, N, T]
+// with N = K * G: query head n = kh * G + g reads key/value head kh (grouped-query attention).
+// Several batch dims are flattened to B by the Python side.
+//
+// Logits: l = softcap(scale * q.k) + bias, then the mask; the softmax, its row max and row
+// sum and the output accumulator are float32 whatever the input dtype. A row that sees no key
+// returns zeros, lse = -inf, and zero gradients.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+
+namespace jattn {
+
+enum class DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// A per-head [T, S] array broadcast over [B, K, G, T, S]: element (b, kh, g, i, j) is at
+// data[b * sb + kh * sk + g * sg + i * st + j * ss] (strides in elements; 0 = broadcast).
+// data == nullptr: absent.
+template <typename E>
+struct Broadcast5 {
+  const E* data = nullptr;
+  int64_t sb = 0, sk = 0, sg = 0, st = 0, ss = 0;
+  const E* head(int64_t b, int64_t kh, int64_t g) const { return data + b * sb + kh * sk + g * sg; }
+};
+
+struct Problem {
+  int64_t B = 0, T = 0, S = 0, K = 0, G = 0, H = 0, Hv = 0;
+  DType dtype = DType::kF32;
+  float scale = 1.0f;
+  float softcap = 0.0f;  // 0: none; else l = softcap * tanh(scale * q.k / softcap)
+
+  // Static mask parts: key j is visible from query i only if j >= i - left (when has_left)
+  // and j <= i + right (when has_right; right may be negative: a causal offset).
+  bool has_left = false, has_right = false;
+  int64_t left = 0, right = 0;
+  // Per-batch parts, int32 [B] (nullptr when absent): i < q_len[b], j < kv_len[b],
+  // j <= i + offset[b].
+  const int32_t* q_len = nullptr;
+  const int32_t* kv_len = nullptr;
+  const int32_t* offset = nullptr;
+  // Segment ids, int32 [B, T] and [B, S] (both or neither): visible only where equal.
+  const int32_t* q_seg = nullptr;
+  const int32_t* kv_seg = nullptr;
+  // Dense mask (uint8, nonzero = attend) and additive float32 bias.
+  Broadcast5<uint8_t> mask;
+  Broadcast5<float> bias;
+  // Dropout of the normalised weights at `dropout_rate` (kept ones scaled by 1 / (1 - rate)),
+  // decided by dropout_keep() below from the per-head seeds uint32 [B, K, G].
+  float dropout_rate = 0.0f;
+  const uint32_t* dropout_seed = nullptr;
+};
+
+// Runs fn(i) for i in [0, n) on the kernel's threads and returns when all are done. Which
+// thread runs which i must not change the result: each i owns its outputs.
+void parallel_for(int64_t n, const std::function<void(int64_t)>& fn);
+int num_threads();
+
+// out, lse (lse may be nullptr when not wanted).
+void forward(const Problem& p, const void* q, const void* k, const void* v, void* out,
+             float* lse);
+
+// Gradients from the saved out and lse (lse of the forward, [B, N, T]) and the cotangents
+// dout [B, T, N, Hv] (input dtype) and dlse [B, N, T] (float32, nullptr = zero).
+// dq, dk, dv in the input dtype. dbias, when not nullptr, is float32 [B, K, G, T, S] (the
+// gradient of the logits after softcap, before the mask: zero where masked); the Python side
+// sums it down to the bias's broadcast shape.
+void backward(const Problem& p, const void* q, const void* k, const void* v, const void* out,
+              const float* lse, const void* dout, const float* dlse, void* dq, void* dk,
+              void* dv, float* dbias);
+
+// ---------------------------------------------------------------------------------------
+// Matrix products on float32 blocks (gemm.cc), vectorised with runtime dispatch on the CPU's
+// ISA (AVX-512, AVX2+FMA, portable). Row-major with leading dimensions; `accumulate` adds
+// to C instead of overwriting it. The kernels convert bfloat16/float16 blocks to float32.
+//   gemm_nt: C[M, N] (+)= A[M, K] . B[N, K]^T     (scores q k^T, dP = dO v^T)
+//   gemm_nn: C[M, N] (+)= A[M, K] . B[K, N]       (out += p v, dq += dS k)
+//   gemm_tn: C[M, N] (+)= A[K, M]^T . B[K, N]     (dk += dS^T q, dv += p^T dO)
+void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, bool accumulate);
+void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, bool accumulate);
+void gemm_tn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, bool accumulate);
+
+// ---------------------------------------------------------------------------------------
+// Shared by both kernels.
+
+// The murmur3 finaliser, as jattn._dropout._fmix32.
+inline uint32_t fmix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  return x ^ (x >> 16);
+}
+
+// jattn._dropout.keep_mask for one entry: row_hash = fmix32(seed ^ (i * 0x85EBCA77)) once per
+// row, then keep iff fmix32(row_hash ^ (j * 0xC2B2AE3D + 1)) >= threshold.
+inline uint32_t dropout_row_hash(uint32_t head_seed, int64_t i) {
+  return fmix32(head_seed ^ (static_cast<uint32_t>(i) * 0x85EBCA77u));
+}
+inline bool dropout_keep(uint32_t row_hash, int64_t j, uint32_t threshold) {
+  return fmix32(row_hash ^ (static_cast<uint32_t>(j) * 0xC2B2AE3Du + 1u)) >= threshold;
+}
+// min(int(rate * 2**32), 2**32 - 1), as in jattn._dropout.
+inline uint32_t dropout_threshold(float rate) {
+  double t = static_cast<double>(rate) * 4294967296.0;
+  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+}
+
+// The index part of the mask for one batch element: the key range [lo, hi) that row i may
+// see from the static window/causal bounds, kv_len and q_len (segments and the dense mask
+// are applied on top, entry by entry).
+struct RowBounds {
+  bool has_left, has_right;
+  int64_t left, right, kv_end, q_end;
+  RowBounds(const Problem& p, int64_t b) {
+    has_left = p.has_left;
+    left = p.left;
+    has_right = p.has_right || p.offset;
+    right = p.has_right ? p.right : INT64_MAX / 4;
+    if (p.offset) right = p.has_right ? std::min<int64_t>(right, p.offset[b]) : p.offset[b];
+    kv_end = p.kv_len ? std::max<int64_t>(0, std::min<int64_t>(p.S, p.kv_len[b])) : p.S;
+    q_end = p.q_len ? std::max<int64_t>(0, std::min<int64_t>(p.T, p.q_len[b])) : p.T;
+  }
+  int64_t lo(int64_t i) const { return has_left ? std::max<int64_t>(0, i - left) : 0; }
+  int64_t hi(int64_t i) const {
+    if (i >= q_end) return 0;
+    int64_t h = has_right ? std::min<int64_t>(kv_end, std::max<int64_t>(0, i + right + 1))
+                          : kv_end;
+    return std::max(h, lo(i));
+  }
+};
+
+}  // namespace jattn
