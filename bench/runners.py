@@ -254,6 +254,15 @@ class FlaxLinenRunner(JaxRunner):
         return attn
 
 
+def _absl_flags_parsed() -> None:
+    """Parse absl's flags with no arguments if nobody has: tokamax reads its config flags on
+    first use and would otherwise parse `sys.argv`, which holds this suite's own options."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(["bench"], known_only=True)
+
+
 class TokamaxRunner(JaxRunner):
     def __init__(self, implementation: str | None) -> None:
         super().__init__(f"tokamax:{implementation or 'auto'}", "peer")
@@ -262,6 +271,7 @@ class TokamaxRunner(JaxRunner):
     def attention(self, case: Case) -> AttentionFn:
         import tokamax
 
+        _absl_flags_parsed()
         return functools.partial(
             tokamax.dot_product_attention,
             is_causal=case.causal,

@@ -208,3 +208,23 @@ def test_torch_peer_when_installed(tmp_path):
         assert r["threads"] == 1 and r["compile_s"] is None
         assert r["versions"]["torch"] is not None
         assert r["tflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e12)
+
+
+def test_tokamax_peer_runs_whatever_the_command_line(tmp_path, monkeypatch):
+    pytest.importorskip("tokamax")
+    from absl import flags
+
+    # tokamax reads absl flags on first use; unparsed, absl would parse sys.argv, which holds
+    # the suite's own options. Start from unparsed flags and a bench command line.
+    flags.FLAGS.unparse_flags()
+    out = tmp_path / "tk.jsonl"
+    argv = ["--shape", "2,16,24,4,2,8", "--impls", "none", "--peers", "tokamax", "--repeats",
+            "1", "--min-time", "0", "--no-progress", "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["bench", *argv])
+    assert cli.main(argv) == 0
+    records = list(read_records([out]))
+    assert len(records) == 4  # 2 masks x 2 modes, GQA (N=4, K=2) and T != S
+    for r in records:
+        assert r["implementation"].startswith("tokamax:") and r["status"] == "ok", r["reason"]
+        assert r["versions"]["tokamax"] is not None
+        assert (r["T"], r["S"], r["N"], r["K"]) == (16, 24, 4, 2)
