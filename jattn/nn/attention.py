@@ -57,7 +57,18 @@ def _and(a: Any, b: Any) -> Any:
 def _as_mask_object(m: Any) -> Any:
     # Arrays (jax or numpy) become Dense masks; anything else is taken to be a jattn.masks object.
     if isinstance(m, (jax.Array, np.ndarray)):
-        return jmasks.Dense(jnp.asarray(m, bool))
+        return jmasks.Dense(_bool_mask(m))
+    return m
+
+
+def _bool_mask(mask: Any) -> jax.Array:
+    """``mask`` as a boolean array; refused, as :func:`jattn.attention` refuses it, otherwise."""
+    m = jnp.asarray(mask)
+    if m.dtype != jnp.bool_:
+        raise TypeError(
+            f"mask must be boolean (True = attend), got dtype {m.dtype}; pass an additive "
+            "mask as `bias`, or compare (e.g. `mask != 0`) to say which entries attend"
+        )
     return m
 
 
@@ -83,6 +94,10 @@ class MultiHeadAttention(nnx.Module):
       scale: logit scale; ``None`` is ``head_dim ** -0.5``.
       softcap: ``softcap * tanh(logits / softcap)`` before masking.
       implementation: passed to :func:`jattn.attention` (a name, a list of names, or None).
+      sow_weights: also store each call's attention weights ``[*B, N, T, S]`` with
+        ``self.sow(nnx.Intermediate, "attention_weights", weights)`` (needs a materialising
+        implementation such as "fused"); collect them with ``nnx.capture``. An attribute, so
+        it can be switched on in a trained model (``layer.sow_weights = True``).
       kernel_init, bias_init: initialisers of the projections.
       dtype: computation dtype; param_dtype: parameter dtype.
       rngs: parameter initialisation and (when ``dropout_rate > 0``) the dropout stream.
@@ -104,6 +119,7 @@ class MultiHeadAttention(nnx.Module):
         scale: float | None = None,
         softcap: float | None = None,
         implementation: Implementation = None,
+        sow_weights: bool = False,
         kernel_init: nnx.Initializer = _default_kernel_init,
         bias_init: nnx.Initializer = _zeros,
         dtype: Dtype | None = None,
@@ -138,6 +154,7 @@ class MultiHeadAttention(nnx.Module):
         self.scale = scale
         self.softcap = softcap
         self.implementation = implementation
+        self.sow_weights = sow_weights
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.rotary = rotary
@@ -277,7 +294,8 @@ class MultiHeadAttention(nnx.Module):
           deterministic: overrides the module's ``deterministic``.
           rngs: dropout key source for this call (Rngs, RngStream or a key).
           return_weights: also return the attention weights ``[*B, N, T, S]`` (needs a
-            materialising implementation such as "fused" or "reference").
+            materialising implementation such as "fused" or "reference"). See also
+            ``sow_weights``.
 
         Returns:
           ``[*B, T, out_features]``, or ``(output, weights)``.
@@ -365,9 +383,11 @@ class MultiHeadAttention(nnx.Module):
             dropout_rate=rate,
             dropout_rng=dropout_rng,
             implementation=self.implementation,
-            return_weights=return_weights,
+            return_weights=return_weights or self.sow_weights,
         )
-        out, weights = result if return_weights else (result, None)
+        out, weights = result if return_weights or self.sow_weights else (result, None)
+        if self.sow_weights:
+            self.sow(nnx.Intermediate, "attention_weights", weights)
         out = self.out(out.reshape(*out.shape[:-2], self.num_heads * self.head_dim))
         return (out, weights) if return_weights else out
 
@@ -398,7 +418,7 @@ def _key_padding(mask: jax.Array | None) -> jax.Array | None:
     # A [*B, S] padding mask broadcasts over the head and query axes of [*B, N, T, S].
     if mask is None:
         return None
-    return jnp.asarray(mask, bool)[..., None, None, :]
+    return _bool_mask(mask)[..., None, None, :]
 
 
 class DotProductAttention(nnx.Module):
