@@ -1,0 +1,31 @@
+// Runtime ISA dispatch for the native CPU kernel.
+//
+// Every vectorised routine is written once, with GCC/Clang vector extensions over a width W
+// (floats per vector), in an .inc file that is included several times, each time inside its own
+// namespace and under its own `#pragma GCC target`: isa_generic (SSE2, every x86-64; or the
+// compiler's baseline elsewhere), isa_avx2 (AVX2 + FMA + F16C) and isa_avx512 (AVX-512F). The
+// level is chosen once per process from what the CPU reports (__builtin_cpu_supports), never
+// from the build machine; JATTN_CPU_ISA=generic|avx2|avx512 forces a lower one (for tests).
+#pragma once
+
+#include <cstdint>
+
+namespace jattn {
+
+enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The level in use (detected once; capped by JATTN_CPU_ISA).
+Isa cpu_isa();
+const char* isa_name(Isa isa);
+
+// Cache sizes in bytes (sysconf, with conservative defaults when the OS does not say).
+int64_t l1d_cache_bytes();
+int64_t l2_cache_bytes();
+
+}  // namespace jattn
+
+#if defined(__x86_64__) || defined(__i386__)
+#define JATTN_X86 1
+#else
+#define JATTN_X86 0
+#endif
