@@ -1,0 +1,609 @@
+// The backward pass of the native CPU flash-attention kernel (FlashAttention-2 style).
+//
+// Work is split into tasks (batch b, KV head kh, key chunk c). A task owns, for its KV head,
+// the key blocks kb = c, c + C, c + 2C, ... : their dK/dV rows (accumulated in float32 over
+// the G query heads of the group and every query block that sees the key block, in a fixed
+// order) and its own float32 dQ accumulator. With C = 1 that accumulator is final; with
+// C > 1 the C partial dQ are summed in chunk order at the end. So every result is computed in
+// an order fixed by the problem and the thread count, never by the scheduling.
+//
+// Per (query block, key block) pair, with the probabilities recomputed from the saved
+// log-sum-exp:
+//   S  = Q_i K_j^T                    (gemm_nt)
+//   dP = dO_i V_j^T                   (gemm_nt)
+//   P = exp(softcap(scale S) + bias - lse), dS = P (dP - D), D = rowsum(dO O) - dlse
+//                                     (one fused, vectorised sweep; dropout on P and dP)
+//   dV_j += P^T dO_i   dK_j += dS^T Q_i   dQ_i += dS K_j    (gemm_tn, gemm_tn, gemm_nn)
+// Blocks that the mask leaves empty are skipped; the per-entry mask is only built on mixed
+// blocks.
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "attention.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define JATTN_BWD_X86 1
+#else
+#define JATTN_BWD_X86 0
+#endif
+
+namespace jattn {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------
+// dtype conversions (round to nearest even).
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+  uint32_t x;
+  if (e == 0) {
+    float f = static_cast<float>(m) * 5.9604644775390625e-8f;  // m * 2^-24
+    std::memcpy(&x, &f, 4);
+    x |= sign;
+  } else if (e == 31) {
+    x = sign | 0x7F800000u | (m << 13);
+  } else {
+    x = sign | ((e + 112u) << 23) | (m << 13);
+  }
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+
+inline uint16_t f32_to_f16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000u;
+  uint32_t ax = x & 0x7FFFFFFFu;
+  if (ax >= 0x7F800000u) return static_cast<uint16_t>(sign | 0x7C00u | (ax > 0x7F800000u ? 0x200u : 0u));
+  if (ax >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // rounds to inf
+  if (ax < 0x38800000u) {  // below the smallest normal half: a multiple of 2^-24
+    float v;
+    std::memcpy(&v, &ax, 4);
+    uint32_t m = static_cast<uint32_t>(std::nearbyint(v * 16777216.0f));
+    return static_cast<uint16_t>(sign | m);
+  }
+  uint32_t r = ax - 0x38000000u;
+  r += 0xFFFu + ((r >> 13) & 1u);
+  return static_cast<uint16_t>(sign | (r >> 13));
+}
+
+inline float load_elem(const void* base, int64_t idx, DType dt) {
+  switch (dt) {
+    case DType::kF32: return static_cast<const float*>(base)[idx];
+    case DType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(base)[idx]);
+    default: return f16_to_f32(static_cast<const uint16_t*>(base)[idx]);
+  }
+}
+
+// n contiguous elements of base[idx...] -> float.
+void load_row(const void* base, int64_t idx, int64_t n, DType dt, float* dst) {
+  if (dt == DType::kF32) {
+    std::memcpy(dst, static_cast<const float*>(base) + idx, n * sizeof(float));
+  } else if (dt == DType::kBF16) {
+    const uint16_t* s = static_cast<const uint16_t*>(base) + idx;
+    for (int64_t t = 0; t < n; ++t) dst[t] = bf16_to_f32(s[t]);
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(base) + idx;
+    for (int64_t t = 0; t < n; ++t) dst[t] = f16_to_f32(s[t]);
+  }
+}
+
+// n floats -> base[idx...] in dtype dt.
+void store_row(void* base, int64_t idx, int64_t n, DType dt, const float* src) {
+  if (dt == DType::kF32) {
+    std::memcpy(static_cast<float*>(base) + idx, src, n * sizeof(float));
+  } else if (dt == DType::kBF16) {
+    uint16_t* d = static_cast<uint16_t*>(base) + idx;
+    for (int64_t t = 0; t < n; ++t) d[t] = f32_to_bf16(src[t]);
+  } else {
+    uint16_t* d = static_cast<uint16_t*>(base) + idx;
+    for (int64_t t = 0; t < n; ++t) d[t] = f32_to_f16(src[t]);
+  }
+}
+
+// A whole tensor of `n` elements -> float32, in parallel.
+std::unique_ptr<float[]> to_f32(const void* src, int64_t n, DType dt) {
+  std::unique_ptr<float[]> out(new float[n > 0 ? n : 1]);
+  constexpr int64_t kChunk = 1 << 16;
+  int64_t chunks = (n + kChunk - 1) / kChunk;
+  float* o = out.get();
+  parallel_for(chunks, [&](int64_t c) {
+    int64_t a = c * kChunk, e = std::min(n, a + kChunk);
+    load_row(src, a, e - a, dt, o + a);
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// The elementwise sweep over one row of a (query block, key block) pair.
+
+struct RowArgs {
+  float* s;          // in: q.k (unscaled); out: P (with dropout: the kept, rescaled weights)
+  float* dp;         // in: dO.v; out: dS * softcap' * scale (what the dQ/dK products need)
+  const float* add;  // additive bias + mask (-inf) for the row's columns, or nullptr
+  float* db;         // dbias row (dS, before the softcap factor and the scale), or nullptr
+  int64_t n;         // columns
+  int64_t j0;        // first key index of the columns (dropout hash)
+  float lse, D;      // row's log-sum-exp, rowsum(dO*O) - dlse
+  uint32_t row_hash;
+};
+
+struct SweepConsts {
+  float scale, cap, inv_cap, inv_keep;
+  uint32_t threshold;
+};
+
+template <bool kCap, bool kAdd, bool kDrop, bool kDb>
+void sweep_row_scalar(const RowArgs& r, const SweepConsts& c, int64_t from) {
+  for (int64_t t = from; t < r.n; ++t) {
+    float x = r.s[t] * c.scale;
+    float th = 0.0f;
+    if (kCap) {
+      th = std::tanh(x * c.inv_cap);
+      x = c.cap * th;
+    }
+    if (kAdd) x += r.add[t];
+    float pv = std::exp(x - r.lse);
+    float d = r.dp[t];
+    float pd = pv;
+    if (kDrop) {
+      bool keep = dropout_keep(r.row_hash, r.j0 + t, c.threshold);
+      pd = keep ? pv * c.inv_keep : 0.0f;
+      d = keep ? d * c.inv_keep : 0.0f;
+    }
+    float ds = pv * (d - r.D);
+    if (kDb) r.db[t] = ds;
+    if (kCap) ds *= (1.0f - th * th);
+    r.s[t] = pd;
+    r.dp[t] = ds * c.scale;
+  }
+}
+
+#if JATTN_BWD_X86
+#define JATTN_AVX2 __attribute__((target("avx2,fma")))
+
+// exp(x) for x <= 88; exactly 0 below -87.3 (incl. -inf). Cephes-style: 2^n * poly(r).
+JATTN_AVX2 inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.0f);
+  __m256 valid = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
+  __m256 r2 = _mm256_mul_ps(r, r);
+  y = _mm256_fmadd_ps(y, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), valid);
+}
+
+// tanh: an odd polynomial below |x| = 0.25, else sign(x) (1 - 2 / (exp(2|x|) + 1)).
+JATTN_AVX2 inline __m256 tanh256(__m256 x) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+  __m256 ax = _mm256_andnot_ps(sign_mask, x);
+  __m256 e = exp256(_mm256_mul_ps(ax, _mm256_set1_ps(2.0f)));
+  __m256 big = _mm256_sub_ps(_mm256_set1_ps(1.0f),
+                             _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+  __m256 x2 = _mm256_mul_ps(ax, ax);
+  __m256 p = _mm256_set1_ps(62.0f / 2835.0f);
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-17.0f / 315.0f));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(2.0f / 15.0f));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-1.0f / 3.0f));
+  __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, x2), ax, ax);
+  __m256 res = _mm256_blendv_ps(big, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.25f), _CMP_LT_OQ));
+  return _mm256_or_ps(res, _mm256_and_ps(x, sign_mask));
+}
+
+JATTN_AVX2 inline __m256i fmix256(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int32_t>(0x85EBCA6Bu)));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 13));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int32_t>(0xC2B2AE35u)));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+
+template <bool kCap, bool kAdd, bool kDrop, bool kDb>
+JATTN_AVX2 void sweep_row_avx2(const RowArgs& r, const SweepConsts& c) {
+  const __m256 scale = _mm256_set1_ps(c.scale), cap = _mm256_set1_ps(c.cap),
+               inv_cap = _mm256_set1_ps(c.inv_cap), inv_keep = _mm256_set1_ps(c.inv_keep),
+               lse = _mm256_set1_ps(r.lse), D = _mm256_set1_ps(r.D), one = _mm256_set1_ps(1.0f);
+  const __m256i rh = _mm256_set1_epi32(static_cast<int32_t>(r.row_hash));
+  const __m256i thr = _mm256_set1_epi32(static_cast<int32_t>(c.threshold));
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i jmul = _mm256_set1_epi32(static_cast<int32_t>(0xC2B2AE3Du));
+  int64_t t = 0;
+  for (; t + 8 <= r.n; t += 8) {
+    __m256 x = _mm256_mul_ps(_mm256_loadu_ps(r.s + t), scale);
+    __m256 th;
+    if (kCap) {
+      th = tanh256(_mm256_mul_ps(x, inv_cap));
+      x = _mm256_mul_ps(cap, th);
+    }
+    if (kAdd) x = _mm256_add_ps(x, _mm256_loadu_ps(r.add + t));
+    __m256 pv = exp256(_mm256_sub_ps(x, lse));
+    __m256 d = _mm256_loadu_ps(r.dp + t);
+    __m256 pd = pv;
+    if (kDrop) {
+      __m256i j = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(r.j0 + t)), lanes);
+      __m256i h = _mm256_add_epi32(_mm256_mullo_epi32(j, jmul), _mm256_set1_epi32(1));
+      h = fmix256(_mm256_xor_si256(rh, h));
+      __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_max_epu32(h, thr), h));
+      pd = _mm256_and_ps(keep, _mm256_mul_ps(pv, inv_keep));
+      d = _mm256_and_ps(keep, _mm256_mul_ps(d, inv_keep));
+    }
+    __m256 ds = _mm256_mul_ps(pv, _mm256_sub_ps(d, D));
+    if (kDb) _mm256_storeu_ps(r.db + t, ds);
+    if (kCap) ds = _mm256_mul_ps(ds, _mm256_fnmadd_ps(th, th, one));
+    _mm256_storeu_ps(r.s + t, pd);
+    _mm256_storeu_ps(r.dp + t, _mm256_mul_ps(ds, scale));
+  }
+  if (t < r.n) sweep_row_scalar<kCap, kAdd, kDrop, kDb>(r, c, t);
+}
+
+bool have_avx2() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    const char* env = std::getenv("JATTN_CPU_ISA");
+    if (env && std::strcmp(env, "generic") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+}
+#endif
+
+using SweepFn = void (*)(const RowArgs&, const SweepConsts&);
+
+template <bool kCap, bool kAdd, bool kDrop, bool kDb>
+void sweep_row_generic(const RowArgs& r, const SweepConsts& c) {
+  sweep_row_scalar<kCap, kAdd, kDrop, kDb>(r, c, 0);
+}
+
+template <bool kCap, bool kAdd, bool kDrop, bool kDb>
+SweepFn pick4() {
+#if JATTN_BWD_X86
+  if (have_avx2()) return &sweep_row_avx2<kCap, kAdd, kDrop, kDb>;
+#endif
+  return &sweep_row_generic<kCap, kAdd, kDrop, kDb>;
+}
+
+template <bool kCap, bool kAdd, bool kDrop>
+SweepFn pick3(bool db) {
+  return db ? pick4<kCap, kAdd, kDrop, true>() : pick4<kCap, kAdd, kDrop, false>();
+}
+template <bool kCap, bool kAdd>
+SweepFn pick2(bool drop, bool db) {
+  return drop ? pick3<kCap, kAdd, true>(db) : pick3<kCap, kAdd, false>(db);
+}
+template <bool kCap>
+SweepFn pick1(bool add, bool drop, bool db) {
+  return add ? pick2<kCap, true>(drop, db) : pick2<kCap, false>(drop, db);
+}
+SweepFn pick_sweep(bool cap, bool add, bool drop, bool db) {
+  return cap ? pick1<true>(add, drop, db) : pick1<false>(add, drop, db);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+
+void backward(const Problem& p, const void* q, const void* k, const void* v, const void* out,
+              const float* lse, const void* dout, const float* dlse, void* dq, void* dk,
+              void* dv, float* dbias) {
+  const int64_t B = p.B, T = p.T, S = p.S, K = p.K, G = p.G, H = p.H, Hv = p.Hv;
+  const int64_t N = K * G;
+  const DType dt = p.dtype;
+  if (B <= 0 || N <= 0) return;
+  const int64_t esz = dt == DType::kF32 ? 4 : 2;
+
+  // Float32 views of the inputs ([B, T, N, H] etc., the same layouts).
+  std::unique_ptr<float[]> qbuf, kbuf, vbuf, dobuf;
+  const float *qf, *kf, *vf, *dof;
+  if (dt == DType::kF32) {
+    qf = static_cast<const float*>(q);
+    kf = static_cast<const float*>(k);
+    vf = static_cast<const float*>(v);
+    dof = static_cast<const float*>(dout);
+  } else {
+    qbuf = to_f32(q, B * T * N * H, dt);
+    kbuf = to_f32(k, B * S * K * H, dt);
+    vbuf = to_f32(v, B * S * K * Hv, dt);
+    dobuf = to_f32(dout, B * T * N * Hv, dt);
+    qf = qbuf.get();
+    kf = kbuf.get();
+    vf = vbuf.get();
+    dof = dobuf.get();
+  }
+
+  // D = rowsum(dO * O) - dlse, [B, N, T].
+  std::unique_ptr<float[]> Dbuf(new float[std::max<int64_t>(1, B * N * T)]);
+  {
+    float* Dp = Dbuf.get();
+    constexpr int64_t kRows = 256;
+    int64_t chunks = ceil_div(B * T, kRows);
+    parallel_for(chunks, [&](int64_t c) {
+      std::vector<float> orow(Hv);
+      int64_t a = c * kRows, e = std::min(B * T, a + kRows);
+      for (int64_t bt = a; bt < e; ++bt) {
+        int64_t b = bt / T, i = bt % T;
+        for (int64_t n = 0; n < N; ++n) {
+          int64_t off = (bt * N + n) * Hv;
+          load_row(out, off, Hv, dt, orow.data());
+          const float* dor = dof + off;
+          float acc = 0.0f;
+          for (int64_t h = 0; h < Hv; ++h) acc += dor[h] * orow[h];
+          int64_t li = (b * N + n) * T + i;
+          Dp[li] = acc - (dlse ? dlse[li] : 0.0f);
+        }
+      }
+    });
+  }
+  const float* Dv = Dbuf.get();
+
+  if (dbias) {
+    int64_t rows = B * N * T;
+    constexpr int64_t kRows = 64;
+    parallel_for(ceil_div(rows, kRows), [&](int64_t c) {
+      int64_t a = c * kRows, e = std::min(rows, a + kRows);
+      std::memset(dbias + a * S, 0, (e - a) * S * sizeof(float));
+    });
+  }
+
+  // Block sizes.
+  const int64_t bq = 64, bk = 128;
+  const int64_t ldb = bk;  // leading dimension of the score buffers
+  const int64_t nk = ceil_div(S, bk);
+
+  // Key chunks per KV head: enough tasks to keep every thread busy, bounded by the memory
+  // of the partial dQ accumulators.
+  const int64_t nt = std::max(1, num_threads());
+  int64_t C = 1;
+  if (nk > 1 && B * K < 3 * nt) C = std::min<int64_t>(nk, ceil_div(3 * nt, B * K));
+  const int64_t dq_elems = B * T * N * H;
+  while (C > 1 && C * dq_elems * 4 > (int64_t(1) << 30)) --C;
+  const bool dq_direct = (C == 1 && dt == DType::kF32);
+  std::unique_ptr<float[]> dqacc_buf;
+  float* dqacc;
+  if (dq_direct) {
+    dqacc = static_cast<float*>(dq);
+  } else {
+    dqacc_buf.reset(new float[std::max<int64_t>(1, C * dq_elems)]);
+    dqacc = dqacc_buf.get();
+  }
+
+  const bool has_cap = p.softcap > 0.0f;
+  const bool has_bias = p.bias.data != nullptr;
+  const bool has_mask = p.mask.data != nullptr;
+  const bool has_seg = p.q_seg != nullptr && p.kv_seg != nullptr;
+  const bool has_drop = p.dropout_rate > 0.0f && p.dropout_seed != nullptr;
+  SweepConsts sc;
+  sc.scale = p.scale;
+  sc.cap = has_cap ? p.softcap : 1.0f;
+  sc.inv_cap = has_cap ? 1.0f / p.softcap : 1.0f;
+  sc.inv_keep = has_drop ? 1.0f / (1.0f - p.dropout_rate) : 1.0f;
+  sc.threshold = has_drop ? dropout_threshold(p.dropout_rate) : 0u;
+  // Full blocks add the bias straight from its row when it is contiguous along keys.
+  const bool bias_direct = has_bias && p.bias.ss == 1;
+  const SweepFn sweep_plain = pick_sweep(has_cap, has_bias, has_drop, dbias != nullptr);
+  const SweepFn sweep_add = pick_sweep(has_cap, true, has_drop, dbias != nullptr);
+
+  const int64_t ntasks = B * K * C;
+  parallel_for(ntasks, [&](int64_t task) {
+    const int64_t c = task % C;
+    const int64_t bkh = task / C;
+    const int64_t b = bkh / K, kh = bkh % K;
+    const RowBounds rb(p, b);
+
+    std::vector<float> sbuf(bq * ldb), dpbuf(bq * ldb), addbuf(bq * ldb);
+    std::vector<float> dkacc(bk * H), dvacc(bk * Hv), tmp(std::max(H, Hv));
+    std::vector<int64_t> rlo(bq), rhi(bq);
+    std::vector<RowArgs> rows_args(bq);
+
+    // This task's dQ accumulator: [B, T, N, H] (chunk c), heads kh*G .. kh*G+G-1.
+    float* dqa = dqacc + (dq_direct ? 0 : c * dq_elems);
+    for (int64_t i = 0; i < T; ++i)
+      std::memset(dqa + ((b * T + i) * N + kh * G) * H, 0, G * H * sizeof(float));
+
+    const int64_t ldq = N * H, ldo = N * Hv, ldk = K * H, ldv = K * Hv;
+    const int64_t left = std::min<int64_t>(rb.left, T + S + 1);
+
+    for (int64_t kb = c; kb < nk; kb += C) {
+      const int64_t j0 = kb * bk, j1 = std::min(S, j0 + bk), cols = j1 - j0;
+      std::fill(dkacc.begin(), dkacc.end(), 0.0f);
+      std::fill(dvacc.begin(), dvacc.end(), 0.0f);
+      const float* Kj = kf + ((b * S + j0) * K + kh) * H;
+      const float* Vj = vf + ((b * S + j0) * K + kh) * Hv;
+
+      // Rows that can see a key of [j0, j1) by the index bounds.
+      int64_t i_lo = 0, i_hi = rb.q_end;
+      if (j0 >= rb.kv_end) i_hi = 0;
+      if (rb.has_right) i_lo = std::max<int64_t>(0, j0 - std::min<int64_t>(rb.right, T + S + 1));
+      if (rb.has_left) i_hi = std::min<int64_t>(i_hi, j1 + left);
+      // Key-side segment range of the block (packed sequences are mostly sorted).
+      int32_t kseg_min = 0, kseg_max = 0;
+      bool kseg_const = false;
+      if (has_seg && cols > 0) {
+        const int32_t* ks = p.kv_seg + b * S + j0;
+        kseg_min = kseg_max = ks[0];
+        for (int64_t t = 1; t < cols; ++t) {
+          kseg_min = std::min(kseg_min, ks[t]);
+          kseg_max = std::max(kseg_max, ks[t]);
+        }
+        kseg_const = kseg_min == kseg_max;
+      }
+
+      for (int64_t g = 0; g < G && i_lo < i_hi; ++g) {
+        const int64_t n = kh * G + g;
+        const float* lse_h = lse + (b * N + n) * T;
+        const float* D_h = Dv + (b * N + n) * T;
+        const uint32_t seed = has_drop ? p.dropout_seed[(b * K + kh) * G + g] : 0u;
+        const float* bias_h = has_bias ? p.bias.head(b, kh, g) : nullptr;
+        const uint8_t* mask_h = has_mask ? p.mask.head(b, kh, g) : nullptr;
+        float* dbias_h = dbias ? dbias + ((b * K + kh) * G + g) * T * S : nullptr;
+
+        for (int64_t qb = i_lo / bq; qb * bq < i_hi; ++qb) {
+          const int64_t i0 = qb * bq, i1 = std::min(T, i0 + bq);
+          // Per-row visible column range within the block; -inf lse rows see nothing.
+          int64_t first = -1, last = -1;
+          bool all_full = true;
+          int32_t qseg_min = 0, qseg_max = 0;
+          for (int64_t i = i0; i < i1; ++i) {
+            int64_t a = std::max(rb.lo(i), j0), e = std::min(rb.hi(i), j1);
+            if (!(lse_h[i] > kNegInf) || a >= e) {
+              rlo[i - i0] = rhi[i - i0] = 0;
+              continue;
+            }
+            rlo[i - i0] = a - j0;
+            rhi[i - i0] = e - j0;
+            if (a != j0 || e != j1) all_full = false;
+            if (has_seg) {
+              int32_t s = p.q_seg[b * T + i];
+              if (first < 0) qseg_min = qseg_max = s;
+              qseg_min = std::min(qseg_min, s);
+              qseg_max = std::max(qseg_max, s);
+            }
+            if (first < 0) first = i;
+            last = i;
+          }
+          if (first < 0) continue;
+          bool need_entry = !all_full || has_mask;
+          if (has_seg) {
+            if (qseg_max < kseg_min || qseg_min > kseg_max) continue;  // no equal ids
+            if (!(kseg_const && qseg_min == qseg_max)) need_entry = true;
+          }
+          const int64_t r0 = first, rows = last + 1 - first;
+          const float* Qi = qf + ((b * T + r0) * N + n) * H;
+          const float* dOi = dof + ((b * T + r0) * N + n) * Hv;
+
+          // Per-row arguments (and the additive mask rows of a mixed block).
+          bool any = false;
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = r0 + r;
+            RowArgs& ra = rows_args[r];
+            ra.s = sbuf.data() + r * ldb;
+            ra.dp = dpbuf.data() + r * ldb;
+            ra.n = cols;
+            ra.j0 = j0;
+            ra.lse = lse_h[i];
+            ra.D = D_h[i];
+            ra.row_hash = has_drop ? dropout_row_hash(seed, i) : 0u;
+            ra.db = dbias_h ? dbias_h + i * S + j0 : nullptr;
+            ra.add = nullptr;
+            const int64_t a = rlo[i - i0], e = rhi[i - i0];
+            if (a >= e) {
+              ra.n = 0;  // an empty row: zero P and dS
+              continue;
+            }
+            if (need_entry) {
+              float* ad = addbuf.data() + r * ldb;
+              const float* br = bias_h ? bias_h + i * p.bias.st + j0 * p.bias.ss : nullptr;
+              const uint8_t* mr = mask_h ? mask_h + i * p.mask.st + j0 * p.mask.ss : nullptr;
+              const int32_t qs = has_seg ? p.q_seg[b * T + i] : 0;
+              const int32_t* ks = has_seg ? p.kv_seg + b * S + j0 : nullptr;
+              bool row_any = false;
+              for (int64_t t = 0; t < cols; ++t) {
+                bool vis = t >= a && t < e;
+                if (vis && mr) vis = mr[t * p.mask.ss] != 0;
+                if (vis && ks) vis = ks[t] == qs;
+                ad[t] = vis ? (br ? br[t * p.bias.ss] : 0.0f) : kNegInf;
+                row_any |= vis;
+              }
+              if (!row_any) {
+                ra.n = 0;
+                continue;
+              }
+              ra.add = ad;
+            } else if (has_bias) {
+              const float* br = bias_h + i * p.bias.st + j0 * p.bias.ss;
+              if (bias_direct) {
+                ra.add = br;
+              } else {
+                float* ad = addbuf.data() + r * ldb;
+                for (int64_t t = 0; t < cols; ++t) ad[t] = br[t * p.bias.ss];
+                ra.add = ad;
+              }
+            }
+            any = true;
+          }
+          if (!any) continue;
+
+          gemm_nt(rows, cols, H, Qi, ldq, Kj, ldk, sbuf.data(), ldb, false);
+          gemm_nt(rows, cols, Hv, dOi, ldo, Vj, ldv, dpbuf.data(), ldb, false);
+          const SweepFn fn = need_entry ? sweep_add : sweep_plain;
+          for (int64_t r = 0; r < rows; ++r) {
+            const RowArgs& ra = rows_args[r];
+            if (ra.n == 0) {
+              std::memset(sbuf.data() + r * ldb, 0, cols * sizeof(float));
+              std::memset(dpbuf.data() + r * ldb, 0, cols * sizeof(float));
+            } else {
+              fn(ra, sc);
+            }
+          }
+          gemm_tn(cols, Hv, rows, sbuf.data(), ldb, dOi, ldo, dvacc.data(), Hv, true);
+          gemm_tn(cols, H, rows, dpbuf.data(), ldb, Qi, ldq, dkacc.data(), H, true);
+          gemm_nn(rows, H, cols, dpbuf.data(), ldb, Kj, ldk, dqa + ((b * T + r0) * N + n) * H,
+                  ldq, true);
+        }
+      }
+
+      for (int64_t t = 0; t < cols; ++t) {
+        store_row(dk, ((b * S + j0 + t) * K + kh) * H, H, dt, dkacc.data() + t * H);
+        store_row(dv, ((b * S + j0 + t) * K + kh) * Hv, Hv, dt, dvacc.data() + t * Hv);
+      }
+    }
+  });
+
+  if (!dq_direct) {
+    // dq = sum over chunks in order, in the input dtype.
+    const int64_t rows = B * T;
+    const int64_t w = N * H;
+    constexpr int64_t kRows = 64;
+    parallel_for(ceil_div(rows, kRows), [&](int64_t ch) {
+      std::vector<float> acc(w);
+      int64_t a = ch * kRows, e = std::min(rows, a + kRows);
+      for (int64_t r = a; r < e; ++r) {
+        const float* src = dqacc + r * w;
+        std::memcpy(acc.data(), src, w * sizeof(float));
+        for (int64_t cc = 1; cc < C; ++cc) {
+          const float* s2 = src + cc * dq_elems;
+          for (int64_t t = 0; t < w; ++t) acc[t] += s2[t];
+        }
+        store_row(dq, r * w, w, dt, acc.data());
+      }
+    });
+  }
+  (void)esz;
+}
+
+}  // namespace jattn
