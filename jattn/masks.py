@@ -15,8 +15,9 @@ statically where they can and dynamically where they must.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,10 @@ __all__ = [
     "And",
     "Or",
     "Not",
+    "CallShape",
+    "MaskPlan",
+    "MaskArrays",
+    "plan_mask",
 ]
 
 Array = jax.Array
@@ -143,13 +148,20 @@ class Mask:
             "not with `and`, `or` and `not`"
         )
 
-    # Used by jattn.api: validate the user's arrays against the call and bring every leaf to
-    # the canonical layout [*B', K', G', *per_head] (each leading dim either full or 1).
-    def _canonical(self, ctx: _Context) -> Mask:
+    def canonicalize(self, ctx: CallShape) -> Mask:
+        """The mask validated against a call and with every array leaf in the canonical
+        layout ``[*B', K', G', *per_head]`` (each leading dim either full or 1), as
+        :func:`jattn.plan.make_plan` hands it to the kernels."""
         return self
 
-    def _features(self) -> frozenset[str]:
+    @property
+    def features(self) -> frozenset[str]:
+        """The registry features (``jattn.kernels.FEATURES``) a kernel needs for this mask."""
         raise NotImplementedError
+
+    def _lower(self, parts: _PlanParts) -> None:
+        """Adds this mask's constraints to ``parts`` (see :func:`plan_mask`)."""
+        parts.general = True
 
 
 def _as_mask(x: Any) -> Mask:
@@ -167,8 +179,8 @@ def _register(cls: type, data_fields: Sequence[str], meta_fields: Sequence[str] 
 
 
 @dataclasses.dataclass(frozen=True)
-class _Context:
-    """What a mask needs to know about the call to validate and canonicalise its leaves."""
+class CallShape:
+    """The shape of a call, which a mask needs to validate and canonicalise its leaves."""
 
     batch_shape: tuple[int, ...]
     num_heads: int
@@ -176,7 +188,7 @@ class _Context:
     q_len: int
     kv_len: int
 
-    def leaf(
+    def canonical_leaf(
         self, x: Any, name: str, per_head: tuple[int, ...], *, heads: bool, broadcast_tail: bool
     ) -> Array:
         """Validates ``x`` and returns it as ``[*B', K', G', *per_head']``.
@@ -190,7 +202,12 @@ class _Context:
         layout = "[*batch" + (", heads" if heads else "") + ", ..." * bool(per_head) + "]"
         bad = ValueError(f"{name} of shape {x.shape} is not broadcastable to {full} ({layout})")
         if x.ndim > len(full):
-            raise bad
+            # Extra leading dims of size 1 are accepted, as jax.nn takes a [1, N, T, S] mask
+            # for unbatched [T, N, H] inputs.
+            extra = x.ndim - len(full)
+            if any(d != 1 for d in x.shape[:extra]):
+                raise bad
+            x = x.reshape(x.shape[extra:])
         shape = (1,) * (len(full) - x.ndim) + x.shape
         for i, (got, want) in enumerate(zip(shape, full, strict=True)):
             tail = i >= len(lead)
@@ -235,16 +252,26 @@ class Causal(Mask):
     def kv_range(self, q0, q1, kv_len):
         return 0, _min(kv_len, _max(0, q1 + self.offset))
 
-    def _canonical(self, ctx):
+    def canonicalize(self, ctx):
         if _is_static_int(self.offset):
-            return Causal(int(self.offset))
+            # Offsets past either end change nothing more; clamping keeps int32 kernels exact.
+            return Causal(max(-ctx.q_len, min(int(self.offset), ctx.kv_len)))
         off = jnp.asarray(self.offset)
         if not jnp.issubdtype(off.dtype, jnp.integer):
             raise TypeError(f"Causal offset must be an integer, got dtype {off.dtype}")
-        return Causal(ctx.leaf(off, "Causal offset", (), heads=False, broadcast_tail=False))
+        return Causal(
+            ctx.canonical_leaf(off, "Causal offset", (), heads=False, broadcast_tail=False)
+        )
 
-    def _features(self):
+    @property
+    def features(self):
         return frozenset({"causal"})
+
+    def _lower(self, parts):
+        if _is_static_int(self.offset):
+            parts.tighten("right", self.offset, min)
+        else:
+            parts.tighten("offset", parts.per_batch(self.offset), jnp.minimum)
 
 
 class LocalWindow(Mask):
@@ -291,8 +318,22 @@ class LocalWindow(Mask):
         hi = kv_len if self.right is None else _min(kv_len, _max(0, q1 + self.right))
         return lo, hi
 
-    def _features(self):
+    def canonicalize(self, ctx):
+        # A side that reaches past the sequence bounds nothing: drop it, so that kernels never
+        # see a window that overflows int32.
+        left = None if self.left is None or self.left >= max(ctx.q_len - 1, 0) else self.left
+        right = None if self.right is None or self.right >= max(ctx.kv_len - 1, 0) else self.right
+        return LocalWindow(left, right)
+
+    @property
+    def features(self):
         return frozenset({"local_window"})
+
+    def _lower(self, parts):
+        if self.left is not None:
+            parts.tighten("left", self.left, min)
+        if self.right is not None:
+            parts.tighten("right", self.right, min)
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,19 +374,34 @@ class Lengths(Mask):
             hi = _where(_lt(q0, self.q), hi, 0)
         return 0, hi
 
-    def _canonical(self, ctx):
+    def canonicalize(self, ctx):
         def one(x, name):
             if x is None:
                 return None
             x = jnp.asarray(x)
             if not jnp.issubdtype(x.dtype, jnp.integer):
                 raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}")
-            return ctx.leaf(x, name, (), heads=False, broadcast_tail=False)
+            x = ctx.canonical_leaf(x, name, (), heads=False, broadcast_tail=False)
+            # int32 whatever the integer type (unsigned, int64), clipped to [0, length]: the
+            # same visibility, and loop bounds every kernel can take.
+            bound = ctx.q_len if name.startswith("query") else ctx.kv_len
+            if jnp.issubdtype(x.dtype, jnp.unsignedinteger):
+                x = jnp.minimum(x, jnp.asarray(bound, x.dtype))
+            else:
+                x = jnp.clip(x, 0, bound)
+            return x.astype(jnp.int32)
 
         return Lengths(one(self.q, "query_seq_lengths"), one(self.kv, "key_value_seq_lengths"))
 
-    def _features(self):
+    @property
+    def features(self):
         return frozenset({"lengths"})
+
+    def _lower(self, parts):
+        if self.q is not None:
+            parts.tighten("q_len", parts.per_batch(self.q), jnp.minimum)
+        if self.kv is not None:
+            parts.tighten("kv_len", parts.per_batch(self.kv), jnp.minimum)
 
 
 class Segments(Mask):
@@ -380,20 +436,28 @@ class Segments(Mask):
         all_ = (qmin == qmax) & (kmin == kmax) & (qmin == kmin)
         return any_, all_
 
-    def _canonical(self, ctx):
+    def canonicalize(self, ctx):
         def one(x, name, n):
             x = jnp.asarray(x)
             if not jnp.issubdtype(x.dtype, jnp.integer):
                 raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}")
-            return ctx.leaf(x, name, (n,), heads=False, broadcast_tail=False)
+            return ctx.canonical_leaf(x, name, (n,), heads=False, broadcast_tail=False)
 
         return Segments(
             one(self.q_ids, "segment_ids (query)", ctx.q_len),
             one(self.kv_ids, "segment_ids (key/value)", ctx.kv_len),
         )
 
-    def _features(self):
+    @property
+    def features(self):
         return frozenset({"segments"})
+
+    def _lower(self, parts):
+        if "q_seg" in parts.values:  # two id pairs do not reduce to one: leave it general
+            parts.general = True
+            return
+        parts.values["q_seg"] = parts.per_batch(self.q_ids, self.q_ids.shape[-1:])
+        parts.values["kv_seg"] = parts.per_batch(self.kv_ids, self.kv_ids.shape[-1:])
 
 
 class Dense(Mask):
@@ -429,17 +493,23 @@ class Dense(Mask):
         block = self._slice(q0, k0, bq, bk)
         return block.any(), block.all()
 
-    def _canonical(self, ctx):
+    def canonicalize(self, ctx):
         m = jnp.asarray(self.mask)
         if m.dtype != jnp.bool_:
             raise TypeError(
                 f"mask must be boolean (True = attend), got dtype {m.dtype}; pass an additive "
                 "mask as `bias`"
             )
-        return Dense(ctx.leaf(m, "mask", (ctx.q_len, ctx.kv_len), heads=True, broadcast_tail=True))
+        return Dense(
+            ctx.canonical_leaf(m, "mask", (ctx.q_len, ctx.kv_len), heads=True, broadcast_tail=True)
+        )
 
-    def _features(self):
+    @property
+    def features(self):
         return frozenset({"dense_mask"})
+
+    def _lower(self, parts):
+        parts.tighten("dense", parts.per_head(self.mask), jnp.logical_and)
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,11 +541,16 @@ class And(Mask):
         (alo, ahi), (blo, bhi) = self.a.kv_range(q0, q1, kv_len), self.b.kv_range(q0, q1, kv_len)
         return _max(alo, blo), _min(ahi, bhi)
 
-    def _canonical(self, ctx):
-        return And(self.a._canonical(ctx), self.b._canonical(ctx))
+    def canonicalize(self, ctx):
+        return And(self.a.canonicalize(ctx), self.b.canonicalize(ctx))
 
-    def _features(self):
-        return self.a._features() | self.b._features()
+    @property
+    def features(self):
+        return self.a.features | self.b.features
+
+    def _lower(self, parts):
+        self.a._lower(parts)
+        self.b._lower(parts)
 
 
 class Or(Mask):
@@ -503,11 +578,12 @@ class Or(Mask):
         (alo, ahi), (blo, bhi) = self.a.kv_range(q0, q1, kv_len), self.b.kv_range(q0, q1, kv_len)
         return _min(alo, blo), _max(ahi, bhi)
 
-    def _canonical(self, ctx):
-        return Or(self.a._canonical(ctx), self.b._canonical(ctx))
+    def canonicalize(self, ctx):
+        return Or(self.a.canonicalize(ctx), self.b.canonicalize(ctx))
 
-    def _features(self):
-        return self.a._features() | self.b._features() | {"mask_algebra"}
+    @property
+    def features(self):
+        return self.a.features | self.b.features | {"mask_algebra"}
 
 
 class Not(Mask):
@@ -529,11 +605,12 @@ class Not(Mask):
         a_any, a_all = self.a.classify(q0, k0, bq, bk)
         return _not(a_all), _not(a_any)
 
-    def _canonical(self, ctx):
-        return Not(self.a._canonical(ctx))
+    def canonicalize(self, ctx):
+        return Not(self.a.canonicalize(ctx))
 
-    def _features(self):
-        return self.a._features() | {"mask_algebra"}
+    @property
+    def features(self):
+        return self.a.features | {"mask_algebra"}
 
 
 Causal = dataclasses.dataclass(frozen=True, eq=False)(Causal)
@@ -558,3 +635,118 @@ def block_kind(mask: Mask | None, q0: Any, k0: Any, bq: int, bk: int) -> tuple[F
     if mask is None:
         return True, True
     return mask.classify(q0, k0, bq, bk)
+
+
+# --------------------------------------------------------------------------------------------
+# The mask as a kernel reads it.
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskPlan:
+    """The static structure of a call's mask, for kernels that do not evaluate mask objects
+    (Pallas, the native CPU kernel, cuDNN). Key ``j`` is visible from query ``i`` iff every
+    part that is present holds:
+
+    ``j >= i - left``; ``j <= i + right``; ``j < kv_bound``; and, per batch element ``b`` (and
+    head ``h`` for ``dense``): ``j <= i + offset[b]``, ``i < q_len[b]``, ``j < kv_len[b]``,
+    ``q_seg[b, i] == kv_seg[b, j]``, ``dense[b, h, i, j]``.
+
+    ``general`` is True when the mask is not such an intersection (``|``, ``~``, two pairs of
+    segment ids): a kernel then needs the mask object itself (feature ``mask_algebra``).
+    ``kv_bound`` is never set by :func:`plan_mask`; a kernel that pads keys sets it.
+    """
+
+    left: int | None = None
+    right: int | None = None
+    kv_bound: int | None = None
+    q_len: bool = False
+    kv_len: bool = False
+    offset: bool = False
+    segments: bool = False
+    dense: bool = False
+    general: bool = False
+
+    @property
+    def masks_anything(self) -> bool:
+        """Whether any entry can be masked (query lengths aside: rows past them are zeroed)."""
+        return (
+            self.left is not None
+            or self.right is not None
+            or self.kv_bound is not None
+            or self.kv_len
+            or self.offset
+            or self.segments
+            or self.dense
+            or self.general
+        )
+
+    @property
+    def scalar_names(self) -> tuple[str, ...]:
+        """The per-batch scalars present, in order."""
+        return tuple(n for n in ("q_len", "kv_len", "offset") if getattr(self, n))
+
+
+class MaskArrays(NamedTuple):
+    """The data of a :class:`MaskPlan`, the batch flattened to one axis ``B`` (None when
+    absent). ``dense`` keeps the canonical head axes and broadcast dims: ``[B or 1, K', G',
+    T or 1, S or 1]``."""
+
+    q_len: Array | None = None  # [B] int32
+    kv_len: Array | None = None  # [B] int32
+    offset: Array | None = None  # [B] int32
+    q_seg: Array | None = None  # [B, T] int32
+    kv_seg: Array | None = None  # [B, S] int32
+    dense: Array | None = None  # [B or 1, K', G', T', S'] bool
+
+    def scalars(self, plan: MaskPlan) -> list[Array]:
+        return [getattr(self, n) for n in plan.scalar_names]
+
+
+class _PlanParts:
+    """What :func:`plan_mask` collects while each mask lowers itself."""
+
+    def __init__(self, batch_shape: tuple[int, ...]):
+        self.batch_shape = batch_shape
+        self.values: dict[str, Any] = {}
+        self.general = False
+
+    def tighten(self, name: str, value: Any, combine) -> None:
+        old = self.values.get(name)
+        self.values[name] = value if old is None else combine(old, value)
+
+    def per_batch(self, x: Any, tail: tuple[int, ...] = ()) -> Array:
+        """A canonical leaf ``[*B', 1, 1, *tail]`` as int32 ``[B, *tail]``."""
+        nb = len(self.batch_shape)
+        x = jnp.asarray(x)
+        x = x.reshape(x.shape[:nb] + x.shape[nb + 2 :])
+        nbatch = math.prod(self.batch_shape)
+        x = jnp.broadcast_to(x, self.batch_shape + tuple(tail))
+        return x.reshape((nbatch, *tail)).astype(jnp.int32)
+
+    def per_head(self, x: Any) -> Array:
+        """A canonical leaf ``[*B', K', G', ...]`` with its batch dims flattened to one."""
+        nb = len(self.batch_shape)
+        x = jnp.asarray(x)
+        if all(d == 1 for d in x.shape[:nb]):
+            return x.reshape((1,) + x.shape[nb:])
+        x = jnp.broadcast_to(x, self.batch_shape + x.shape[nb:])
+        return x.reshape((math.prod(self.batch_shape),) + x.shape[nb:])
+
+
+def plan_mask(mask: Mask | None, batch_shape: tuple[int, ...]) -> tuple[MaskPlan, MaskArrays]:
+    """Reduces a canonical mask (from :meth:`Mask.canonicalize`) to a plan and its arrays."""
+    parts = _PlanParts(tuple(batch_shape))
+    if mask is not None:
+        mask._lower(parts)
+    v = parts.values
+    plan = MaskPlan(
+        left=v.get("left"),
+        right=v.get("right"),
+        q_len="q_len" in v,
+        kv_len="kv_len" in v,
+        offset="offset" in v,
+        segments="q_seg" in v,
+        dense="dense" in v,
+        general=parts.general,
+    )
+    return plan, MaskArrays(*(v.get(n) for n in MaskArrays._fields))

@@ -160,9 +160,9 @@ Q, K, V, _ = H.random_qkv(jax.random.key(1), (2,), 4, 6, 4, 2, 8)
         ((Q, K, V), {"implementation": []}, ValueError, "non-empty"),
         (
             (Q, K, V),
-            {"implementation": "flash", "config": jattn.kernels.Spec(scale=1.0)},
+            {"implementation": "flash", "config": jattn.kernels.KernelOutput(None)},
             TypeError,
-            "does not fit implementation 'flash'",
+            "config of type KernelOutput fits none of the implementations",
         ),
     ],
 )
@@ -213,13 +213,15 @@ def test_a_kernel_refusing_at_trace_time_passes_to_the_next(monkeypatch):
     """Kernels that judge a call only when traced (cuDNN) raise NotImplementedError; a list
     (and the default order) then moves on to the next candidate."""
 
-    def refuse(q, k, v, *, spec):
+    def refuse(q, k, v, *, plan):
         raise NotImplementedError("refuses head dim 8")
 
     fake = jattn.kernels.Implementation(
         "refuser", refuse, jattn.kernels.FEATURES, frozenset({"cpu"})
     )
-    monkeypatch.setitem(jattn.kernels.REGISTRY, "refuser", fake)
+    with pytest.raises(TypeError):  # the registry is read-only; tests patch its backing dict
+        jattn.kernels.REGISTRY["refuser"] = fake
+    monkeypatch.setitem(jattn.kernels._REGISTRY, "refuser", fake)
     out = jattn.attention(Q, K, V, implementation=["refuser", "fused"])
     H.assert_close(out, H.oracle(Q, K, V), 2e-5)
     with pytest.raises(NotImplementedError, match="refuses head dim 8"):

@@ -1,31 +1,47 @@
-"""The registry of attention implementations: name -> what it is, what it supports, where it runs.
+"""The registry of attention implementations: what each is, what it supports, where it runs.
 
-Each implementation is a single-head kernel ``fn(q [T, D], k [S, D], v [S, Dv], *, spec)``
-returning a :class:`~jattn.kernels.common.KernelOutput`; :mod:`jattn.api` vmaps it over heads
-and batch. An implementation whose import fails (a backend it needs is missing) is simply not
-registered.
+An implementation is either a single-head kernel ``fn(q [T, H], k [S, H], v [S, Hv], *, plan)``
+that :func:`jattn.attention` vmaps over heads and batch (the plan's leaves then sliced to one
+head), or a batched one ``fn(q [*B, T, N, H], k [*B, S, K, H], v [*B, S, K, Hv], *, plan)`` that
+indexes heads itself. Both return a :class:`KernelOutput` and read only the
+:class:`jattn.plan.Plan` of the call, with its ``config`` already resolved (:func:`select`):
+a kernel never re-checks a feature its ``supports`` states, nor picks its own config.
+
+Implementations that need an optional backend (Pallas, cuDNN, the native CPU library) are
+registered under a guarded import; one that cannot load is left out and the reason kept in
+:data:`UNAVAILABLE`. The registry is read-only once this module is imported.
+
+``implementation=None`` tries, in order, the names of :data:`DEFAULT_ORDER` for the backend and
+the call's size ("short" below :data:`FLASH_MIN_SCORES` scores per head, else "long") that are
+registered, run on the backend and support the call's features.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 
-from jattn.kernels import cudnn, flash, pallas_gpu, pallas_tpu
-from jattn.kernels.common import KernelOutput, Spec
+from jattn.kernels import flash
+from jattn.kernels.common import KernelOutput
 from jattn.kernels.fused import fused_attention
 from jattn.kernels.reference import reference_attention
+from jattn.plan import Plan
 
 __all__ = [
+    "DEFAULT_ORDER",
     "FEATURES",
+    "FLASH_MIN_SCORES",
     "Implementation",
     "KernelOutput",
     "REGISTRY",
-    "Spec",
+    "UNAVAILABLE",
     "available",
-    "register",
+    "default_order",
+    "select",
     "testable",
 ]
 
@@ -56,17 +72,12 @@ class Implementation:
 
     Attributes:
       name: what ``implementation=`` calls it.
-      fn: the single-head kernel.
+      fn: the kernel (single-head, or batched when ``batched``).
       supports: the subset of :data:`FEATURES` it serves.
       backends: the platforms it runs on ('cpu', 'gpu', 'tpu').
-      config_fn: ``(q_shape, k_shape, dtype, backend, features=...) -> config`` (e.g. block
-        sizes; ``features`` is the set of FEATURES the call needs), or None.
-      config_type: the type of that config, which users may pass as ``config=``.
-      batched: True when ``fn`` takes whole arrays itself rather than one head (one Pallas
-        launch over batch and heads, or a delegating implementation such as cuDNN):
-        ``fn(q [*B, T, N, H], k [*B, S, K, H], v [*B, S, K, Hv], *, spec)`` with the spec's
-        leaves in the canonical ``[*B', K', G', ...]`` layout, returning ``out [*B, T, N, Hv]``,
-        ``lse [*B, N, T]`` and ``weights [*B, N, T, S]``.
+      config_type: its tuning dataclass, which users may pass as ``config=``, with a
+        ``default_for(plan, backend)`` classmethod giving the heuristic default; or None.
+      batched: whether ``fn`` takes whole arrays and indexes heads itself.
       interpret_backends: platforms where it runs only emulated (Pallas interpret mode on a
         CPU): callable by name, for tests, but never chosen by default nor benchmarked.
     """
@@ -75,7 +86,6 @@ class Implementation:
     fn: Callable[..., KernelOutput]
     supports: frozenset[str]
     backends: frozenset[str]
-    config_fn: Callable | None = None
     config_type: type | None = None
     batched: bool = False
     interpret_backends: frozenset[str] = frozenset()
@@ -84,37 +94,46 @@ class Implementation:
         """The features of ``needed`` this implementation lacks, sorted."""
         return sorted(set(needed) - self.supports)
 
-
-REGISTRY: dict[str, Implementation] = {}
-
-# Preference order when ``implementation=None``, most preferred first, per backend.
-DEFAULT_ORDER: dict[str, list[str]] = {"cpu": [], "gpu": [], "tpu": []}
-
-
-def register(impl: Implementation, *, default_rank: dict[str, int] | None = None) -> None:
-    """Adds ``impl`` to the registry; ``default_rank`` places it in the default order."""
-    REGISTRY[impl.name] = impl
-    for backend, rank in (default_rank or {}).items():
-        order = DEFAULT_ORDER.setdefault(backend, [])
-        if impl.name in order:
-            order.remove(impl.name)
-        order.insert(rank, impl.name)
+    def refusal(self, plan: Plan, backend: str, *, emulated_ok: bool) -> str | None:
+        """Why this implementation cannot take ``plan`` on ``backend``, or None."""
+        runs = self.backends | (self.interpret_backends if emulated_ok else frozenset())
+        if backend not in runs:
+            return f"{self.name!r} does not run on backend {backend!r}"
+        if missing := self.missing(plan.features):
+            return f"{self.name!r} does not support {', '.join(missing)}"
+        return None
 
 
-# The crossover between the materialising kernel and the blockwise one: below this many scores
-# per head (T * S) `fused` is faster, above it `flash` (and its memory stays O(T + S)). Measured
-# with `python -m bench` on a 2-core Zen 4 CPU; see the README's benchmark section.
+# The crossover between the materialising kernels and the blockwise ones: below this many
+# scores per head (T * S) `fused` comes first, above it the blockwise kernels (whose memory
+# stays O(T + S)). Measured with `python -m bench` on 2-core CPUs; see docs/kernels.md.
 FLASH_MIN_SCORES = 512 * 1024
+
+# implementation=None: the names tried, in order, by backend and call size. Names that are not
+# registered here (their backend is missing) are passed over.
+DEFAULT_ORDER: Mapping[str, Mapping[str, tuple[str, ...]]] = types.MappingProxyType(
+    {
+        "cpu": {
+            "short": ("fused", "cpu", "flash", "reference"),
+            "long": ("cpu", "flash", "fused", "reference"),
+        },
+        "gpu": {
+            "short": ("cudnn", "pallas_gpu", "fused", "flash", "reference"),
+            "long": ("cudnn", "pallas_gpu", "flash", "fused", "reference"),
+        },
+        "tpu": {
+            "short": ("pallas_tpu", "fused", "flash", "reference"),
+            "long": ("pallas_tpu", "flash", "fused", "reference"),
+        },
+    }
+)
 
 
 def default_order(backend: str, q_len: int, kv_len: int) -> list[str]:
-    """Implementations to try, in order, when ``implementation=None``."""
-    order = list(DEFAULT_ORDER.get(backend, []))
-    if "fused" in order and "flash" in order:
-        order.remove("flash")
-        at = order.index("fused") + (q_len * kv_len < FLASH_MIN_SCORES)
-        order.insert(at, "flash")
-    return [*order, "reference"]
+    """The registered implementations ``implementation=None`` tries, in order."""
+    size = "short" if q_len * kv_len < FLASH_MIN_SCORES else "long"
+    order = DEFAULT_ORDER.get(backend, DEFAULT_ORDER["cpu"])[size]
+    return [name for name in order if name in REGISTRY]
 
 
 def available(backend: str | None = None) -> list[str]:
@@ -133,58 +152,151 @@ def testable(backend: str | None = None) -> list[str]:
     ]
 
 
+class Candidate(NamedTuple):
+    impl: Implementation
+    plan: Plan  # with the implementation's config
+
+
+def select(
+    plan: Plan, implementation: Any = None, config: Any = None, backend: str | None = None
+) -> tuple[list[Candidate], list[str]]:
+    """The implementations to try for ``plan``, in order, each with its resolved config, and
+    why the others were passed over. ``implementation`` and ``config`` are those of
+    :func:`jattn.attention`. Raises NotImplementedError (every reason listed) when none can
+    take the call, TypeError/ValueError for a bad ``implementation`` or ``config``."""
+    backend = backend or jax.default_backend()
+    reasons: list[str] = []
+    if implementation is None:
+        names = default_order(backend, plan.q_seq_len, plan.kv_seq_len)
+        reasons += [f"{n!r} is unavailable: {r}" for n, r in UNAVAILABLE.items()]
+    elif isinstance(implementation, str):
+        names = [implementation]
+    elif isinstance(implementation, Sequence):
+        if not implementation:
+            raise ValueError("implementation must be None, a name or a non-empty list of names")
+        names = list(implementation)
+    else:
+        raise TypeError(
+            "implementation must be None, a name or a non-empty sequence of names, got "
+            f"{type(implementation).__name__} {implementation!r}"
+        )
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"implementation names must be strings, got {name!r}")
+        if name not in REGISTRY:
+            if name in UNAVAILABLE and implementation is not None:
+                reasons.append(f"{name!r} is unavailable: {UNAVAILABLE[name]}")
+                continue
+            raise ValueError(f"unknown implementation {name!r}; known: {sorted(REGISTRY)}")
+
+    explicit = implementation is not None
+    out = []
+    for name in names:
+        impl = REGISTRY.get(name)
+        if impl is None:
+            continue
+        if why := impl.refusal(plan, backend, emulated_ok=explicit):
+            reasons.append(why)
+            continue
+        out.append(Candidate(impl, plan.with_config(_config(impl, plan, config, backend))))
+    if config is not None and not any(
+        c.impl.config_type is not None and isinstance(config, c.impl.config_type) for c in out
+    ):
+        takes = sorted({c.impl.config_type.__name__ for c in out if c.impl.config_type})
+        raise TypeError(
+            f"config of type {type(config).__name__} fits none of the implementations that "
+            f"can take this call ({', '.join(c.impl.name for c in out) or 'none'}; their "
+            f"configs: {', '.join(takes) or 'none'})"
+        )
+    if not out:
+        raise NotImplementedError(
+            f"no implementation can take this call on {backend!r}: " + "; ".join(reasons)
+        )
+    return out, reasons
+
+
+def _config(impl: Implementation, plan: Plan, config: Any, backend: str) -> Any:
+    if impl.config_type is None:
+        return None
+    if isinstance(config, impl.config_type):
+        return config
+    return impl.config_type.default_for(plan, backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# The implementations.
+
+_REGISTRY: dict[str, Implementation] = {}
+_UNAVAILABLE: dict[str, str] = {}
 _ALL_BACKENDS = frozenset({"cpu", "gpu", "tpu"})
 
-register(
-    Implementation("reference", reference_attention, FEATURES, _ALL_BACKENDS),
+
+def _optional(name: str, load: Callable[[], Implementation | str]) -> None:
+    """Registers what ``load`` returns; a failed import or a returned reason is recorded."""
+    try:
+        impl = load()
+    except ImportError as e:
+        impl = f"{type(e).__name__}: {e}"
+    if isinstance(impl, str):
+        _UNAVAILABLE[name] = impl
+    else:
+        _REGISTRY[name] = impl
+
+
+_REGISTRY["reference"] = Implementation("reference", reference_attention, FEATURES, _ALL_BACKENDS)
+_REGISTRY["fused"] = Implementation("fused", fused_attention, FEATURES, _ALL_BACKENDS)
+_REGISTRY["flash"] = Implementation(
+    "flash",
+    flash.flash_attention,
+    FEATURES - {"return_weights"},
+    _ALL_BACKENDS,
+    config_type=flash.FlashConfig,
 )
-register(
-    Implementation("fused", fused_attention, FEATURES, _ALL_BACKENDS),
-    default_rank={"cpu": 0, "gpu": 0, "tpu": 0},
-)
-register(
-    Implementation(
-        "flash",
-        flash.flash_attention,
-        FEATURES - {"return_weights"},
-        _ALL_BACKENDS,
-        config_fn=flash.default_config,
-        config_type=flash.FlashConfig,
-    ),
-    default_rank={"cpu": 1, "gpu": 1, "tpu": 1},
-)
-register(
-    Implementation(
+
+
+def _pallas_gpu() -> Implementation:
+    from jattn.kernels import pallas_gpu
+
+    return Implementation(
         "pallas_gpu",
         pallas_gpu.pallas_gpu_attention,
         pallas_gpu.SUPPORTS,
         frozenset({"gpu"}),
-        config_fn=pallas_gpu.default_config,
         config_type=pallas_gpu.PallasGpuConfig,
         batched=True,
         interpret_backends=frozenset({"cpu"}),
-    ),
-    default_rank={"gpu": 0},
-)
-register(
-    Implementation(
+    )
+
+
+def _pallas_tpu() -> Implementation:
+    from jattn.kernels import pallas_tpu
+
+    return Implementation(
         "pallas_tpu",
         pallas_tpu.pallas_tpu_attention,
         pallas_tpu.SUPPORTS,
         frozenset({"tpu"}),
-        config_fn=pallas_tpu.default_config,
         config_type=pallas_tpu.PallasTpuConfig,
         batched=True,
         interpret_backends=frozenset({"cpu"}),
-    ),
-    default_rank={"tpu": 0},
-)
-# cuDNN first on NVIDIA GPUs: whether it serves a call also depends on the dtype, head dims and
-# mask values, which it checks when traced, raising NotImplementedError; `attention` then moves
-# on to the next candidate (pallas_gpu, then flash / fused).
-register(
-    Implementation(
+    )
+
+
+def _cudnn() -> Implementation:
+    # First on NVIDIA GPUs: whether cuDNN serves a call also depends on the dtype, head dims and
+    # mask values, which it checks when traced, raising NotImplementedError; `attention` then
+    # moves on to the next candidate.
+    from jattn.kernels import cudnn
+
+    return Implementation(
         "cudnn", cudnn.cudnn_attention, cudnn.SUPPORTS, frozenset({"gpu"}), batched=True
-    ),
-    default_rank={"gpu": 0},
-)
+    )
+
+
+_optional("pallas_gpu", _pallas_gpu)
+_optional("pallas_tpu", _pallas_tpu)
+_optional("cudnn", _cudnn)
+
+REGISTRY: Mapping[str, Implementation] = types.MappingProxyType(_REGISTRY)
+# Implementations left out of REGISTRY, with the reason.
+UNAVAILABLE: Mapping[str, str] = types.MappingProxyType(_UNAVAILABLE)

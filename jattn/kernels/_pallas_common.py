@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jattn import masks as masks_lib
+from jattn.masks import MaskArrays, MaskPlan
 
 # What both Pallas kernels serve (the rest raises NotImplementedError naming the feature).
 SUPPORTS = frozenset(
@@ -45,54 +46,6 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class MaskPlan:
-    """The static shape of a call's mask. Key ``j`` is visible from query ``i`` iff all hold:
-
-    ``j >= i - left``; ``j <= i + right``; ``j < kv_bound``; and, per batch element ``b``,
-    ``j <= i + offset[b]``, ``i < q_len[b]``, ``j < kv_len[b]``, ``q_seg[b, i] == kv_seg[b, j]``
-    for the parts that are present.
-    """
-
-    left: int | None = None
-    right: int | None = None
-    kv_bound: int | None = None
-    q_len: bool = False
-    kv_len: bool = False
-    offset: bool = False
-    segments: bool = False
-
-    @property
-    def scalar_names(self) -> tuple[str, ...]:
-        """The per-batch scalars the kernels receive, in order."""
-        return tuple(n for n in ("q_len", "kv_len", "offset") if getattr(self, n))
-
-    @property
-    def masks_anything(self) -> bool:
-        """Whether any key block can be partly masked (else no mask code is emitted)."""
-        return (
-            self.left is not None
-            or self.right is not None
-            or self.kv_bound is not None
-            or self.kv_len
-            or self.offset
-            or self.segments
-        )
-
-
-class MaskArrays(NamedTuple):
-    """The per-batch leaves of a plan, flattened to one batch axis ``B`` (None when absent)."""
-
-    q_len: Array | None = None  # [B] int32
-    kv_len: Array | None = None  # [B] int32
-    offset: Array | None = None  # [B] int32
-    q_seg: Array | None = None  # [B, Tp] int32, padded with -1
-    kv_seg: Array | None = None  # [B, Sp] int32, padded with -2
-
-    def scalars(self, plan: MaskPlan) -> list[Array]:
-        return [getattr(self, n) for n in plan.scalar_names]
-
-
 class Scalars(NamedTuple):
     """One batch element's scalars inside a kernel (traced int32 scalars, or None)."""
 
@@ -104,72 +57,17 @@ class Scalars(NamedTuple):
 def plan_mask(
     mask: masks_lib.Mask | None, batch_shape: tuple[int, ...], tp: int, sp: int, s: int
 ) -> tuple[MaskPlan, MaskArrays]:
-    """Reduces a canonical mask (leaves ``[*B', 1, 1, ...]``) to a plan and its arrays.
-
-    ``tp``/``sp`` are the padded lengths the kernel runs on and ``s`` the true key count: keys
-    past ``s`` are padding and never visible. Raises NotImplementedError naming the feature for
-    masks the Pallas kernels do not take (they are not in their ``supports``, so
-    :func:`jattn.attention` reports them before getting here).
-    """
-    parts: dict[str, Any] = {}
-    nb = len(batch_shape)
-    nbatch = math.prod(batch_shape)
-
-    def per_batch(x: Array, tail: tuple[int, ...] = ()) -> Array:
-        x = jnp.asarray(x)
-        x = x.reshape(x.shape[:nb] + x.shape[nb + 2 :])  # drop the (1, 1) head axes
-        return jnp.broadcast_to(x, batch_shape + tail).reshape((nbatch, *tail)).astype(jnp.int32)
-
-    def tighten(name: str, value: Any, combine) -> None:
-        parts[name] = value if name not in parts else combine(parts[name], value)
-
-    def walk(m: masks_lib.Mask) -> None:
-        if isinstance(m, masks_lib.And):
-            walk(m.a)
-            walk(m.b)
-        elif isinstance(m, masks_lib.Causal):
-            if isinstance(m.offset, int):
-                tighten("right", m.offset, min)
-            else:
-                tighten("offset", per_batch(m.offset), jnp.minimum)
-        elif isinstance(m, masks_lib.LocalWindow):
-            if m.left is not None:
-                tighten("left", m.left, min)
-            if m.right is not None:
-                tighten("right", m.right, min)
-        elif isinstance(m, masks_lib.Lengths):
-            if m.q is not None:
-                tighten("q_len", per_batch(m.q), jnp.minimum)
-            if m.kv is not None:
-                tighten("kv_len", per_batch(m.kv), jnp.minimum)
-        elif isinstance(m, masks_lib.Segments):
-            if "q_seg" in parts:
-                raise NotImplementedError("segments: more than one segment mask in one call")
-            q_seg = per_batch(m.q_ids, (m.q_ids.shape[-1],))
-            kv_seg = per_batch(m.kv_ids, (m.kv_ids.shape[-1],))
-            # Distinct negative ids: padded queries and keys never match anything.
-            parts["q_seg"] = jnp.pad(q_seg, ((0, 0), (0, tp - q_seg.shape[1])), constant_values=-1)
-            parts["kv_seg"] = jnp.pad(
-                kv_seg, ((0, 0), (0, sp - kv_seg.shape[1])), constant_values=-2
-            )
-        elif isinstance(m, masks_lib.Dense):
-            raise NotImplementedError("dense_mask")
-        else:  # Or, Not
-            raise NotImplementedError("mask_algebra")
-
-    if mask is not None:
-        walk(mask)
-    plan = MaskPlan(
-        left=parts.get("left"),
-        right=parts.get("right"),
-        kv_bound=s if sp != s else None,
-        q_len="q_len" in parts,
-        kv_len="kv_len" in parts,
-        offset="offset" in parts,
-        segments="q_seg" in parts,
-    )
-    arrays = MaskArrays(*(parts.get(n) for n in MaskArrays._fields))
-    return plan, arrays
+    """:func:`jattn.masks.plan_mask` for a kernel that runs on lengths padded to ``tp``/``sp``
+    (``s`` is the true key count: keys past it are never visible)."""
+    plan, arrays = masks_lib.plan_mask(mask, batch_shape)
+    if arrays.q_seg is not None:
+        # Distinct negative ids: padded queries and keys never match anything.
+        q_seg, kv_seg = arrays.q_seg, arrays.kv_seg
+        arrays = arrays._replace(
+            q_seg=jnp.pad(q_seg, ((0, 0), (0, tp - q_seg.shape[1])), constant_values=-1),
+            kv_seg=jnp.pad(kv_seg, ((0, 0), (0, sp - kv_seg.shape[1])), constant_values=-2),
+        )
+    return dataclasses.replace(plan, kv_bound=s if sp != s else None), arrays
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jattn.kernels import _pallas_common as pc
-from jattn.kernels.common import KernelOutput, Spec
+from jattn.kernels.common import KernelOutput
+from jattn.plan import Plan
 
 Array = jax.Array
 
@@ -38,53 +38,37 @@ def _max_head_dim() -> int:
         return 256
 
 
-def jax_nn_kwargs(q: Array, k: Array, v: Array, spec: Spec) -> dict:
+def jax_nn_kwargs(q: Array, k: Array, v: Array, plan: Plan) -> dict:
     """The ``jax.nn.dot_product_attention`` keyword arguments that make cuDNN compute this call
-    (besides ``implementation``), or NotImplementedError naming what cuDNN does not take."""
-    for name, on in [
-        ("bias", spec.bias is not None),
-        ("softcap", spec.softcap is not None),
-        ("dropout", spec.dropout_rate > 0.0),
-        ("return_weights", spec.return_weights),
-        ("return_lse", spec.return_lse),
-    ]:
-        if on:
-            raise NotImplementedError(f"cudnn does not support {name}")
+    (besides ``implementation``), or NotImplementedError naming what cuDNN does not take beyond
+    what the registry states (``SUPPORTS``): dtypes, head dims, mask shapes."""
     if q.dtype not in _DTYPES:
         raise NotImplementedError(
             f"cudnn does not support {q.dtype} inputs (cuDNN takes float16 and bfloat16)"
         )
-    h, hv = q.shape[-1], v.shape[-1]
-    if hv != h:
-        raise NotImplementedError(
-            f"cudnn does not support value_head_dim (value head dim {hv} != query head dim {h})"
-        )
+    h = q.shape[-1]
     limit = _max_head_dim()
     if h % 8 or h > limit:
         raise NotImplementedError(
             f"cudnn does not support head dim {h} (cuDNN takes multiples of 8 up to {limit})"
         )
-    *batch, t, _, _ = q.shape
-    s = k.shape[-3]
-    plan, arrays = pc.plan_mask(spec.mask, tuple(batch), t, s, s)
-    if plan.segments:
-        raise NotImplementedError("cudnn does not support segments")
-    if plan.offset or plan.right not in (None, 0):
+    mask_plan, arrays = plan.mask_plan()
+    if mask_plan.offset or mask_plan.right not in (None, 0):
         raise NotImplementedError(
             "cudnn does not support causal with an offset or a right window other than 0 "
             "(cuDNN's causal mask is top-left aligned, its window left-only)"
         )
-    if plan.left is not None and plan.right is None:
+    if mask_plan.left is not None and mask_plan.right is None:
         raise NotImplementedError(
             "cudnn does not support local_window with an unbounded right side"
         )
-    kw: dict = {"scale": spec.scale, "is_causal": plan.right == 0}
-    if plan.left is not None:
+    kw: dict = {"scale": plan.scale, "is_causal": mask_plan.right == 0}
+    if mask_plan.left is not None:
         # With causal masking a window (left, right) is (left, 0); cuDNN takes exactly that.
-        kw["local_window_size"] = (plan.left, 0)
-    if plan.q_len:
+        kw["local_window_size"] = (mask_plan.left, 0)
+    if mask_plan.q_len:
         kw["query_seq_lengths"] = arrays.q_len
-    if plan.kv_len:
+    if mask_plan.kv_len:
         kw["key_value_seq_lengths"] = arrays.kv_len
     return kw
 
@@ -108,11 +92,11 @@ def _empty_rows(kw: dict, nb: int, t: int, s: int) -> Array | None:
     return empty
 
 
-def cudnn_attention(q: Array, k: Array, v: Array, *, spec: Spec) -> KernelOutput:
+def cudnn_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
     """Attention over whole arrays via cuDNN: ``q [*B, T, N, H]``, ``k/v [*B, S, K, H]`` ->
-    ``out [*B, T, N, H]``; the mask leaves of ``spec`` are in :func:`jattn.attention`'s
+    ``out [*B, T, N, H]``; the mask leaves of ``plan`` are in :func:`jattn.attention`'s
     canonical ``[*B', K', G', ...]`` layout."""
-    kw = jax_nn_kwargs(q, k, v, spec)
+    kw = jax_nn_kwargs(q, k, v, plan)
     *batch, t, n, h = q.shape
     s, kh = k.shape[-3], k.shape[-2]
     nb = math.prod(batch)

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from jattn import _dropout
-from jattn.kernels.common import KernelOutput, Spec
+from jattn.kernels.common import KernelOutput
 from jattn.masks import Lengths, Mask, block_kind
+from jattn.plan import Plan
 
 Array = jax.Array
 
@@ -44,6 +45,13 @@ class FlashConfig:
 
     block_q: int = 512
     block_k: int = 256
+
+    @classmethod
+    def default_for(cls, plan: Plan, backend: str) -> FlashConfig:
+        """The heuristic default for a call on ``backend`` (:func:`default_config`)."""
+        q_shape = (*plan.batch_shape, plan.q_seq_len, plan.num_heads, plan.head_dim)
+        k_shape = (*plan.batch_shape, plan.kv_seq_len, plan.num_kv_heads, plan.head_dim)
+        return default_config(q_shape, k_shape, plan.dtype, backend, plan.features)
 
     def __post_init__(self):
         for name in ("block_q", "block_k"):
@@ -87,28 +95,26 @@ class _Static:
     kv_len: int
 
 
-def flash_attention(q: Array, k: Array, v: Array, *, spec: Spec) -> KernelOutput:
+def flash_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
     """Attention of one head. ``q [T, D]``, ``k [S, D]``, ``v [S, Dv]`` -> ``out [T, Dv]``."""
-    if spec.return_weights:
-        raise NotImplementedError("flash does not support return_weights (it never forms them)")
-    cfg = spec.config or FlashConfig()
+    cfg = plan.config or FlashConfig()
     t, s = q.shape[0], k.shape[0]
     bq, bk = min(cfg.block_q, t), min(cfg.block_k, s)
     tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
-    st = _Static(spec.scale, spec.softcap, spec.dropout_rate, bq, bk, t, s)
+    st = _Static(plan.scale, plan.softcap, plan.dropout_rate, bq, bk, t, s)
 
     qp = jnp.pad(q, ((0, tp - t), (0, 0)))
     kp = jnp.pad(k, ((0, sp - s), (0, 0)))
     vp = jnp.pad(v, ((0, sp - s), (0, 0)))
-    mask = None if spec.mask is None else spec.mask.pad(tp, sp)
+    mask = None if plan.mask is None else plan.mask.pad(tp, sp)
     if sp != s:  # padded keys are never visible; a static bound, so whole blocks still skip
         mask = Lengths(kv=s) if mask is None else mask & Lengths(kv=s)
-    bias = spec.bias
+    bias = plan.bias
     if bias is not None:
         pads = [(0, 0 if d == 1 else n - d) for d, n in zip(bias.shape, (tp, sp), strict=True)]
         bias = jnp.pad(bias, pads)
-    out, lse2 = _flash(st, qp, kp, vp, bias, mask, spec.dropout_seed)
-    lse = lse2[:t] * LN2 if spec.return_lse else None
+    out, lse2 = _flash(st, qp, kp, vp, bias, mask, plan.dropout_seed)
+    lse = lse2[:t] * LN2 if plan.return_lse else None
     return KernelOutput(out[:t], lse, None)
 
 

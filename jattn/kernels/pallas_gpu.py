@@ -32,7 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jattn.kernels import _pallas_common as pc
-from jattn.kernels.common import KernelOutput, Spec
+from jattn.kernels.common import KernelOutput
+from jattn.plan import Plan
 
 Array = jax.Array
 
@@ -64,6 +65,13 @@ class PallasGpuConfig:
     num_stages: int = 2
     num_warps_bwd: int | None = None
     num_stages_bwd: int | None = None
+
+    @classmethod
+    def default_for(cls, plan: Plan, backend: str) -> PallasGpuConfig:
+        """The heuristic default for a call on ``backend``."""
+        q_shape = (*plan.batch_shape, plan.q_seq_len, plan.num_heads, plan.head_dim)
+        k_shape = (*plan.batch_shape, plan.kv_seq_len, plan.num_kv_heads, plan.head_dim)
+        return default_config(q_shape, k_shape, plan.dtype, backend, plan.features)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -163,25 +171,15 @@ class _Static:
         return self.plan.right is not None or self.plan.offset
 
 
-def pallas_gpu_attention(q: Array, k: Array, v: Array, *, spec: Spec) -> KernelOutput:
+def pallas_gpu_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
     """Attention over whole arrays: ``q [*B, T, N, H]``, ``k [*B, S, K, H]``,
     ``v [*B, S, K, Hv]`` -> ``out [*B, T, N, Hv]`` (and ``lse [*B, N, T]``); the mask leaves
-    of ``spec`` are in :func:`jattn.attention`'s canonical ``[*B', K', G', ...]`` layout."""
-    for name, on in [
-        ("bias", spec.bias is not None),
-        ("dropout", spec.dropout_rate > 0.0),
-        ("return_weights", spec.return_weights),
-        ("float64", q.dtype == jnp.float64),
-    ]:
-        if on:
-            raise NotImplementedError(f"pallas_gpu does not support {name}")
+    of ``plan`` are in :func:`jattn.attention`'s canonical ``[*B', K', G', ...]`` layout."""
     interpret = _interpret()
     *batch, t, n, h = q.shape
     s, kh, hv = k.shape[-3], k.shape[-2], v.shape[-1]
     nb = math.prod(batch)
-    cfg = spec.config or default_config(q.shape, k.shape, q.dtype, jax.default_backend())
-    if not isinstance(cfg, PallasGpuConfig):
-        raise TypeError(f"pallas_gpu takes a PallasGpuConfig, got {type(cfg).__name__}")
+    cfg = plan.config
 
     low = 1 if interpret else _MIN_DOT
     # A block never exceeds the sequence rounded up to a power of two.
@@ -208,11 +206,11 @@ def pallas_gpu_attention(q: Array, k: Array, v: Array, *, spec: Spec) -> KernelO
     qp = pc.pad_to(pc.pad_to(q.reshape(nb, t, n, h), 1, tp), 3, hp)
     kp = pc.pad_to(pc.pad_to(k.reshape(nb, s, kh, h), 1, sp), 3, hp)
     vp = pc.pad_to(pc.pad_to(v.reshape(nb, s, kh, hv), 1, sp), 3, hvp)
-    plan, arrays = pc.plan_mask(spec.mask, tuple(batch), tp, sp, s)
+    mask_plan, arrays = pc.plan_mask(plan.mask, tuple(batch), tp, sp, s)
     st = _Static(
-        scale=float(spec.scale),
-        softcap=spec.softcap,
-        plan=plan,
+        scale=plan.scale,
+        softcap=plan.softcap,
+        plan=mask_plan,
         groups=n // kh,
         tp=tp,
         sp=sp,
@@ -231,7 +229,7 @@ def pallas_gpu_attention(q: Array, k: Array, v: Array, *, spec: Spec) -> KernelO
     out, lse2 = _attention(st, qp, kp, vp, arrays)
     out = out[:, :t, :, :hv].reshape(*batch, t, n, hv)
     lse = None
-    if spec.return_lse:
+    if plan.return_lse:
         lse = (lse2[:, :, :t] * pc.LN2).reshape(*batch, n, t)
     return KernelOutput(out, lse, None)
 

@@ -38,7 +38,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jattn.kernels import _pallas_common as pc
-from jattn.kernels.common import KernelOutput, Spec
+from jattn.kernels.common import KernelOutput
+from jattn.plan import Plan
 
 Array = jax.Array
 
@@ -66,6 +67,13 @@ class PallasTpuConfig:
     block_q_dq: int = 512
     block_k_dq: int = 512
     vmem_limit_bytes: int | None = None
+
+    @classmethod
+    def default_for(cls, plan: Plan, backend: str) -> PallasTpuConfig:
+        """The heuristic default for a call on ``backend``."""
+        q_shape = (*plan.batch_shape, plan.q_seq_len, plan.num_heads, plan.head_dim)
+        k_shape = (*plan.batch_shape, plan.kv_seq_len, plan.num_kv_heads, plan.head_dim)
+        return default_config(q_shape, k_shape, plan.dtype, backend, plan.features)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -132,25 +140,15 @@ def _interpret() -> bool:
     return jax.default_backend() != "tpu"
 
 
-def pallas_tpu_attention(q: Array, k: Array, v: Array, *, spec: Spec) -> KernelOutput:
+def pallas_tpu_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
     """Attention over whole arrays: ``q [*B, T, N, H]``, ``k [*B, S, K, H]``,
     ``v [*B, S, K, Hv]`` -> ``out [*B, T, N, Hv]`` (and ``lse [*B, N, T]``); the mask leaves
-    of ``spec`` are in :func:`jattn.attention`'s canonical ``[*B', K', G', ...]`` layout."""
-    for name, on in [
-        ("bias", spec.bias is not None),
-        ("dropout", spec.dropout_rate > 0.0),
-        ("return_weights", spec.return_weights),
-        ("float64", q.dtype == jnp.float64),
-    ]:
-        if on:
-            raise NotImplementedError(f"pallas_tpu does not support {name}")
+    of ``plan`` are in :func:`jattn.attention`'s canonical ``[*B', K', G', ...]`` layout."""
     interpret = _interpret()
     *batch, t, n, h = q.shape
     s, kh, hv = k.shape[-3], k.shape[-2], v.shape[-1]
     nb = math.prod(batch)
-    cfg = spec.config or default_config(q.shape, k.shape, q.dtype, jax.default_backend())
-    if not isinstance(cfg, PallasTpuConfig):
-        raise TypeError(f"pallas_tpu takes a PallasTpuConfig, got {type(cfg).__name__}")
+    cfg = plan.config
     align = 1 if interpret else LANES
     if not interpret:
         for f in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
@@ -168,11 +166,11 @@ def pallas_tpu_attention(q: Array, k: Array, v: Array, *, spec: Spec) -> KernelO
     qt = pc.pad_to(q.reshape(nb, t, n, h).transpose(0, 2, 1, 3), 2, tp)
     kt = pc.pad_to(k.reshape(nb, s, kh, h).transpose(0, 2, 1, 3), 2, sp)
     vt = pc.pad_to(v.reshape(nb, s, kh, hv).transpose(0, 2, 1, 3), 2, sp)
-    plan, arrays = pc.plan_mask(spec.mask, tuple(batch), tp, sp, s)
+    mask_plan, arrays = pc.plan_mask(plan.mask, tuple(batch), tp, sp, s)
     st = _Static(
-        scale=float(spec.scale),
-        softcap=spec.softcap,
-        plan=plan,
+        scale=plan.scale,
+        softcap=plan.softcap,
+        plan=mask_plan,
         groups=n // kh,
         tp=tp,
         sp=sp,
@@ -188,7 +186,7 @@ def pallas_tpu_attention(q: Array, k: Array, v: Array, *, spec: Spec) -> KernelO
     out, lse2 = _attention(st, qt, kt, vt, arrays)
     out = out[:, :, :t].transpose(0, 2, 1, 3).reshape(*batch, t, n, hv)
     lse = None
-    if spec.return_lse:
+    if plan.return_lse:
         lse = (lse2[:, :, :t] * pc.LN2).reshape(*batch, n, t)
     return KernelOutput(out, lse, None)
 

@@ -9,29 +9,30 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jattn.kernels.common import KernelOutput, Spec, dropout_keep, lse_from, transform_logits
+from jattn.kernels.common import KernelOutput, dropout_keep, lse_from, transform_logits
+from jattn.plan import Plan
 from jattn.softmax import safe_max
 
 Array = jax.Array
 
 
-def reference_attention(q: Array, k: Array, v: Array, *, spec: Spec) -> KernelOutput:
+def reference_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
     """Attention of one head. ``q [T, D]``, ``k [S, D]``, ``v [S, Dv]`` -> ``out [T, Dv]``."""
     acc = jnp.promote_types(q.dtype, jnp.float32)
     t, s_len = q.shape[0], k.shape[0]
     qf, kf, vf = q.astype(acc), k.astype(acc), v.astype(acc)
     hi = jax.lax.Precision.HIGHEST
-    s = jnp.matmul(qf, kf.T, precision=hi) * jnp.asarray(spec.scale, acc)
-    s = transform_logits(s, spec, spec.bias)
-    if spec.mask is not None:
-        s = jnp.where(spec.mask.materialize(t, s_len), s, -jnp.inf)
+    s = jnp.matmul(qf, kf.T, precision=hi) * jnp.asarray(plan.scale, acc)
+    s = transform_logits(s, plan, plan.bias)
+    if plan.mask is not None:
+        s = jnp.where(plan.mask.materialize(t, s_len), s, -jnp.inf)
     m = safe_max(s)
     e = jnp.exp(s - m)
     l = e.sum(-1, keepdims=True)
     p = e / jnp.where(l == 0, 1, l)
-    keep = dropout_keep(spec, jnp.arange(t), jnp.arange(s_len))
-    pd = p if keep is None else jnp.where(keep, p / (1.0 - spec.dropout_rate), 0.0)
+    keep = dropout_keep(plan, jnp.arange(t), jnp.arange(s_len))
+    pd = p if keep is None else jnp.where(keep, p / (1.0 - plan.dropout_rate), 0.0)
     out = jnp.matmul(pd, vf, precision=hi).astype(q.dtype)
-    lse = lse_from(m[:, 0], l[:, 0]) if spec.return_lse else None
-    w = p.astype(q.dtype) if spec.return_weights else None
+    lse = lse_from(m[:, 0], l[:, 0]) if plan.return_lse else None
+    w = p.astype(q.dtype) if plan.return_weights else None
     return KernelOutput(out, lse, w)

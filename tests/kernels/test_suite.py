@@ -277,7 +277,7 @@ def test_mask_objects(impl, name):
         want = H.oracle(q, k, v, mask=jnp.asarray(dense))
         H.assert_close(got, want, H.tol(jnp.float32)[0], what=name)
 
-    _check_or_raises(impl, mask._features(), run)
+    _check_or_raises(impl, mask.features, run)
 
 
 def test_fully_masked_rows(impl):
