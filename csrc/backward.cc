@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "isa.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -270,14 +271,99 @@ JATTN_AVX2 void sweep_row_avx2(const RowArgs& r, const SweepConsts& c) {
   if (t < r.n) sweep_row_scalar<kCap, kAdd, kDrop, kDb>(r, c, t);
 }
 
-bool have_avx2() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    const char* env = std::getenv("JATTN_CPU_ISA");
-    if (env && std::strcmp(env, "generic") == 0) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return ok;
+bool have_avx2() { return cpu_isa() != Isa::kGeneric; }
+
+// Register-tiled block products for the AVX2 path. Only K_j and V_j are packed (once per
+// key block, as 16-column panels of K_j^T / V_j^T); every other operand is read where it
+// lies, broadcasting the A side element by element:
+//   C[MR x 16] (+)= sum_l A(r, l) B(l, 0:16),  A(r, l) = a[r * ars + l * als],
+//   B(l, :) = b[l * bls .. + 16].
+template <int MR, bool kAcc>
+JATTN_AVX2 inline void mk16(int64_t L, const float* a, int64_t ars, int64_t als, const float* b,
+                            int64_t bls, float* c, int64_t ldc) {
+  __m256 acc0[MR], acc1[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    if (kAcc) {
+      acc0[r] = _mm256_loadu_ps(c + r * ldc);
+      acc1[r] = _mm256_loadu_ps(c + r * ldc + 8);
+    } else {
+      acc0[r] = _mm256_setzero_ps();
+      acc1[r] = _mm256_setzero_ps();
+    }
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * ars);
+      acc0[r] = _mm256_fmadd_ps(av, b0, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(av, b1, acc1[r]);
+    }
+    a += als;
+    b += bls;
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(c + r * ldc, acc0[r]);
+    _mm256_storeu_ps(c + r * ldc + 8, acc1[r]);
+  }
+}
+
+template <bool kAcc>
+JATTN_AVX2 inline void mk16_rows(int64_t mr, int64_t L, const float* a, int64_t ars, int64_t als,
+                                 const float* b, int64_t bls, float* c, int64_t ldc) {
+  switch (mr) {
+    case 6: return mk16<6, kAcc>(L, a, ars, als, b, bls, c, ldc);
+    case 5: return mk16<5, kAcc>(L, a, ars, als, b, bls, c, ldc);
+    case 4: return mk16<4, kAcc>(L, a, ars, als, b, bls, c, ldc);
+    case 3: return mk16<3, kAcc>(L, a, ars, als, b, bls, c, ldc);
+    case 2: return mk16<2, kAcc>(L, a, ars, als, b, bls, c, ldc);
+    default: return mk16<1, kAcc>(L, a, ars, als, b, bls, c, ldc);
+  }
+}
+
+constexpr int64_t kMR = 6;
+
+// C[rows x 16 np] = A[rows x L] (row-major) . panels; panels p: [L][16].
+JATTN_AVX2 void avx2_nt_packed(int64_t rows, int64_t np, int64_t L, const float* A, int64_t lda,
+                               const float* panels, float* C, int64_t ldc) {
+  for (int64_t pn = 0; pn < np; ++pn)
+    for (int64_t m0 = 0; m0 < rows; m0 += kMR)
+      mk16_rows<false>(std::min(kMR, rows - m0), L, A + m0 * lda, lda, 1, panels + pn * L * 16,
+                       16, C + m0 * ldc + pn * 16, ldc);
+}
+
+// C[M x N] += A[L x M]^T . B[L x N], N a multiple of 16.
+JATTN_AVX2 void avx2_tn(int64_t M, int64_t N, int64_t L, const float* A, int64_t lda,
+                        const float* B, int64_t ldb, float* C, int64_t ldc) {
+  for (int64_t n0 = 0; n0 < N; n0 += 16)
+    for (int64_t m0 = 0; m0 < M; m0 += kMR)
+      mk16_rows<true>(std::min(kMR, M - m0), L, A + m0, 1, lda, B + n0, ldb, C + m0 * ldc + n0,
+                      ldc);
+}
+
+// C[M x N] += A[M x L] . B[L x N], N a multiple of 16.
+JATTN_AVX2 void avx2_nn(int64_t M, int64_t N, int64_t L, const float* A, int64_t lda,
+                        const float* B, int64_t ldb, float* C, int64_t ldc) {
+  for (int64_t n0 = 0; n0 < N; n0 += 16)
+    for (int64_t m0 = 0; m0 < M; m0 += kMR)
+      mk16_rows<true>(std::min(kMR, M - m0), L, A + m0 * lda, lda, 1, B + n0, ldb,
+                      C + m0 * ldc + n0, ldc);
+}
+
+// rows [0, n) of X (row stride ldx, width w) -> panels [ceil(n/16)][w][16], zero padded.
+void pack_panels(int64_t n, int64_t w, const float* X, int64_t ldx, float* dst) {
+  for (int64_t p0 = 0; p0 < n; p0 += 16) {
+    float* d = dst + (p0 / 16) * w * 16;
+    int64_t nr = std::min<int64_t>(16, n - p0);
+    for (int64_t c = 0; c < nr; ++c) {
+      const float* src = X + (p0 + c) * ldx;
+      for (int64_t h = 0; h < w; ++h) d[h * 16 + c] = src[h];
+    }
+    for (int64_t c = nr; c < 16; ++c)
+      for (int64_t h = 0; h < w; ++h) d[h * 16 + c] = 0.0f;
+  }
 }
 #endif
 
@@ -313,6 +399,14 @@ SweepFn pick_sweep(bool cap, bool add, bool drop, bool db) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+#ifndef JATTN_BWD_BQ
+#define JATTN_BWD_BQ 96
+#endif
+#ifndef JATTN_BWD_BK
+#define JATTN_BWD_BK 96
+#endif
+constexpr int64_t kBlockQ = JATTN_BWD_BQ, kBlockK = JATTN_BWD_BK;  // the AVX2 path's blocks
 
 }  // namespace
 
@@ -381,8 +475,13 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
   }
 
   // Block sizes.
-  const int64_t bq = 64, bk = 128;
-  const int64_t ldb = bk;  // leading dimension of the score buffers
+#if JATTN_BWD_X86
+  const bool fast = have_avx2() && H % 16 == 0 && Hv % 16 == 0 && H > 0 && Hv > 0;
+#else
+  const bool fast = false;
+#endif
+  const int64_t bq = fast ? kBlockQ : 64, bk = fast ? kBlockK : 128;
+  const int64_t ldb = ceil_div(bk, 16) * 16;  // leading dimension of the score buffers
   const int64_t nk = ceil_div(S, bk);
 
   // Key chunks per KV head: enough tasks to keep every thread busy, bounded by the memory
@@ -428,6 +527,7 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
     std::vector<float> sbuf(bq * ldb), dpbuf(bq * ldb), addbuf(bq * ldb);
     std::vector<float> dkacc(bk * H), dvacc(bk * Hv), tmp(std::max(H, Hv));
     std::vector<int64_t> rlo(bq), rhi(bq);
+    std::vector<float> kpan(fast ? ldb * H : 0), vpan(fast ? ldb * Hv : 0);
     std::vector<RowArgs> rows_args(bq);
 
     // This task's dQ accumulator: [B, T, N, H] (chunk c), heads kh*G .. kh*G+G-1.
@@ -444,6 +544,13 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
       std::fill(dvacc.begin(), dvacc.end(), 0.0f);
       const float* Kj = kf + ((b * S + j0) * K + kh) * H;
       const float* Vj = vf + ((b * S + j0) * K + kh) * Hv;
+      const int64_t npan = ceil_div(cols, 16);
+#if JATTN_BWD_X86
+      if (fast && j0 < rb.kv_end) {
+        pack_panels(cols, H, Kj, ldk, kpan.data());
+        pack_panels(cols, Hv, Vj, ldv, vpan.data());
+      }
+#endif
 
       // Rows that can see a key of [j0, j1) by the index bounds.
       int64_t i_lo = 0, i_hi = rb.q_end;
@@ -558,8 +665,17 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
           }
           if (!any) continue;
 
-          gemm_nt(rows, cols, H, Qi, ldq, Kj, ldk, sbuf.data(), ldb, false);
-          gemm_nt(rows, cols, Hv, dOi, ldo, Vj, ldv, dpbuf.data(), ldb, false);
+          float* dqi = dqa + ((b * T + r0) * N + n) * H;
+#if JATTN_BWD_X86
+          if (fast) {
+            avx2_nt_packed(rows, npan, H, Qi, ldq, kpan.data(), sbuf.data(), ldb);
+            avx2_nt_packed(rows, npan, Hv, dOi, ldo, vpan.data(), dpbuf.data(), ldb);
+          } else
+#endif
+          {
+            gemm_nt(rows, cols, H, Qi, ldq, Kj, ldk, sbuf.data(), ldb, false);
+            gemm_nt(rows, cols, Hv, dOi, ldo, Vj, ldv, dpbuf.data(), ldb, false);
+          }
           const SweepFn fn = need_entry ? sweep_add : sweep_plain;
           for (int64_t r = 0; r < rows; ++r) {
             const RowArgs& ra = rows_args[r];
@@ -570,10 +686,18 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
               fn(ra, sc);
             }
           }
-          gemm_tn(cols, Hv, rows, sbuf.data(), ldb, dOi, ldo, dvacc.data(), Hv, true);
-          gemm_tn(cols, H, rows, dpbuf.data(), ldb, Qi, ldq, dkacc.data(), H, true);
-          gemm_nn(rows, H, cols, dpbuf.data(), ldb, Kj, ldk, dqa + ((b * T + r0) * N + n) * H,
-                  ldq, true);
+#if JATTN_BWD_X86
+          if (fast) {
+            avx2_tn(cols, Hv, rows, sbuf.data(), ldb, dOi, ldo, dvacc.data(), Hv);
+            avx2_tn(cols, H, rows, dpbuf.data(), ldb, Qi, ldq, dkacc.data(), H);
+            avx2_nn(rows, H, cols, dpbuf.data(), ldb, Kj, ldk, dqi, ldq);
+          } else
+#endif
+          {
+            gemm_tn(cols, Hv, rows, sbuf.data(), ldb, dOi, ldo, dvacc.data(), Hv, true);
+            gemm_tn(cols, H, rows, dpbuf.data(), ldb, Qi, ldq, dkacc.data(), H, true);
+            gemm_nn(rows, H, cols, dpbuf.data(), ldb, Kj, ldk, dqi, ldq, true);
+          }
         }
       }
 
