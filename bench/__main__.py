@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import pathlib
 import sys
 from collections.abc import Sequence
 
-from bench.records import MODES, read_records
+from bench.records import MODES, read_records, record_kind
+from bench.roofline import RooflineConfig
 from bench.runners import DTYPES, PEERS
 from bench.shapes import SHAPE_SETS, Shape, parse_shape
 from bench.timing import TimingConfig
@@ -102,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
         help="results file, JSON lines, appended to (default: results/bench-BACKEND-TIME.jsonl)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--no-roofline",
+        action="store_true",
+        help="do not measure the machine's matmul rate and memory bandwidth first (a few seconds)",
+    )
 
     report = sub.add_parser("report", help="markdown table and PNG plots from results files")
     report.add_argument("files", nargs="+", help="results files (JSON lines) from any machines")
@@ -118,76 +125,188 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class BadOption(Exception):
+    """A bad option or input file: `main` prints it as one line on stderr and returns 2."""
+
+
 def _shapes(args: argparse.Namespace) -> list[tuple[str, Shape]]:
     chosen: list[tuple[str, Shape]] = []
     named = args.shapes if args.shapes is not None else ("" if args.shape else "quick")
     for name in _csv(named):
         if name not in SHAPE_SETS:
-            raise SystemExit(f"unknown shape set {name!r}; known: {', '.join(SHAPE_SETS)}")
+            raise BadOption(f"--shapes: unknown shape set {name!r}; known: {', '.join(SHAPE_SETS)}")
         chosen.extend((name, shape) for shape in SHAPE_SETS[name])
     for text in args.shape:
         try:
             chosen.append(("custom", parse_shape(text)))
         except ValueError as e:
-            raise SystemExit(str(e)) from None
-    return chosen
+            raise BadOption(f"--shape: {e}") from None
+    seen: set[Shape] = set()  # a shape in two of the sets named is measured once
+    unique = []
+    for name, shape in chosen:
+        if shape not in seen:
+            seen.add(shape)
+            unique.append((name, shape))
+    return unique
 
 
-def _run(args: argparse.Namespace) -> int:
-    from bench.report import run_table
-    from bench.sweep import SweepConfig, current_platform, run_sweep
+def _impls(text: str) -> list[str] | None:
+    names = _names(text)
+    if not names:
+        return names
+    from bench.runners import known_jattn_names
+
+    try:
+        known = known_jattn_names()
+    except Exception:  # jattn not importable: the sweep records that as an absent record
+        return names
+    for name in names:
+        if name not in known:
+            raise BadOption(
+                f"--impls: unknown jattn implementation {name!r}; known: {', '.join(known)}, "
+                "all, none"
+            )
+    return names
+
+
+def _peers(text: str) -> list[str] | None:
+    names = _names(text)
+    for name in names or ():
+        if name not in PEERS:
+            raise BadOption(f"--peers: unknown peer {name!r}; known: {', '.join(PEERS)}, all, none")
+    return names
+
+
+def _out_path(args: argparse.Namespace, backend: str) -> pathlib.Path:
+    """The results file, checked before anything is measured: a folder or an unwritable place
+    is refused now rather than after an hour of measuring."""
+    if args.out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = pathlib.Path("results") / f"bench-{backend}-{stamp}.jsonl"
+    else:
+        out = pathlib.Path(args.out)
+    if out.is_dir():
+        raise BadOption(f"--out {str(out)!r} names a folder; give a file (JSON lines)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise BadOption(f"--out {str(out)!r}: cannot write there ({e.strerror or e})") from None
+    return out
+
+
+def _config(args: argparse.Namespace):  # -> SweepConfig (imported late: it imports JAX)
+    from bench.sweep import SweepConfig
 
     dtypes = []
     for name in _csv(args.dtypes):
         if name not in DTYPES:
-            raise SystemExit(
-                f"unknown dtype {name!r}; known: {', '.join(sorted(set(DTYPES.values())))}"
-            )
+            known = ", ".join(sorted(set(DTYPES.values())))
+            raise BadOption(f"--dtypes: unknown dtype {name!r}; known: {known}")
         dtypes.append(DTYPES[name])
+    if not dtypes:
+        raise BadOption(f"--dtypes {args.dtypes!r} names no dtype")
     modes = _csv(args.modes)
     for mode in modes:
         if mode not in MODES:
-            raise SystemExit(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+            raise BadOption(f"--modes: unknown mode {mode!r}; known: {', '.join(MODES)}")
+    if not modes:
+        raise BadOption(f"--modes {args.modes!r} names no mode")
+    for option, value, least in (
+        ("--repeats", args.repeats, 1),
+        ("--warmup", args.warmup, 1),
+        ("--torch-threads", args.torch_threads, 1),
+        ("--seed", args.seed, 0),
+    ):
+        if value is not None and value < least:
+            raise BadOption(f"{option} must be >= {least}, got {value}")
+    if not (math.isfinite(args.min_time) and args.min_time >= 0):
+        raise BadOption(f"--min-time must be a number of seconds >= 0, got {args.min_time}")
+    shapes = _shapes(args)
+    if not shapes:
+        raise BadOption("no shape selected: give --shapes NAMES or --shape B,T,S,N,K,H")
+    impls, peers = _impls(args.impls), _peers(args.peers)
+    if impls == [] and peers == []:
+        raise BadOption("--impls none --peers none selects no implementation: nothing to measure")
     causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
-    try:
-        timing = TimingConfig(repeats=args.repeats, warmup=args.warmup, min_time=args.min_time)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    config = SweepConfig(
-        shapes=_shapes(args),
+    return SweepConfig(
+        shapes=shapes,
         dtypes=dtypes,
         causal=causal,
         modes=modes,  # type: ignore[arg-type]
-        impls=_names(args.impls),
-        peers=_names(args.peers),
-        timing=timing,
+        impls=impls,
+        peers=peers,
+        timing=TimingConfig(repeats=args.repeats, warmup=args.warmup, min_time=args.min_time),
         seed=args.seed,
         torch_threads=args.torch_threads,
+        roofline=None if args.no_roofline else RooflineConfig(),
     )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from bench.report import run_table
+    from bench.sweep import cases, current_platform, run_sweep
+
+    config = _config(args)
+    if not cases(config):
+        raise BadOption(
+            "the selection leaves no case to measure: decode shapes (T=1) run only without a "
+            "causal mask, so --causal yes with only decode shapes measures nothing"
+        )
     platform = current_platform()
-    out = args.out
-    if out is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = pathlib.Path("results") / f"bench-{platform.backend}-{stamp}.jsonl"
+    out = _out_path(args, platform.backend)
     print(f"backend {platform.backend} ({platform.device_kind}); records -> {out}", flush=True)
-    try:
-        records = run_sweep(config, out, progress=not args.no_progress, log=print)
-    except ValueError as e:  # an unknown implementation or peer name
-        raise SystemExit(str(e)) from None
+    records = run_sweep(config, out, progress=not args.no_progress, log=print)
     print()
     print(run_table(records))
     print(f"\n{len(records)} records written to {out}")
+    attention = [r for r in records if r.kind == "attention"]
+    if not any(r.status == "ok" for r in attention):
+        print(
+            "python -m bench: nothing was measured: every selected implementation is absent or "
+            "failed on every case (the reasons are above)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
     from bench.report import write_report
 
+    records = []
+    for path in args.files:
+        try:
+            found = list(read_records([path]))
+        except OSError as e:
+            raise BadOption(f"report: cannot read {path!r}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise BadOption(f"report: {e}") from None
+        if not found:
+            raise BadOption(f"report: {path!r} holds no records")
+        records.extend(found)
+    attention = [r for r in records if record_kind(r) == "attention"]
+    if not any(r["status"] == "ok" for r in attention):
+        statuses = ", ".join(sorted({r["status"] for r in attention})) or "none"
+        raise BadOption(
+            f"report: no measured ('ok') attention record in {', '.join(args.files)} "
+            f"({len(attention)} attention records, status {statuses}): nothing to report"
+        )
+    measured = sorted({r["implementation"] for r in attention if r["status"] == "ok"})
+    if args.baseline not in measured:
+        raise BadOption(
+            f"--baseline {args.baseline!r} has no measured record in these files; measured: "
+            f"{', '.join(measured)}"
+        )
+    out_dir = pathlib.Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadOption(f"--out-dir {str(out_dir)!r} names a file; give a folder")
     try:
-        records = list(read_records(args.files))
-    except (OSError, ValueError) as e:
-        raise SystemExit(str(e)) from None
-    paths = write_report(records, args.out_dir, baseline=args.baseline)
+        paths = write_report(records, out_dir, baseline=args.baseline)
+    except OSError as e:
+        why = e.strerror or e
+        raise BadOption(f"--out-dir {str(out_dir)!r}: cannot write there ({why})") from None
     print(paths["markdown"].read_text(encoding="utf-8"))
     print(f"written: {', '.join(str(p) for p in paths.values())}")
     return 0
@@ -218,11 +337,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv.insert(0, "run")
     args = _parser().parse_args(argv)
-    if args.command == "report":
-        return _report(args)
-    if args.command == "list":
-        return _list()
-    return _run(args)
+    try:
+        if args.command == "report":
+            return _report(args)
+        if args.command == "list":
+            return _list()
+        return _run(args)
+    except BadOption as e:
+        print(f"python -m bench: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Benchmark records: the schema, the FLOP convention, the environment, JSON-lines I/O.
 
-A record is one implementation measured on one case (shape, dtype, causal, mode), or one
-implementation that could not be measured (status other than "ok", with the reason).
-Reports are made from records only, so everything a report shows must be in here.
+A record is one implementation measured on one case (shape, dtype, causal, mode), one
+implementation that could not be measured (status other than "ok", with the reason), or one of
+the machine's own limits measured at the start of a run (`kind="roofline"`: the matmul rate and
+the memory bandwidth). Reports are made from records only, so everything a report shows must be
+in here.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ import subprocess
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
-SCHEMA_VERSION = 1
+# 2: `kind` ("attention" or "roofline") and the roofline fields `problem`, `bytes`,
+# `gbytes_per_s`. Version 1 records are attention records.
+SCHEMA_VERSION = 2
+
+Kind = Literal["attention", "roofline"]
+KINDS: tuple[Kind, ...] = ("attention", "roofline")
+Origin = Literal["ours", "peer", "machine"]
 
 Mode = Literal["fwd", "fwd+bwd"]
 MODES: tuple[Mode, ...] = ("fwd", "fwd+bwd")
@@ -53,8 +61,10 @@ class Record:
     """One line of a results file. Times in seconds, memory in bytes; None = not measured."""
 
     # what was measured
-    implementation: str  # "fused", "flash", ... (ours) or "jax.nn:xla", "torch.sdpa", ... (peers)
-    origin: Literal["ours", "peer"]
+    # "jattn:fused", ... (ours), "jax.nn:xla", "torch.sdpa", ... (peers), or for a roofline
+    # record what measured the limit: "xla:matmul", "xla:read" (origin "machine")
+    implementation: str
+    origin: Origin
     status: Status
     reason: str | None  # why status is not "ok"
     # where
@@ -97,6 +107,12 @@ class Record:
     # CPU threads the implementation was given where the suite sets it (torch on CPU); None
     # where the library decides (XLA's CPU backend uses every core the process may run on).
     threads: int | None = None
+    # roofline records: what was run ("2048x2048x2048", "512 MiB"), the bytes it streamed and
+    # the bandwidth; a matmul's rate is in `flops` / `tflops` like an attention record's
+    kind: Kind = "attention"
+    problem: str | None = None
+    bytes: int | None = None
+    gbytes_per_s: float | None = None
     # bookkeeping
     run_id: str = ""
     timestamp: str = ""
@@ -119,17 +135,47 @@ REQUIRED_FIELDS: tuple[str, ...] = (
 )
 
 
-def validate(record: dict[str, Any]) -> None:
+_NUMBER_FIELDS = ("median_s", "iqr_s", "min_s", "max_s", "compile_s", "flops", "tflops",
+                  "gbytes_per_s")  # fmt: skip
+_INT_FIELDS = ("B", "T", "S", "N", "K", "H", "repeats", "number", "warmup", "bytes")
+
+
+def record_kind(record: dict[str, Any]) -> str:
+    """ "attention" or "roofline" (records of schema 1 have no kind: they are attention ones)."""
+    return record.get("kind") or "attention"
+
+
+def validate(record: Any) -> None:
     """Raise ValueError if a record read from a file is not one this suite can report on."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a record is a JSON object, not {type(record).__name__}: {record!r:.80}")
     missing = [name for name in REQUIRED_FIELDS if name not in record]
     if missing:
         raise ValueError(f"record lacks fields {missing}: {record!r:.200}")
+    kind = record_kind(record)
+    if kind not in KINDS:
+        raise ValueError(f"record kind {kind!r} is not one of {KINDS}")
     if record["status"] not in STATUSES:
         raise ValueError(f"record status {record['status']!r} is not one of {STATUSES}")
-    if record["origin"] not in ("ours", "peer"):
-        raise ValueError(f"record origin {record['origin']!r} is not 'ours' or 'peer'")
+    origins = ("machine",) if kind == "roofline" else ("ours", "peer")
+    if record["origin"] not in origins:
+        raise ValueError(f"a {kind} record's origin {record['origin']!r} is not one of {origins}")
+    for name in _NUMBER_FIELDS:
+        value = record.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"record field {name!r} must be a number, got {value!r:.40}")
+    for name in _INT_FIELDS:
+        value = record.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"record field {name!r} must be an integer, got {value!r:.40}")
     if record["status"] == "ok":
-        lacking = [n for n in (*CASE_FIELDS, "median_s", "tflops") if record.get(n) is None]
+        if kind == "roofline":
+            needed: tuple[str, ...] = ("dtype", "median_s")
+            if record.get("tflops") is None and record.get("gbytes_per_s") is None:
+                raise ValueError(f"a roofline record lacks tflops or gbytes_per_s: {record!r:.200}")
+        else:
+            needed = (*CASE_FIELDS, "median_s", "tflops")
+        lacking = [n for n in needed if record.get(n) is None]
         if lacking:
             raise ValueError(f"an 'ok' record lacks {lacking}: {record!r:.200}")
     elif record["status"] != "absent" and not record.get("reason"):
@@ -168,18 +214,25 @@ class RecordWriter:
 
 
 def read_records(paths: Iterable[str | os.PathLike[str]]) -> Iterator[dict[str, Any]]:
-    """Yield the validated records of JSON-lines files, naming file and line on bad input."""
+    """Yield the validated records of JSON-lines files, naming file and line on bad input.
+
+    Raises OSError for a file that cannot be opened, ValueError (with the file and line) for
+    one that is not UTF-8 text or holds a line that is not a record."""
     for path in paths:
         with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    validate(record)
-                except ValueError as e:  # json.JSONDecodeError is a ValueError
-                    raise ValueError(f"{path}:{lineno}: {e}") from None
-                yield record
+            lineno = 0
+            try:
+                for lineno, line in enumerate(f, start=1):  # noqa: B007 (used below)
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                        validate(record)
+                    except ValueError as e:  # json.JSONDecodeError is a ValueError
+                        raise ValueError(f"{path}:{lineno}: {e}") from None
+                    yield record
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text") from None
 
 
 # --- environment ---------------------------------------------------------------------------

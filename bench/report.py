@@ -13,6 +13,9 @@ import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from bench.records import record_kind
+from bench.roofline import rate
+
 BASELINE = "jax.nn:xla"
 
 Rec = dict[str, Any]
@@ -36,6 +39,24 @@ def device_label(device: tuple[str, str]) -> str:
 
 
 # --- selection -----------------------------------------------------------------------------
+
+
+def attention_only(records: Iterable[Rec]) -> list[Rec]:
+    """The attention records (not the machine's limits)."""
+    return [r for r in records if record_kind(r) == "attention"]
+
+
+def limits(records: Iterable[Rec]) -> dict[tuple[str, str], Rec]:
+    """{(device, "xla:matmul:<dtype>" or "xla:read"): the newest ok roofline record}."""
+    best: dict[tuple[Any, ...], Rec] = {}
+    for r in records:
+        if record_kind(r) != "roofline" or r["status"] != "ok":
+            continue
+        what = r["implementation"] + (f":{r['dtype']}" if r.get("tflops") is not None else "")
+        key = (device_key(r), what)
+        if key not in best or r.get("timestamp", "") >= best[key].get("timestamp", ""):
+            best[key] = r
+    return best  # type: ignore[return-value]
 
 
 def latest(records: Iterable[Rec]) -> list[Rec]:
@@ -120,6 +141,8 @@ def run_table(records: Sequence[Any]) -> str:
     absent = []
     for rec in records:
         r = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else rec
+        if record_kind(r) != "attention":
+            continue
         if r["status"] == "absent":
             absent.append(f"  {r['implementation']}: {r['reason']}")
             continue
@@ -145,7 +168,8 @@ _STATUS_CELL = {"oom": "OOM", "unsupported": "n/a", "error": "error"}
 def markdown_report(records: Sequence[Rec], *, baseline: str = BASELINE) -> str:
     """Per device: the machine, then one row per case and one column per implementation,
     each cell `TFLOP/s (speed-up over the baseline)`."""
-    records = latest(records)
+    limit = limits(records)
+    records = latest(attention_only(records))
     ups = speedups(records, baseline)
     by_device: dict[tuple[str, str], list[Rec]] = collections.defaultdict(list)
     for r in records:
@@ -162,6 +186,8 @@ def markdown_report(records: Sequence[Rec], *, baseline: str = BASELINE) -> str:
         impls = _impl_order(measured, baseline)
         out.append(f"\n### {device_label(device)}\n")
         out.append(_machine_line(recs))
+        limit_line, *limit_tables = _roofline_tables(device, measured, impls, limit)
+        out.append("\n" + limit_line)
         cells: dict[tuple[CaseKey, str], str] = {}
         for r in measured:
             if r["status"] == "ok":
@@ -189,11 +215,106 @@ def markdown_report(records: Sequence[Rec], *, baseline: str = BASELINE) -> str:
                 if r["status"] not in ("ok",)
             }
         )
+        out.extend(limit_tables)
         if notes:
             out.append("\nNot measured:\n\n" + "\n".join(notes[:20]))
             if len(notes) > 20:
                 out.append(f"- ... and {len(notes) - 20} more")
     return "\n".join(out) + "\n"
+
+
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+def kv_bytes(r: Rec) -> int:
+    """Bytes of K and V: what attention must read at least once."""
+    return 2 * r["B"] * r["S"] * r["K"] * r["H"] * _ITEMSIZE.get(r["dtype"], 4)
+
+
+def _pct(share: float) -> str:
+    """A share as a percentage: '54%', '1.1%', '0.27%'."""
+    pct = 100 * share
+    return f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"
+
+
+def memory_bound(r: Rec, matmul_tflops: float, read_gbps: float) -> bool:
+    """Whether the case's forward FLOPs per byte of q, k, v and the output fall below the
+    machine's balance (the matmul rate of its dtype over the read bandwidth): then bandwidth,
+    not compute, bounds it (decode: one query row against a long cache)."""
+    fwd_flops = 4.0 * r["B"] * r["N"] * r["T"] * r["S"] * r["H"]
+    io = kv_bytes(r) + 2 * r["B"] * r["T"] * r["N"] * r["H"] * _ITEMSIZE.get(r["dtype"], 4)
+    return fwd_flops / io < matmul_tflops * 1e12 / (read_gbps * 1e9)
+
+
+def _roofline_tables(
+    device: tuple[str, str], measured: Sequence[Rec], impls: Sequence[str], limit: dict
+) -> list[str]:
+    """Every result against the machine's limits of the same device: a share of the matmul
+    rate (same dtype) for compute-bound cases; for memory-bound ones (decode) the measured time
+    against the time to read K and V once at the measured bandwidth."""
+    matmul = {
+        what.rsplit(":", 1)[1]: r for (dev, what), r in limit.items()
+        if dev == device and what.startswith("xla:matmul:")
+    }  # fmt: skip
+    read = limit.get((device, "xla:read"))
+    if not matmul and read is None:
+        return ["No machine limits in these records (files from before they were measured)."]
+    parts = ["Machine limits (XLA, measured at the start of the run): " + "; ".join(
+        [f"{d} matmul {rate(r['tflops'])} ({r['problem']})" for d, r in sorted(matmul.items())]
+        + ([f"memory read {read['gbytes_per_s']:.1f} GB/s ({read['problem']})"] if read else [])
+    ) + "."]  # fmt: skip
+    ok = [r for r in measured if r["status"] == "ok"]
+
+    def is_memory_bound(r: Rec) -> bool:
+        mm = matmul.get(r["dtype"], matmul.get("float32"))
+        return bool(read and mm and memory_bound(r, mm["tflops"], read["gbytes_per_s"]))
+
+    bound = {case_key(r): is_memory_bound(r) for r in ok}
+    by_cell = {(case_key(r), r["implementation"]): r for r in ok}
+    dims = ["mode", "mask", "dtype", "B", "T", "S", "N", "K", "H"]
+
+    def lead(key: CaseKey) -> list[str]:
+        mode, dtype, causal, *rest = key
+        return [mode, "causal" if causal else "none", dtype, *map(str, rest)]
+
+    compute = sorted((k for k, b in bound.items() if not b), key=_case_sort)
+    rows = []
+    for key in compute:
+        mm = matmul.get(key[1])
+        if mm is None:
+            continue
+        cells = []
+        for impl in impls:
+            r = by_cell.get((key, impl))
+            cells.append("" if r is None else _pct(r["tflops"] / mm["tflops"]))
+        rows.append([*lead(key), *cells])
+    if rows:
+        parts.append(
+            "\nCompute-bound cases, each result as a share of the matmul rate of its dtype:\n\n"
+            + format_table([*dims, *impls], rows, markdown=True)
+        )
+    memory = sorted((k for k, b in bound.items() if b), key=_case_sort)
+    rows = []
+    for key in memory:
+        any_r = next(r for r in ok if case_key(r) == key)
+        floor = kv_bytes(any_r) / (read["gbytes_per_s"] * 1e9)  # type: ignore[index]
+        cells = []
+        for impl in impls:
+            r = by_cell.get((key, impl))
+            if r is None:
+                cells.append("")
+            else:
+                t = r["median_s"]
+                cells.append(f"{_sig3(t * 1e3)} ({_sig3(t / floor)}×)")
+        rows.append([*lead(key), _sig3(floor * 1e3), *cells])
+    if rows:
+        parts.append(
+            "\nMemory-bound cases (decode): the time to read K and V once at the measured "
+            "bandwidth, then each measured time in ms and, in brackets, how many times that "
+            "floor it takes:\n\n"
+            + format_table([*dims, "K+V read ms", *impls], rows, markdown=True)
+        )
+    return parts
 
 
 def _case_sort(key: CaseKey) -> tuple[Any, ...]:
@@ -268,7 +389,7 @@ def plot(
 
     if metric not in ("tflops", "speedup"):
         raise ValueError(f"metric must be 'tflops' or 'speedup', got {metric!r}")
-    ok = [r for r in latest(records) if r["status"] == "ok"]
+    ok = [r for r in latest(attention_only(records)) if r["status"] == "ok"]
     ups = speedups(ok, baseline)
 
     def y_of(r: Rec) -> float | None:
@@ -340,14 +461,15 @@ def plot(
     if metric == "speedup":
         handles.append(Line2D([], [], color="grey", linewidth=0.8, label=f"{baseline} = 1"))
     fig.tight_layout()
-    fig.legend(
-        handles=handles,
-        loc="upper center",
-        bbox_to_anchor=(0.5, 0.0),
-        ncol=min(4, len(handles)),
-        fontsize=8,
-        frameon=False,
-    )
+    if handles:
+        fig.legend(
+            handles=handles,
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),
+            ncol=min(4, len(handles)),
+            fontsize=8,
+            frameon=False,
+        )
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")

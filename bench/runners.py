@@ -35,9 +35,6 @@ DTYPES: dict[str, str] = {
 # Peers by the short name the CLI takes. Each may expand to several runners (tokamax on GPU).
 PEERS: tuple[str, ...] = ("xla", "cudnn", "flax", "torch", "tokamax")
 
-# jattn's oracle: materialises everything in float64 if asked, far too slow to be a contender.
-NOT_BY_DEFAULT: frozenset[str] = frozenset({"reference"})
-
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -362,42 +359,63 @@ def _import_error(module: str) -> str | None:
 
 
 def jattn_names(backend: str) -> tuple[list[str], list[str]]:
-    """(all registry names, the default ones for `backend`). Raises ImportError without jattn."""
+    """(every registry name, the names that run on `backend`). Raises ImportError without jattn.
+
+    Both come from the registry alone: the sweep measures every implementation that
+    `jattn.kernels.available(backend)` lists (those that run only emulated there, Pallas in
+    interpret mode on a CPU, are not listed), whatever they are called."""
     from jattn import kernels
 
-    every = sorted(kernels.REGISTRY)
-    default = [
-        name
-        for name in kernels.available(backend)
-        if name not in NOT_BY_DEFAULT
-        # Pallas on CPU runs in interpret mode: a correctness tool, not a contender.
-        and not (backend == "cpu" and name.startswith("pallas"))
-    ]
-    return every, default
+    return sorted(kernels.REGISTRY), list(kernels.available(backend))
+
+
+def _unavailable() -> dict[str, str]:
+    """Implementations the registry left out because they could not load, with the reason."""
+    from jattn import kernels
+
+    return dict(getattr(kernels, "UNAVAILABLE", {}))
+
+
+def known_jattn_names() -> list[str]:
+    """Every name `--impls` may give: registered ones and those that could not load."""
+    every, _ = jattn_names("cpu")
+    return sorted({*every, *_unavailable()})
 
 
 def our_runners(
     backend: str, names: Sequence[str] | None
 ) -> tuple[list[Runner], list[Unavailable]]:
-    """jattn's implementations: `names`, or every default one on `backend` when None."""
+    """jattn's implementations: `names`, or every one that runs on `backend` when None.
+
+    One that cannot run here (another backend, or it could not load: a native library that was
+    not built) is an Unavailable with the registry's reason."""
     try:
-        every, default = jattn_names(backend)
+        every, runnable = jattn_names(backend)
     except Exception as e:
         return [], [
             Unavailable("jattn", "ours", f"jattn is not importable ({type(e).__name__}: {e})")
         ]
     from jattn import kernels
 
+    missing = _unavailable()
     runners: list[Runner] = []
     absent: list[Unavailable] = []
-    for name in default if names is None else names:
-        if name not in kernels.REGISTRY:
+    if names is None:
+        absent += [Unavailable(f"jattn:{n}", "ours", why) for n, why in sorted(missing.items())]
+    for name in runnable if names is None else names:
+        if name in missing and name not in kernels.REGISTRY:
+            absent.append(Unavailable(f"jattn:{name}", "ours", missing[name]))
+        elif name not in kernels.REGISTRY:
             raise ValueError(f"unknown jattn implementation {name!r}; known: {every}")
-        if name not in kernels.available(backend):
-            where = sorted(kernels.REGISTRY[name].backends)
-            absent.append(Unavailable(f"jattn:{name}", "ours", f"runs on {where}, not {backend}"))
-            continue
-        runners.append(JattnRunner(name))
+        elif name not in runnable:
+            impl = kernels.REGISTRY[name]
+            where = sorted(impl.backends)
+            why = f"runs on {', '.join(where)}, not {backend}"
+            if backend in impl.interpret_backends:
+                why += f" (only emulated on {backend}: callable for tests, not a contender)"
+            absent.append(Unavailable(f"jattn:{name}", "ours", why))
+        else:
+            runners.append(JattnRunner(name))
     return runners, absent
 
 

@@ -72,11 +72,25 @@ DECODE: tuple[Shape, ...] = tuple(
     _decode(8, S, 32, 8, 128) for S in (1024, 2048, 4096, 8192, 16384)
 )
 
+# Grouped-query attention: 4 query heads per KV head.
+GQA: tuple[Shape, ...] = (Shape(2, 1024, 1024, 16, 4, 64),)
+
+# Queries and keys of different lengths (T != S) with GQA and a head size that is not a power of
+# two: the shape a kernel tuned on square powers of two gets wrong first.
+CROSS: tuple[Shape, ...] = (Shape(2, 640, 1536, 6, 2, 96),)
+
+# The shapes the native CPU kernel's speed goals are stated on (issue 11): quick, gqa, cross,
+# and decode at S = 4k and 16k: `python -m bench --shapes goals`.
+GOALS: tuple[Shape, ...] = (*QUICK, *GQA, *CROSS, *(s for s in DECODE if s.S in (4096, 16384)))
+
 SHAPE_SETS: dict[str, tuple[Shape, ...]] = {
     "quick": QUICK,
+    "gqa": GQA,
+    "cross": CROSS,
+    "decode": DECODE,
+    "goals": GOALS,
     "full": FULL,
     "long": LONG,
-    "decode": DECODE,
 }
 
 

@@ -19,6 +19,7 @@ from bench.records import (
     now,
     versions,
 )
+from bench.roofline import Limit, RooflineConfig, describe, measure_limits
 from bench.runners import Case, Runner, Unavailable, our_runners, peer_runners
 from bench.shapes import Shape
 from bench.timing import TimingConfig, classify
@@ -37,6 +38,12 @@ class SweepConfig:
     timing: TimingConfig = dataclasses.field(default_factory=TimingConfig)
     seed: int = 0
     torch_threads: int | None = None  # None: every core, like XLA's CPU backend
+    # the machine's limits measured first (matmul rate, memory bandwidth); None: not measured
+    roofline: RooflineConfig | None = dataclasses.field(default_factory=RooflineConfig)
+
+
+class NothingToMeasure(ValueError):
+    """The selection leaves no case or no implementation: a run would measure nothing."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +90,49 @@ def absent_record(item: Unavailable, platform: Platform, run_id: str) -> Record:
         status="absent",
         reason=item.reason,
     )
+
+
+def roofline_records(
+    config: RooflineConfig, platform: Platform, run_id: str, sweep_dtypes: Sequence[str] = ()
+) -> tuple[list[Record], list[Limit]]:
+    """Measure the machine's limits; each becomes a record (kind "roofline")."""
+    records: list[Record] = []
+    limits: list[Limit] = []
+    for item in measure_limits(platform.backend, config, sweep_dtypes):
+        base = _base("", "machine", platform, run_id)
+        if isinstance(item, Limit):
+            t = item.timing
+            base["implementation"] = item.name
+            records.append(
+                Record(
+                    **base,  # type: ignore[arg-type]
+                    kind="roofline",
+                    status="ok",
+                    reason=None,
+                    dtype=item.dtype,
+                    problem=item.problem,
+                    repeats=t.repeats,
+                    number=t.number,
+                    warmup=t.warmup,
+                    median_s=t.median_s,
+                    iqr_s=t.iqr_s,
+                    min_s=t.min_s,
+                    max_s=t.max_s,
+                    compile_s=item.compile_s,
+                    flops=item.flops,
+                    tflops=item.tflops,
+                    bytes=item.bytes,
+                    gbytes_per_s=item.gbytes_per_s,
+                )
+            )
+            limits.append(item)
+        else:
+            name, dtype, reason = item
+            base["implementation"] = name
+            records.append(
+                Record(**base, kind="roofline", status="error", reason=reason, dtype=dtype)  # type: ignore[arg-type]
+            )
+    return records, limits
 
 
 def run_case(
@@ -164,12 +214,28 @@ def run_sweep(
     )
     runners: list[Runner] = [*ours, *peers]
     todo = cases(config)
+    if not todo:
+        raise NothingToMeasure(
+            "the selection leaves no case to measure (decode shapes, T=1, run only without a "
+            "causal mask)"
+        )
     records: list[Record] = []
     with RecordWriter(out_path) as writer:
         for item in [*ours_absent, *peers_absent]:
             record = absent_record(item, platform, run_id)
             writer.write(record)
             records.append(record)
+        if not runners:
+            return records  # nothing can run: the absent records say why
+        if config.roofline is not None:
+            limit_records, limits = roofline_records(
+                config.roofline, platform, run_id, config.dtypes
+            )
+            for record in limit_records:
+                writer.write(record)
+                records.append(record)
+            if log is not None:
+                log(f"machine limits: {describe(limits) or 'none measured'}")
         bar = tqdm(total=len(todo) * len(runners), unit="run", disable=not progress, desc="bench")
         with bar:
             for case, runner in itertools.product(todo, runners):

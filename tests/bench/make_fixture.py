@@ -2,7 +2,9 @@
 
 Run `python -m tests.bench.make_fixture` from the repository root after a schema change. The
 numbers are invented (device kind "FAKE GPU"), chosen so speed-ups over jax.nn:xla are exact:
-fused takes half the baseline's time, cudnn a quarter, torch 0.8 of it.
+fused takes half the baseline's time, cudnn a quarter, torch 0.8 of it. The machine's limits
+(roofline records) are invented too, with two decode cases timed at exact multiples of the time
+to read K and V once at the fixture's bandwidth.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ LENGTHS = (512, 1024, 2048)
 # seconds of jax.nn:xla forward at T = S = 512; longer sequences run at higher efficiency
 XLA_FWD_512 = 1e-3
 EFFICIENCY = {512: 1.0, 1024: 1.25, 2048: 1.6}
+MATMUL_TFLOPS = {"bfloat16": 100.0, "float32": 50.0}
+READ_GBPS = 500.0
+DECODE = {"B": 8, "T": 1, "S": 4096, "N": 32, "K": 8, "H": 128}  # bfloat16, forward
+DECODE_KV_BYTES = 2 * 8 * 4096 * 8 * 128 * 2
+DECODE_FLOOR_FACTOR = {"jax.nn:xla": 4.0, "jattn:fused": 2.0}  # times the K+V read time
 
 
 def records() -> list[Record]:
@@ -85,6 +92,84 @@ def records() -> list[Record]:
                         **base,
                     )
                 )
+    for dtype, tflops in MATMUL_TFLOPS.items():
+        flops = 2.0 * 8192**3
+        median = flops / (tflops * 1e12)
+        out.append(
+            Record(
+                implementation="xla:matmul",
+                origin="machine",
+                status="ok",
+                reason=None,
+                kind="roofline",
+                dtype=dtype,
+                problem="8192x8192x8192",
+                repeats=3,
+                number=1,
+                warmup=1,
+                median_s=median,
+                iqr_s=0.0,
+                min_s=median,
+                max_s=median,
+                compile_s=0.1,
+                flops=flops,
+                tflops=tflops,
+                **base,
+            )  # fmt: skip
+        )
+    nbytes = 512 * 2**20
+    median = nbytes / (READ_GBPS * 1e9)
+    out.append(
+        Record(
+            implementation="xla:read",
+            origin="machine",
+            status="ok",
+            reason=None,
+            kind="roofline",
+            dtype="float32",
+            problem="512 MiB",
+            repeats=3,
+            number=1,
+            warmup=1,
+            median_s=median,
+            iqr_s=0.0,
+            min_s=median,
+            max_s=median,
+            compile_s=0.1,
+            bytes=nbytes,
+            gbytes_per_s=READ_GBPS,
+            **base,
+        )  # fmt: skip
+    )
+    floor = DECODE_KV_BYTES / (READ_GBPS * 1e9)
+    flops = attention_flops(8, 1, 4096, 32, 128, causal=False, mode="fwd")
+    for impl, factor in DECODE_FLOOR_FACTOR.items():
+        median = floor * factor
+        out.append(
+            Record(
+                implementation=impl,
+                origin="ours" if impl.startswith("jattn:") else "peer",
+                status="ok",
+                reason=None,
+                shape_set="decode",
+                **DECODE,
+                dtype="bfloat16",
+                causal=False,
+                mask="none",
+                mode="fwd",
+                repeats=3,
+                number=1,
+                warmup=1,
+                median_s=median,
+                iqr_s=0.0,
+                min_s=median,
+                max_s=median,
+                compile_s=0.5,
+                flops=flops,
+                tflops=flops / median / 1e12,
+                **base,
+            )  # fmt: skip
+        )
     out.append(
         Record(
             implementation="jattn:fused",

@@ -11,6 +11,7 @@ import pytest
 from bench import __main__ as cli
 from bench.records import (
     RECORD_FIELDS,
+    SCHEMA_VERSION,
     Record,
     attention_flops,
     read_records,
@@ -36,6 +37,8 @@ def test_flops_follow_the_flash_attention_convention():
 
 def test_tiny_sweep_writes_a_valid_record_per_implementation_and_case(tiny_run):
     records = list(read_records([tiny_run]))  # validates every line
+    limits = [r for r in records if r["kind"] == "roofline"]
+    records = [r for r in records if r["kind"] == "attention"]
     _, ours = jattn_names(jax.default_backend())
     expected_impls = {f"jattn:{name}" for name in ours} | {"jax.nn:xla", "flax.linen"}
     measured = [r for r in records if r["status"] != "absent"]
@@ -68,12 +71,26 @@ def test_tiny_sweep_writes_a_valid_record_per_implementation_and_case(tiny_run):
         n_inputs = 3 if r["mode"] == "fwd" else 4
         assert r["xla_argument_bytes"] == n_inputs * 32 * 2 * 8 * 4
         assert r["xla_total_bytes"] >= r["xla_argument_bytes"] + r["xla_output_bytes"] > 0
+    # the machine's limits, measured once at the start of the run, before any attention record
+    assert sorted(r["implementation"] for r in limits) == ["xla:matmul", "xla:read"]
+    for r in limits:
+        assert r["status"] == "ok" and r["origin"] == "machine"
+        assert r["run_id"] == records[0]["run_id"]
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+    matmul = next(r for r in limits if r["implementation"] == "xla:matmul")
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    assert matmul["problem"] == f"{n}x{n}x{n}" and matmul["flops"] == 2 * n**3
+    assert matmul["tflops"] == pytest.approx(matmul["flops"] / matmul["median_s"] / 1e12)
+    read = next(r for r in limits if r["implementation"] == "xla:read")
+    assert read["bytes"] >= 64 * 2**20 and read["tflops"] is None
+    assert read["gbytes_per_s"] == pytest.approx(read["bytes"] / read["median_s"] / 1e9)
 
 
 def test_the_cli_prints_a_table(tmp_path, capsys):
     out = tmp_path / "r.jsonl"
     cli.main(["--shape", "1,16,16,1,1,8", "--impls", "none", "--peers", "xla", "--modes", "fwd",
-              "--causal", "no", "--repeats", "1", "--no-progress", "--out", str(out)])  # fmt: skip
+              "--causal", "no", "--repeats", "1", "--no-progress", "--no-roofline",
+              "--out", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
     assert "median ms" in printed and "TFLOP/s" in printed
     assert "jax.nn:xla" in printed
@@ -84,8 +101,9 @@ def test_missing_peers_are_absent_records_not_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokamax", None)  # makes `import tokamax` fail
     monkeypatch.setitem(sys.modules, "torch", None)
     out = tmp_path / "absent.jsonl"
-    cli.main(["--shape", TINY, "--impls", "none", "--peers", "torch,tokamax", "--no-progress",
-              "--out", str(out)])  # fmt: skip
+    code = cli.main(["--shape", TINY, "--impls", "none", "--peers", "torch,tokamax",
+                     "--no-progress", "--out", str(out)])  # fmt: skip
+    assert code == 1  # nothing was measured, and the run says so
     records = list(read_records([out]))
     assert sorted(r["implementation"] for r in records) == ["tokamax", "torch.sdpa"]
     for r in records:
@@ -98,7 +116,7 @@ def test_an_unsupported_case_is_a_record_and_the_sweep_goes_on(tmp_path):
     out = tmp_path / "gqa.jsonl"
     cli.main(["--shape", "1,16,16,4,2,8", "--impls", "none", "--peers", "flax,xla",
               "--modes", "fwd", "--causal", "no", "--repeats", "1", "--no-progress",
-              "--out", str(out)])  # fmt: skip
+              "--no-roofline", "--out", str(out)])  # fmt: skip
     by_impl = {r["implementation"]: r for r in read_records([out])}
     assert by_impl["flax.linen"]["status"] == "unsupported"
     assert "KV heads" in by_impl["flax.linen"]["reason"]
@@ -186,7 +204,8 @@ def test_record_schema_round_trips():
         implementation="x", origin="peer", status="absent", reason="because",
         backend="cpu", device_kind="cpu", host_cpu="c", host_cores=1, versions={},
     )  # fmt: skip
-    assert json.loads(record.to_json())["schema_version"] == 1
+    assert json.loads(record.to_json())["schema_version"] == SCHEMA_VERSION == 2
+    assert json.loads(record.to_json())["kind"] == "attention"
     validate(json.loads(record.to_json()))
     with pytest.raises(ValueError, match="reason"):
         validate({**json.loads(record.to_json()), "status": "error", "reason": None})
@@ -200,7 +219,7 @@ def test_torch_peer_when_installed(tmp_path):
     # GQA (N=4, K=2) exercises enable_gqa; both modes exercise no_grad and .backward()
     cli.main(["--shape", "1,16,16,4,2,8", "--impls", "none", "--peers", "torch",
               "--torch-threads", "1", "--repeats", "1", "--min-time", "0", "--no-progress",
-              "--out", str(out)])  # fmt: skip
+              "--no-roofline", "--out", str(out)])  # fmt: skip
     records = list(read_records([out]))
     assert len(records) == 4
     for r in records:
@@ -218,8 +237,9 @@ def test_tokamax_peer_runs_whatever_the_command_line(tmp_path, monkeypatch):
     # the suite's own options. Start from unparsed flags and a bench command line.
     flags.FLAGS.unparse_flags()
     out = tmp_path / "tk.jsonl"
-    argv = ["--shape", "2,16,24,4,2,8", "--impls", "none", "--peers", "tokamax", "--repeats",
-            "1", "--min-time", "0", "--no-progress", "--out", str(out)]  # fmt: skip
+    argv = ["--shape", "2,16,24,4,2,8", "--impls", "none", "--peers", "tokamax",
+            "--repeats", "1", "--min-time", "0", "--no-progress", "--no-roofline",
+            "--out", str(out)]  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["bench", *argv])
     assert cli.main(argv) == 0
     records = list(read_records([out]))
