@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import sys
 
 import jax
@@ -248,3 +249,18 @@ def test_tokamax_peer_runs_whatever_the_command_line(tmp_path, monkeypatch):
         assert r["implementation"].startswith("tokamax:") and r["status"] == "ok", r["reason"]
         assert r["versions"]["tokamax"] is not None
         assert (r["T"], r["S"], r["N"], r["K"]) == (16, 24, 4, 2)
+
+
+def test_every_option_and_shape_set_is_documented():
+    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md").read_text(
+        encoding="utf-8"
+    )
+    parser = cli._parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name in ("run", "report"):
+        for action in subparsers[name]._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag != "--help":
+                    assert f"`{flag}" in doc, f"{name} {flag} is not in docs/benchmarks.md"
+    for name in SHAPE_SETS:
+        assert f"`{name}`" in doc, f"shape set {name} is not in docs/benchmarks.md"
