@@ -134,6 +134,10 @@ def _is_zero(d: Any) -> bool:
     return isinstance(d, (int, np.integer)) and d == 0
 
 
+def _is_one(d: Any) -> bool:
+    return isinstance(d, (int, np.integer)) and d == 1
+
+
 def _empty_result(plan: Plan, dtype):
     """What every kernel returns when there is nothing to compute: zero outputs and weights,
     ``lse = -inf`` (rows with no visible key)."""
@@ -195,12 +199,14 @@ def _vmap_leading(fn, args: tuple, sizes: tuple[int, ...]):
         return fn(*args)
     size, rest = sizes[0], sizes[1:]
     leaves, treedef = jax.tree.flatten(args)
-    axes = [0 if size > 1 and x.shape[0] == size else None for x in leaves]
+    # A leaf's leading dim is either full or 1 (canonical layout); sizes may be symbolic
+    # (jax.export), so only a static 1 counts as broadcast.
+    axes = [None if _is_one(size) or _is_one(x.shape[0]) else 0 for x in leaves]
     sliced = [x if a == 0 else x[0] for x, a in zip(leaves, axes, strict=True)]
 
     def inner(*ls):
         return _vmap_leading(fn, jax.tree.unflatten(treedef, ls), rest)
 
-    if size == 1:
+    if _is_one(size):
         return jax.tree.map(lambda y: y[None], inner(*sliced))
     return jax.vmap(inner, in_axes=axes)(*sliced)

@@ -214,7 +214,10 @@ def _forward(st: _Static, q, k, v, bias, mask, seed):
             m_new = jnp.maximum(m, s.max(axis=1))
             m_use = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
             alpha = jnp.exp2(m - m_use)
-            p = jnp.exp2(s - m_use[:, None])
+            # Clamped: XLA may recompute the scaled logits inside this fusion with a fused
+            # multiply-add, so at logits of ~1e9 `s - max` can be a few ulps above 0 and exp2
+            # overflow (bfloat16 inputs, whose scale is applied after the product).
+            p = jnp.exp2(jnp.minimum(s - m_use[:, None], 0.0))
             if dropout:
                 l = l * alpha + p.sum(axis=1)
                 keep = _keep(st, seed, q0, k0)
@@ -292,7 +295,7 @@ def _backward(st: _Static, q, k, v, bias, mask, seed, out, lse2, g_out, g_lse2):
             s, th = _logits(st, qsi, kj, bias, q0, k0)
             if masked:
                 s = jnp.where(mask.block(q0, k0, st.bq, st.bk), s, -jnp.inf)
-            p = jnp.exp2(s - lsei[:, None])
+            p = jnp.exp2(jnp.minimum(s - lsei[:, None], 0.0))  # as in the forward
             dp = jnp.einsum("td,sd->ts", doi, vj, preferred_element_type=acc_dt)
             pd = p
             if dropout:

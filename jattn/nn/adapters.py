@@ -18,7 +18,9 @@ Flax passes a boolean mask ``[batch, heads or 1, q, kv]`` (built by ``nn.make_ca
 kernel as is. ``is_causal`` (nnx) is forwarded as ``is_causal``. Differences from Flax's
 ``dot_product_attention``: a query row with no visible key gives zeros (Flax averages all the
 values), dropout masks are drawn by jattn (same rate, different random bits; no
-``broadcast_dropout``), and ``precision`` is not used (jattn accumulates in float32).
+``broadcast_dropout``), and ``precision`` is not used (jattn accumulates in float32). The
+softmax is float32 whatever the dtype, so ``force_fp32_for_softmax`` only changes the sown
+weights, which are then float32 as in Flax.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def make_attention_fn(
         attn_weights_value_einsum: Any = None,
         promote_dtype: Any = None,
     ) -> jax.Array:
-        del broadcast_dropout, precision, force_fp32_for_softmax, promote_dtype
+        del broadcast_dropout, precision, promote_dtype
         if qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
             raise NotImplementedError(
                 "custom einsums (qk_attn_weights_einsum / attn_weights_value_einsum, e.g. AQT "
@@ -92,6 +94,12 @@ def make_attention_fn(
         if mask is not None:
             mask = jnp.asarray(mask, bool)
         want_weights = module is not None
+        if want_weights and force_fp32_for_softmax and jnp.dtype(dtype).itemsize < 4:
+            # jattn's softmax is float32 already; Flax's flag also makes the sown weights
+            # float32, which the kernels return only for float32 inputs.
+            query, key, value = (x.astype(jnp.float32) for x in (query, key, value))
+            if bias is not None:
+                bias = jnp.asarray(bias, jnp.float32)
         result = _attention(
             query,
             key,
@@ -109,7 +117,7 @@ def make_attention_fn(
             return result
         out, weights = result
         _sow(module, weights)
-        return out
+        return out.astype(dtype)
 
     return fn
 

@@ -1,0 +1,255 @@
+"""Inputs at the edges: what jax.nn accepts works with the same numbers, bad values are refused
+by name at the call, and no kernel turns finite inputs into NaN."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen
+from jax import export
+
+import jattn
+from jattn.kernels.flash import FlashConfig
+from tests import helpers as H
+
+IMPLS = jattn.kernels.testable()
+KEY = jax.random.key(0)
+
+
+def _qkv(b, t, s, n, kh, h, hv=None, dtype=jnp.float32):
+    hv = h if hv is None else hv
+    k1, k2, k3 = jax.random.split(KEY, 3)
+    q = jax.random.normal(k1, (*b, t, n, h), dtype)
+    k = jax.random.normal(k2, (*b, s, kh, h), dtype)
+    v = jax.random.normal(k3, (*b, s, kh, hv), dtype)
+    return q, k, v
+
+
+# ---------------------------------------------------------------------------------------------
+# Empty dimensions.
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero")  # jax.nn's 1 / sqrt(0)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "dims",
+    [
+        ((0,), 4, 4, 2, 2, 8),  # no batch element
+        ((2,), 0, 4, 2, 2, 8),  # no query
+        ((2,), 4, 0, 2, 2, 8),  # no key: every row sees nothing
+        ((2,), 4, 4, 0, 0, 8),  # no head (jax.nn divides by zero here)
+        ((2,), 4, 4, 2, 2, 0),  # zero-width heads
+    ],
+)
+def test_empty_dimensions(impl, dims):
+    q, k, v = _qkv(*dims)
+    out, lse = jattn.attention(q, k, v, implementation=impl, return_lse=True)
+    assert out.shape == q.shape[:-1] + (v.shape[-1],)
+    assert lse.shape == (*q.shape[:-3], q.shape[-2], q.shape[-3])
+    assert not jnp.isnan(out).any()
+    if dims[3] != 0:  # jax.nn serves every other case: same shape, same numbers
+        np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v), atol=1e-6)
+    if dims[2] == 0:
+        assert (lse == -jnp.inf).all() and (out == 0).all()
+    grads = jax.grad(
+        lambda q, k, v: jattn.attention(q, k, v, implementation=impl).sum(), (0, 1, 2)
+    )(q, k, v)
+    for g, x in zip(grads, (q, k, v), strict=True):
+        assert g.shape == x.shape and not jnp.isnan(g).any()
+
+
+def test_zero_width_query_heads_average_the_values():
+    q, k, v = _qkv((1,), 3, 5, 2, 2, 0, hv=4)
+    out = jattn.attention(q, k, v, implementation="fused")
+    np.testing.assert_allclose(
+        out, jnp.broadcast_to(v.mean(1, keepdims=True), out.shape), atol=1e-6
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# What jax.nn accepts.
+
+
+@pytest.mark.parametrize("impl", ["fused", "flash", "reference"])
+def test_unbatched_inputs_with_four_dim_mask_and_bias(impl):
+    q, k, v = _qkv((), 6, 7, 4, 2, 8)
+    mask = jax.random.bernoulli(KEY, 0.7, (1, 4, 6, 7)).at[..., 0].set(True)
+    bias = jax.random.normal(KEY, (1, 4, 6, 7))
+    got = jattn.attention(q, k, v, bias, mask, implementation=impl)
+    want = jax.nn.dot_product_attention(q, k, v, bias, mask)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 4, 6, 7\)"):
+        jattn.attention(q, k, v, mask=jnp.ones((2, 4, 6, 7), bool), implementation=impl)
+
+
+@pytest.mark.parametrize("impl", ["fused", "flash"])
+def test_numpy_and_traced_scales(impl):
+    q, k, v = _qkv((2,), 8, 8, 2, 2, 8)
+    want = jax.nn.dot_product_attention(q, k, v, scale=0.3)
+    for scale in (np.float32(0.3), np.float64(0.3), jnp.asarray(0.3)):
+        got = jattn.attention(q, k, v, scale=scale, implementation=impl)
+        np.testing.assert_allclose(got, want, atol=2e-6)
+    traced = jax.jit(lambda s: jattn.attention(q, k, v, scale=s, implementation=impl))
+    np.testing.assert_allclose(traced(0.3), want, atol=2e-6)
+    # The scale is differentiable when traced.
+    g = jax.grad(lambda s: jattn.attention(q, k, v, scale=s, implementation=impl).sum())(0.3)
+    g_ref = jax.grad(lambda s: jax.nn.dot_product_attention(q, k, v, scale=s).sum())(0.3)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["fused", "flash", "pallas_gpu"])
+@pytest.mark.parametrize("dtype", [jnp.uint32, jnp.int8, jnp.uint8])
+def test_lengths_of_any_integer_type(impl, dtype):
+    q, k, v = _qkv((2,), 8, 9, 2, 2, 8)
+    lengths = np.array([9, 4])
+    got = jattn.attention(
+        q, k, v, key_value_seq_lengths=jnp.asarray(lengths, dtype), implementation=impl
+    )
+    want = jax.nn.dot_product_attention(
+        q, k, v, key_value_seq_lengths=jnp.asarray(lengths, jnp.int32)
+    )
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["fused", "flash", "pallas_gpu"])
+def test_huge_windows_and_offsets_mean_no_bound(impl):
+    q, k, v = _qkv((1,), 8, 8, 2, 2, 8)
+    want = jax.nn.dot_product_attention(q, k, v)
+    for w in (2**31, 2**40, (2**63, 2**31)):
+        got = jattn.attention(q, k, v, local_window_size=w, implementation=impl)
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    m = jattn.masks.Causal(2**40)
+    np.testing.assert_allclose(
+        jattn.attention(q, k, v, mask=m, implementation=impl), want, atol=2e-5
+    )
+
+
+def test_numpy_dropout_rate_is_a_number():
+    q, k, v = _qkv((1,), 8, 8, 2, 2, 8)
+    rng = jax.random.key(3)
+    a = jattn.attention(q, k, v, dropout_rate=np.float32(0.25), dropout_rng=rng)
+    b = jattn.attention(q, k, v, dropout_rate=0.25, dropout_rng=rng)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("impl", ["fused", "flash"])
+def test_symbolic_batch_dimension_exports(impl):
+    (b,) = export.symbolic_shape("b")
+    x = jax.ShapeDtypeStruct((b, 16, 2, 8), jnp.float32)
+    lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
+
+    def f(q, k, v, lengths):
+        return jattn.attention(
+            q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation=impl
+        )
+
+    exported = export.export(jax.jit(f))(x, x, x, lengths)
+    q, k, v = _qkv((3,), 16, 16, 2, 2, 8)
+    lens = jnp.array([16, 5, 1], jnp.int32)
+    np.testing.assert_allclose(exported.call(q, k, v, lens), f(q, k, v, lens), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad values, refused at the call and by name.
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"scale": float("nan")}, ValueError, "scale must be finite"),
+        ({"scale": float("inf")}, ValueError, "scale must be finite"),
+        ({"scale": np.float32("inf")}, ValueError, "scale must be finite"),
+        ({"scale": "0.5"}, TypeError, "scale must be a real number"),
+        ({"scale": True}, TypeError, "scale must be a real number"),
+        ({"scale": jnp.ones(2)}, TypeError, "scale must be a real number"),
+        ({"softcap": float("inf")}, ValueError, "softcap must be a positive finite"),
+        ({"softcap": 0.0}, ValueError, "softcap must be a positive finite"),
+        ({"dropout_rate": np.float32(1.5)}, ValueError, "dropout_rate must be in"),
+        ({"dropout_rate": "0.1"}, TypeError, "dropout_rate must be a real number"),
+        ({"dropout_rate": 0.1, "dropout_rng": 3}, TypeError, "dropout_rng must be a PRNG key"),
+        ({"is_causal": "yes"}, TypeError, "is_causal must be a bool"),
+        ({"return_lse": 1}, TypeError, "return_lse must be a bool"),
+        ({"implementation": 3}, TypeError, "implementation must be None, a name"),
+        ({"implementation": ["flash", 3]}, TypeError, "implementation names must be strings"),
+        ({"config": FlashConfig(8, 8), "return_weights": True}, TypeError, "config of type"),
+        ({"local_window_size": (1, -1)}, ValueError, "local_window_size"),
+        ({"local_window_size": 1.5}, TypeError, "local_window_size"),
+    ],
+)
+def test_bad_values_are_named(kwargs, error, match):
+    q, k, v = _qkv((1,), 4, 4, 2, 2, 8)
+    with pytest.raises(error, match=match):
+        jattn.attention(q, k, v, **kwargs)
+
+
+def test_traced_static_options_are_refused_by_name():
+    q, k, v = _qkv((1,), 4, 4, 2, 2, 8)
+    for name in ("softcap", "dropout_rate"):
+        f = jax.jit(lambda x, name=name: jattn.attention(q, k, v, **{name: x}))
+        with pytest.raises(TypeError, match=f"{name} must be a static number"):
+            f(0.5)
+
+
+def test_every_reason_is_given_when_no_implementation_fits():
+    q, k, v = _qkv((1,), 4, 4, 2, 2, 8)
+    with pytest.raises(NotImplementedError) as e:
+        jattn.attention(q, k, v, return_weights=True, implementation=["flash", "pallas_gpu"])
+    msg = str(e.value)
+    assert "'flash' does not support return_weights" in msg
+    assert "'pallas_gpu' does not support return_weights" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# Finite wherever the materialising kernel is.
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_is_finite_at_huge_logits(dtype, causal):
+    # Logits around 1e9: a max subtracted in one fusion and recomputed with an FMA in another
+    # used to differ by ulps of 1e9, and exp2 overflowed.
+    big = {jnp.bfloat16: 3e4, jnp.float16: 200.0, jnp.float32: 3e4}[dtype]
+    q, k, v = _qkv((1,), 300, 300, 2, 2, 16, dtype=dtype)
+    q, k = q * jnp.asarray(big, dtype), k * jnp.asarray(big, dtype)
+    fused = jattn.attention(q, k, v, is_causal=causal, implementation="fused")
+    assert jnp.isfinite(fused).all()
+    for cfg in (FlashConfig(300, 300), FlashConfig(64, 128)):
+        out = jattn.attention(q, k, v, is_causal=causal, implementation="flash", config=cfg)
+        assert jnp.isfinite(out).all()
+        g = jax.grad(
+            lambda q: (
+                jattn.attention(q, k, v, is_causal=causal, implementation="flash", config=cfg)
+                .astype(jnp.float32)
+                .sum()
+            )
+        )(q)
+        assert jnp.isfinite(g).all()
+        # Each output row is a convex combination of value rows.
+        assert (jnp.abs(out) <= jnp.abs(v).max() * 1.01).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The Flax adapter.
+
+
+def test_adapter_force_fp32_for_softmax_sows_float32_weights():
+    x = jax.random.normal(KEY, (2, 6, 16), jnp.bfloat16)
+    layer = linen.MultiHeadDotProductAttention(
+        num_heads=2,
+        qkv_features=16,
+        dtype=jnp.bfloat16,
+        force_fp32_for_softmax=True,
+        attention_fn=jattn.nn.attention_fn,
+    )
+    params = layer.init(KEY, x)
+    out, state = layer.apply(params, x, sow_weights=True, mutable=["intermediates"])
+    (weights,) = jax.tree.leaves(state["intermediates"])
+    assert weights.dtype == jnp.float32 and out.dtype == jnp.bfloat16
+    flax_layer = layer.clone(attention_fn=linen.dot_product_attention)
+    want, want_state = flax_layer.apply(params, x, sow_weights=True, mutable=["intermediates"])
+    (want_weights,) = jax.tree.leaves(want_state["intermediates"])
+    assert want_weights.dtype == weights.dtype
+    np.testing.assert_allclose(weights, want_weights, atol=2e-2)
+    H.assert_close(out, want, 5e-2)
