@@ -16,7 +16,13 @@ import jax
 import numpy as np
 import pytest
 
-from examples import char_lm, chatbot, classifier, common
+from examples import char_lm, chatbot, classifier
+from examples.checkpoints import read_checkpoint
+from examples.data import strip_gutenberg
+from examples.tasks import char_lm as char_lm_task
+from examples.tasks import chatbot as chatbot_task
+from examples.tasks import classifier as classifier_task
+from examples.vocab import SPECIAL_TOKENS, train_subword_tokenizer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,7 +54,7 @@ def check_run_and_resume(module: Any, argv: list[str], out: Path) -> tuple[dict,
     assert first.summary["resumed_from"] is None
     assert np.isfinite(first.summary["val_loss"])
 
-    saved, meta = common.read_checkpoint(ckpt)
+    saved, meta = read_checkpoint(ckpt)
     assert meta["step"] == 2
     assert int(saved["optimizer"]["step"]) == 2
     assert [v["step"] for v in meta["history"]["val"]] == [2]
@@ -104,7 +110,7 @@ def test_char_lm(tmp_path: Path) -> None:
     # The same seed trains the same model (initialisation, batches and dropout masks).
     again_argv = [*argv, "--out-dir", str(tmp_path / "again"), "--no-progress", "--seed", "3"]
     again = flat(char_lm.run([*again_argv, "--steps", "2"]).trainer.checkpoint_tree()["params"])
-    saved, _ = common.read_checkpoint(tmp_path / "run" / "ckpt")
+    saved, _ = read_checkpoint(tmp_path / "run" / "ckpt")
     for name, value in flat(saved["params"]).items():
         np.testing.assert_array_equal(again[name], value, err_msg=name)
     assert first["characters"] == len("THE BOOK\n\n" + body)  # header and footer cut
@@ -118,7 +124,7 @@ def test_char_lm(tmp_path: Path) -> None:
 def test_char_lm_default_text_and_alpha() -> None:
     args = char_lm.parse_args(["--alpha", "2", "4"])
     assert args.temperature == [0.5, 0.25]
-    text, source = char_lm.load_text(args)
+    text, source = char_lm_task.load_text(args)
     assert source == "pydoc_data.topics" and len(text) > 100_000
     with pytest.raises(SystemExit):
         char_lm.parse_args(["--alpha", "2", "--temperature", "1"])
@@ -126,10 +132,8 @@ def test_char_lm_default_text_and_alpha() -> None:
 
 def test_strip_gutenberg_markers() -> None:
     text = "header\nTITLE\nbody\nFOOTER\nlicence\n"
-    assert common.strip_gutenberg(text, start_marker="TITLE", end_marker="FOOTER") == (
-        "TITLE\nbody\n"
-    )
-    assert common.strip_gutenberg("no markers here\n") == "no markers here\n"
+    assert strip_gutenberg(text, start_marker="TITLE", end_marker="FOOTER") == ("TITLE\nbody\n")
+    assert strip_gutenberg("no markers here\n") == "no markers here\n"
 
 
 def test_chatbot_generated_task(tmp_path: Path) -> None:
@@ -154,10 +158,10 @@ def test_chatbot_csv_and_tokenizer(tmp_path: Path) -> None:
         "오늘 너무 힘들어,힘내세요.,1\n",
         encoding="utf-8",
     )
-    pairs, _, skipped = chatbot.load_pairs(chatbot.parse_args(["--data", str(data)]))
+    pairs, _, skipped = chatbot_task.load_pairs(chatbot.parse_args(["--data", str(data)]))
     assert skipped == 1 and pairs[1] == ("쉼표, 있는 질문", "그렇군요.")
-    tok = common.train_subword_tokenizer([t for qa in pairs for t in qa], vocab_size=60)
-    assert [tok.id_to_token(i) for i in range(4)] == list(common.SPECIAL_TOKENS)
+    tok = train_subword_tokenizer([t for qa in pairs for t in qa], vocab_size=60)
+    assert [tok.id_to_token(i) for i in range(4)] == list(SPECIAL_TOKENS)
     assert tok.decode(tok.encode("오늘 너무 힘들어").ids) == "오늘 너무 힘들어"
 
 
@@ -184,7 +188,9 @@ def test_classifier_csv_cleans_labels(tmp_path: Path) -> None:
         "이상한 줄,?,x\n빈 라벨,?,\n",
         encoding="utf-8",
     )
-    examples, _, skipped = classifier.load_examples(classifier.parse_args(["--data", str(data)]))
+    examples, _, skipped = classifier_task.load_examples(
+        classifier.parse_args(["--data", str(data)])
+    )
     assert examples == [("좋아해", 2), ("헤어졌어", 1), ("밥 먹자", 0)]
     assert skipped == 2
 

@@ -1,0 +1,1 @@
+"""What each example trains on and how it uses the trained model: one module per example."""
