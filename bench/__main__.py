@@ -313,7 +313,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _list() -> int:
-    from bench.runners import jattn_names
+    from bench.runners import jattn_names, unavailable_jattn
     from bench.sweep import current_platform
 
     platform = current_platform()
@@ -325,6 +325,8 @@ def _list() -> int:
         every, default = jattn_names(platform.backend)
         print(f"\njattn implementations: {', '.join(every)}")
         print(f"run by default on {platform.backend}: {', '.join(default)}")
+        for name, why in sorted(unavailable_jattn().items()):
+            print(f"not available: {name}: {why}")
     except Exception as e:
         print(f"\njattn is not importable: {e}")
     print(f"peers: {', '.join(PEERS)}")

@@ -369,7 +369,7 @@ def jattn_names(backend: str) -> tuple[list[str], list[str]]:
     return sorted(kernels.REGISTRY), list(kernels.available(backend))
 
 
-def _unavailable() -> dict[str, str]:
+def unavailable_jattn() -> dict[str, str]:
     """Implementations the registry left out because they could not load, with the reason."""
     from jattn import kernels
 
@@ -379,7 +379,7 @@ def _unavailable() -> dict[str, str]:
 def known_jattn_names() -> list[str]:
     """Every name `--impls` may give: registered ones and those that could not load."""
     every, _ = jattn_names("cpu")
-    return sorted({*every, *_unavailable()})
+    return sorted({*every, *unavailable_jattn()})
 
 
 def our_runners(
@@ -397,7 +397,7 @@ def our_runners(
         ]
     from jattn import kernels
 
-    missing = _unavailable()
+    missing = unavailable_jattn()
     runners: list[Runner] = []
     absent: list[Unavailable] = []
     if names is None:

@@ -81,10 +81,10 @@ def test_tiny_sweep_writes_a_valid_record_per_implementation_and_case(tiny_run):
     matmul = next(r for r in limits if r["implementation"] == "xla:matmul")
     n = 2048 if jax.default_backend() == "cpu" else 8192
     assert matmul["problem"] == f"{n}x{n}x{n}" and matmul["flops"] == 2 * n**3
-    assert matmul["tflops"] == pytest.approx(matmul["flops"] / matmul["median_s"] / 1e12)
+    assert matmul["tflops"] == pytest.approx(matmul["flops"] / matmul["min_s"] / 1e12)
     read = next(r for r in limits if r["implementation"] == "xla:read")
     assert read["bytes"] >= 64 * 2**20 and read["tflops"] is None
-    assert read["gbytes_per_s"] == pytest.approx(read["bytes"] / read["median_s"] / 1e9)
+    assert read["gbytes_per_s"] == pytest.approx(read["bytes"] / read["min_s"] / 1e9)
 
 
 def test_the_cli_prints_a_table(tmp_path, capsys):
@@ -264,3 +264,35 @@ def test_every_option_and_shape_set_is_documented():
                     assert f"`{flag}" in doc, f"{name} {flag} is not in docs/benchmarks.md"
     for name in SHAPE_SETS:
         assert f"`{name}`" in doc, f"shape set {name} is not in docs/benchmarks.md"
+
+
+def test_jattn_implementations_come_from_the_registry(monkeypatch, tmp_path):
+    """No kernel name is written into the suite: a new kernel is measured once the registry
+    lists it, and one the registry could not load is an absent record with its reason."""
+    import dataclasses
+
+    from bench.runners import our_runners
+    from jattn import kernels
+
+    fake = dataclasses.replace(kernels.REGISTRY["fused"], name="newkernel")
+    monkeypatch.setattr(kernels, "REGISTRY", {**kernels.REGISTRY, "newkernel": fake})
+    monkeypatch.setattr(kernels, "available", lambda backend=None: ["newkernel", "fused"])
+    monkeypatch.setattr(kernels, "UNAVAILABLE", {"native": "not built (test)"}, raising=False)
+    runners, absent = our_runners("cpu", None)
+    assert [r.name for r in runners] == ["jattn:newkernel", "jattn:fused"]
+    assert [(a.name, a.reason) for a in absent] == [("jattn:native", "not built (test)")]
+
+    emulated = [n for n, impl in kernels.REGISTRY.items() if "cpu" in impl.interpret_backends]
+    runners, absent = our_runners("cpu", ["native", *emulated[:1]])
+    assert runners == []
+    assert absent[0].reason == "not built (test)"
+    if emulated:  # Pallas kernels: callable in interpret mode on a CPU, never benchmarked there
+        assert "only emulated on cpu" in absent[1].reason
+
+    out = tmp_path / "native.jsonl"
+    code = cli.main(["--shape", TINY, "--impls", "native", "--peers", "none", "--no-progress",
+                     "--no-roofline", "--out", str(out)])  # fmt: skip
+    assert code == 1  # accepted as a name, but nothing could be measured
+    (record,) = read_records([out])
+    assert (record["implementation"], record["status"]) == ("jattn:native", "absent")
+    assert record["reason"] == "not built (test)"
