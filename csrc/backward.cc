@@ -147,7 +147,7 @@ struct RowArgs {
   float* dp;         // in: dO.v; out: dS * softcap' * scale (what the dQ/dK products need)
   const float* add;  // additive bias + mask (-inf) for the row's columns, or nullptr
   float* db;         // dbias row (dS, before the softcap factor and the scale), or nullptr
-  int64_t n;         // columns
+  int64_t lo, n;     // the columns [lo, n) to compute (the caller zeroes the others)
   int64_t j0;        // first key index of the columns (dropout hash)
   float lse, D;      // row's log-sum-exp, rowsum(dO*O) - dlse
   uint32_t row_hash;
@@ -242,7 +242,7 @@ JATTN_AVX2 void sweep_row_avx2(const RowArgs& r, const SweepConsts& c) {
   const __m256i thr = _mm256_set1_epi32(static_cast<int32_t>(c.threshold));
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i jmul = _mm256_set1_epi32(static_cast<int32_t>(0xC2B2AE3Du));
-  int64_t t = 0;
+  int64_t t = r.lo;
   for (; t + 8 <= r.n; t += 8) {
     __m256 x = _mm256_mul_ps(_mm256_loadu_ps(r.s + t), scale);
     __m256 th;
@@ -371,7 +371,7 @@ using SweepFn = void (*)(const RowArgs&, const SweepConsts&);
 
 template <bool kCap, bool kAdd, bool kDrop, bool kDb>
 void sweep_row_generic(const RowArgs& r, const SweepConsts& c) {
-  sweep_row_scalar<kCap, kAdd, kDrop, kDb>(r, c, 0);
+  sweep_row_scalar<kCap, kAdd, kDrop, kDb>(r, c, r.lo);
 }
 
 template <bool kCap, bool kAdd, bool kDrop, bool kDb>
@@ -583,7 +583,6 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
           const int64_t i0 = qb * bq, i1 = std::min(T, i0 + bq);
           // Per-row visible column range within the block; -inf lse rows see nothing.
           int64_t first = -1, last = -1;
-          bool all_full = true;
           int32_t qseg_min = 0, qseg_max = 0;
           for (int64_t i = i0; i < i1; ++i) {
             int64_t a = std::max(rb.lo(i), j0), e = std::min(rb.hi(i), j1);
@@ -593,7 +592,6 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
             }
             rlo[i - i0] = a - j0;
             rhi[i - i0] = e - j0;
-            if (a != j0 || e != j1) all_full = false;
             if (has_seg) {
               int32_t s = p.q_seg[b * T + i];
               if (first < 0) qseg_min = qseg_max = s;
@@ -604,7 +602,9 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
             last = i;
           }
           if (first < 0) continue;
-          bool need_entry = !all_full || has_mask;
+          // Index bounds are column ranges per row; only segments and the dense mask need
+          // per-entry work.
+          bool need_entry = has_mask;
           if (has_seg) {
             if (qseg_max < kseg_min || qseg_min > kseg_max) continue;  // no equal ids
             if (!(kseg_const && qseg_min == qseg_max)) need_entry = true;
@@ -620,6 +620,7 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
             RowArgs& ra = rows_args[r];
             ra.s = sbuf.data() + r * ldb;
             ra.dp = dpbuf.data() + r * ldb;
+            ra.lo = 0;
             ra.n = cols;
             ra.j0 = j0;
             ra.lse = lse_h[i];
@@ -629,9 +630,11 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
             ra.add = nullptr;
             const int64_t a = rlo[i - i0], e = rhi[i - i0];
             if (a >= e) {
-              ra.n = 0;  // an empty row: zero P and dS
+              ra.lo = ra.n = 0;  // an empty row: zero P and dS
               continue;
             }
+            ra.lo = a;
+            ra.n = e;
             if (need_entry) {
               float* ad = addbuf.data() + r * ldb;
               const float* br = bias_h ? bias_h + i * p.bias.st + j0 * p.bias.ss : nullptr;
@@ -639,15 +642,15 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
               const int32_t qs = has_seg ? p.q_seg[b * T + i] : 0;
               const int32_t* ks = has_seg ? p.kv_seg + b * S + j0 : nullptr;
               bool row_any = false;
-              for (int64_t t = 0; t < cols; ++t) {
-                bool vis = t >= a && t < e;
-                if (vis && mr) vis = mr[t * p.mask.ss] != 0;
+              for (int64_t t = a; t < e; ++t) {
+                bool vis = true;
+                if (mr) vis = mr[t * p.mask.ss] != 0;
                 if (vis && ks) vis = ks[t] == qs;
                 ad[t] = vis ? (br ? br[t * p.bias.ss] : 0.0f) : kNegInf;
                 row_any |= vis;
               }
               if (!row_any) {
-                ra.n = 0;
+                ra.lo = ra.n = 0;
                 continue;
               }
               ra.add = ad;
@@ -657,7 +660,7 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
                 ra.add = br;
               } else {
                 float* ad = addbuf.data() + r * ldb;
-                for (int64_t t = 0; t < cols; ++t) ad[t] = br[t * p.bias.ss];
+                for (int64_t t = a; t < e; ++t) ad[t] = br[t * p.bias.ss];
                 ra.add = ad;
               }
             }
@@ -679,12 +682,22 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
           const SweepFn fn = need_entry ? sweep_add : sweep_plain;
           for (int64_t r = 0; r < rows; ++r) {
             const RowArgs& ra = rows_args[r];
-            if (ra.n == 0) {
-              std::memset(sbuf.data() + r * ldb, 0, cols * sizeof(float));
-              std::memset(dpbuf.data() + r * ldb, 0, cols * sizeof(float));
-            } else {
-              fn(ra, sc);
+            float* sr = sbuf.data() + r * ldb;
+            float* dr = dpbuf.data() + r * ldb;
+            if (ra.n <= ra.lo) {
+              std::memset(sr, 0, cols * sizeof(float));
+              std::memset(dr, 0, cols * sizeof(float));
+              continue;
             }
+            if (ra.lo > 0) {
+              std::memset(sr, 0, ra.lo * sizeof(float));
+              std::memset(dr, 0, ra.lo * sizeof(float));
+            }
+            if (ra.n < cols) {
+              std::memset(sr + ra.n, 0, (cols - ra.n) * sizeof(float));
+              std::memset(dr + ra.n, 0, (cols - ra.n) * sizeof(float));
+            }
+            fn(ra, sc);
           }
 #if JATTN_BWD_X86
           if (fast) {
@@ -731,3 +744,25 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
 }
 
 }  // namespace jattn
+#ifdef JATTN_BWD_BENCH_HOOK
+#include <chrono>
+#include <cstdio>
+namespace jattn {
+void bench_hook() {
+  std::vector<float> A(96 * 96, 0.1f), B(96 * 64, 0.2f), C(96 * 64), P(96 * 64 * 2);
+  pack_panels(96, 64, B.data(), 64, P.data());
+  auto run = [&](const char* name, auto fn) {
+    int reps = 20000;
+    auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < reps; ++r) fn();
+    double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
+    std::printf("%s %.1f  ", name, 2.0 * 96 * 96 * 64 / t * 1e-9);
+  };
+  std::vector<float> Sb(96 * 96);
+  run("nt_packed", [&] { avx2_nt_packed(96, 6, 64, B.data(), 64, P.data(), Sb.data(), 96); });
+  run("tn", [&] { avx2_tn(96, 64, 96, A.data(), 96, B.data(), 64, C.data(), 64); });
+  run("nn", [&] { avx2_nn(96, 64, 96, A.data(), 96, B.data(), 64, C.data(), 64); });
+  std::printf("\n");
+}
+}
+#endif
