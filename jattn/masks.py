@@ -21,7 +21,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+# The static-or-traced helpers, under the names this module's code uses.
+from jattn._intmath import Flag
+from jattn._intmath import and_ as _and
+from jattn._intmath import imax as _max
+from jattn._intmath import imin as _min
+from jattn._intmath import is_static as _is_static_int
+from jattn._intmath import lt as _lt
+from jattn._intmath import not_ as _not
+from jattn._intmath import or_ as _or
+from jattn._intmath import where as _where
 
 __all__ = [
     "Mask",
@@ -40,58 +50,6 @@ __all__ = [
 ]
 
 Array = jax.Array
-# A classification result: Python bool when static, traced bool scalar when data dependent.
-Flag = Any
-
-
-def _and(a: Flag, b: Flag) -> Flag:
-    if isinstance(a, bool) and isinstance(b, bool):
-        return a and b
-    if a is False or b is False:
-        return False
-    if a is True:
-        return b
-    if b is True:
-        return a
-    return jnp.logical_and(a, b)
-
-
-def _or(a: Flag, b: Flag) -> Flag:
-    if isinstance(a, bool) and isinstance(b, bool):
-        return a or b
-    if a is True or b is True:
-        return True
-    if a is False:
-        return b
-    if b is False:
-        return a
-    return jnp.logical_or(a, b)
-
-
-def _not(a: Flag) -> Flag:
-    return (not a) if isinstance(a, bool) else jnp.logical_not(a)
-
-
-def _is_static_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-# Integer helpers that stay Python ints when every argument is static (so kernels can size
-# their loops at trace time) and become traced otherwise.
-def _min(a: Any, b: Any) -> Any:
-    return min(a, b) if _is_static_int(a) and _is_static_int(b) else jnp.minimum(a, b)
-
-
-def _max(a: Any, b: Any) -> Any:
-    return max(a, b) if _is_static_int(a) and _is_static_int(b) else jnp.maximum(a, b)
-
-
-def _lt(a: Any, b: Any) -> Flag:
-    return bool(a < b) if _is_static_int(a) and _is_static_int(b) else jnp.less(a, b)
-
-
-def _where(c: Flag, a: Any, b: Any) -> Any:
-    return (a if c else b) if isinstance(c, bool) else jnp.where(c, a, b)
 
 
 class Mask:
