@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn import _dropout
+from jattn.kernels._tuning import Tuning, knob
 from jattn.kernels.common import KernelOutput
 from jattn.masks import Lengths, Mask, block_kind
 from jattn.plan import Plan
@@ -35,7 +36,7 @@ LN2 = math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
-class FlashConfig:
+class FlashConfig(Tuning):
     """Block sizes of the flash kernel.
 
     ``block_q`` rows of queries are processed against ``block_k`` keys at a time. Larger blocks
@@ -43,8 +44,8 @@ class FlashConfig:
     cache and skip more of a causal mask. Sequences shorter than a block use one block.
     """
 
-    block_q: int = 512
-    block_k: int = 256
+    block_q: int = knob(512)
+    block_k: int = knob(256)
 
     @classmethod
     def default_for(cls, plan: Plan, backend: str) -> FlashConfig:
@@ -52,12 +53,6 @@ class FlashConfig:
         q_shape = (*plan.batch_shape, plan.q_seq_len, plan.num_heads, plan.head_dim)
         k_shape = (*plan.batch_shape, plan.kv_seq_len, plan.num_kv_heads, plan.head_dim)
         return default_config(q_shape, k_shape, plan.dtype, backend, plan.features)
-
-    def __post_init__(self):
-        for name in ("block_q", "block_k"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"FlashConfig.{name} must be a positive int, got {v!r}")
 
 
 def default_config(
