@@ -139,9 +139,16 @@ def run_table(records: Sequence[Any]) -> str:
     ]  # fmt: skip
     rows = []
     absent = []
+    machine = []
     for rec in records:
         r = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else rec
         if record_kind(r) != "attention":
+            if r["status"] != "ok":
+                machine.append(f"{r['implementation']} {r['dtype']}: {r['reason']}")
+            elif r.get("tflops") is not None:
+                machine.append(f"{r['dtype']} matmul {rate(r['tflops'])} ({r['problem']})")
+            else:
+                machine.append(f"memory read {r['gbytes_per_s']:.1f} GB/s ({r['problem']})")
             continue
         if r["status"] == "absent":
             absent.append(f"  {r['implementation']}: {r['reason']}")
@@ -157,6 +164,8 @@ def run_table(records: Sequence[Any]) -> str:
             r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"[:60],
         ])  # fmt: skip
     text = format_table(headers, rows, markdown=False)
+    if machine:
+        text = "machine limits: " + "; ".join(machine) + "\n\n" + text
     if absent:
         text += "\n\nnot measured:\n" + "\n".join(absent)
     return text

@@ -18,6 +18,7 @@ from bench.records import (
     read_records,
     validate,
 )
+from bench.report import run_table
 from bench.runners import Case, Measurement, Runner, _fits, jattn_names
 from bench.shapes import SHAPE_SETS, Shape, parse_shape
 from bench.sweep import SweepConfig, cases, current_platform, run_case
@@ -85,6 +86,8 @@ def test_tiny_sweep_writes_a_valid_record_per_implementation_and_case(tiny_run):
     read = next(r for r in limits if r["implementation"] == "xla:read")
     assert read["bytes"] >= 64 * 2**20 and read["tflops"] is None
     assert read["gbytes_per_s"] == pytest.approx(read["bytes"] / read["min_s"] / 1e9)
+    table = run_table([*limits, *records])
+    assert table.startswith("machine limits: float32 matmul ") and "memory read " in table
 
 
 def test_the_cli_prints_a_table(tmp_path, capsys):
