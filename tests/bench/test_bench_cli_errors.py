@@ -227,3 +227,15 @@ def test_one_line_from_the_real_command(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "python -m bench: error: --torch-threads must be >= 1, got -2"
     ]
+
+
+def test_report_without_the_default_baseline_in_the_files(tmp_path):
+    """Only a --baseline given by name must be measured; the default may be missing (a run with
+    --peers torch): the report then has no speed-ups."""
+    lines = [line for line in FIXTURE.read_text().splitlines() if '"jax.nn:xla"' not in line]
+    path = tmp_path / "no-xla.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert cli.main(["report", str(path), "--out-dir", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+    assert "| jattn:fused" in md and "| jax.nn:xla" not in md  # no such column
+    assert "×)" not in md.split("Machine limits", 1)[1].split("Compute-bound")[0]
