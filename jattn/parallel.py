@@ -46,6 +46,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jattn import masks as masks_lib
 from jattn.api import attention
+from jattn.plan import make_plan, parse_segment_ids, parse_window
 
 __all__ = [
     "LAYOUTS",
@@ -206,6 +207,19 @@ def ring_attention(
             "query, key and value must be [*B, T, N, H] of one rank >= 3, got "
             f"{q.shape}, {k.shape}, {v.shape}"
         )
+    # The arguments mean what they mean in jattn.attention, and are refused in the same words.
+    make_plan(
+        q,
+        k,
+        v,
+        scale=scale,
+        is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        segment_ids=segment_ids,
+        softcap=softcap,
+    )
     batch = q.shape[:-3]
     t, s = q.shape[-3], k.shape[-3]
     if mesh is None:
@@ -236,19 +250,8 @@ def ring_attention(
 
     q_len, kv_len = lengths(query_seq_lengths), lengths(key_value_seq_lengths)
     q_ids = kv_ids = None
-    if segment_ids is not None:
-        if isinstance(segment_ids, (tuple, list)):
-            if len(segment_ids) != 2:
-                raise ValueError(
-                    f"segment_ids must be one array or a pair, got {len(segment_ids)} items"
-                )
-            q_ids, kv_ids = segment_ids
-        else:
-            if t != s:
-                raise ValueError(
-                    f"one segment_ids array needs T == S, got {t=}, {s=}; pass (q_ids, kv_ids)"
-                )
-            q_ids = kv_ids = segment_ids
+    if (ids := parse_segment_ids(segment_ids)) is not None:
+        q_ids, kv_ids = ids
         q_ids = jnp.broadcast_to(jnp.asarray(q_ids), (*batch, t))
         kv_ids = jnp.broadcast_to(jnp.asarray(kv_ids), (*batch, s))
 
@@ -361,7 +364,7 @@ def ring_attention_local(
             f"{query.shape}, {key.shape}, {value.shape}"
         )
     p = jax.lax.axis_size(axis_name)
-    window = _window(local_window_size)
+    window = parse_window(local_window_size)
     positional = is_causal or window is not None
     positional |= query_seq_lengths is not None or key_value_seq_lengths is not None
     # Without a mask that depends on positions, the order of positions inside a shard does not
@@ -387,26 +390,9 @@ def ring_attention_local(
         implementation=implementation,
         config=config,
     )
-    q_ids = kv_ids = None
-    if segment_ids is not None:
-        if isinstance(segment_ids, (tuple, list)):
-            q_ids, kv_ids = segment_ids
-        else:
-            q_ids = kv_ids = segment_ids
+    q_ids, kv_ids = parse_segment_ids(segment_ids) or (None, None)
     out, lse = _ring(r, query, key, value, query_seq_lengths, key_value_seq_lengths, q_ids, kv_ids)
     return (out, lse) if return_lse else out
-
-
-def _window(w) -> tuple[int | None, int | None] | None:
-    if w is None:
-        return None
-    if isinstance(w, (int, np.integer)) and not isinstance(w, bool):
-        w = (int(w), int(w))
-    if not isinstance(w, (tuple, list)) or len(w) != 2:
-        raise TypeError(f"local_window_size must be an int or a pair of ints, got {w!r}")
-    if any(x is not None and x < 0 for x in w):
-        raise ValueError(f"local_window_size must be non-negative, got {tuple(w)}")
-    return tuple(None if x is None else int(x) for x in w)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -152,6 +152,11 @@ def make_plan(
         if not isinstance(flag, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
 
+    if segment_ids is not None and not isinstance(segment_ids, (tuple, list)) and t != s:
+        raise ValueError(
+            f"one segment_ids array needs T == S, got T={t} (query {q.shape}) and S={s} "
+            f"(key {k.shape}); pass a pair (q_ids, kv_ids)"
+        )
     shape = masks_lib.CallShape(batch_shape, n, kh, t, s)
     mask_obj = _build_mask(
         mask, is_causal, query_seq_lengths, key_value_seq_lengths, local_window_size, segment_ids
@@ -241,18 +246,23 @@ def make_plan(
     return plan, q, k, v
 
 
-def parse_window(local_window_size: Any) -> tuple[int, int] | None:
-    """``local_window_size`` as ``(left, right)`` (or None), as jax.nn reads it."""
+def parse_window(local_window_size: Any) -> tuple[int | None, int | None] | None:
+    """``local_window_size`` as ``(left, right)`` (or None), as jax.nn reads it; a side may
+    also be None (unbounded)."""
     w = local_window_size
     if w is None:
         return None
     if _is_int(w):
         w = (w, w)
-    if not isinstance(w, (tuple, list)) or len(w) != 2 or not all(_is_int(x) for x in w):
+    if (
+        not isinstance(w, (tuple, list))
+        or len(w) != 2
+        or not all(x is None or _is_int(x) for x in w)
+    ):
         raise TypeError(f"local_window_size must be an int or a pair of ints, got {w!r}")
-    if w[0] < 0 or w[1] < 0:
+    if any(x is not None and x < 0 for x in w):
         raise ValueError(f"local_window_size must be non-negative, got {tuple(w)}")
-    return int(w[0]), int(w[1])
+    return tuple(None if x is None else int(x) for x in w)
 
 
 def parse_segment_ids(segment_ids: Any) -> tuple[Any, Any] | None:
