@@ -60,9 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--impls",
         default="all",
-        help="jattn implementations, comma-separated registry names, 'all' (every one that "
-        "runs on this backend, except the slow 'reference' and Pallas in interpret mode on "
-        "CPU) or 'none'",
+        help="jattn implementations, comma-separated registry names, 'all' (every one "
+        "jattn.kernels.available() lists for this backend; kernels that run only emulated "
+        "there, Pallas in interpret mode on a CPU, are not listed) or 'none'",
     )
     run.add_argument(
         "--peers",
