@@ -3,10 +3,12 @@
 cuDNN's fused attention takes a subset of what jattn does: float16/bfloat16 inputs, one head
 dim for queries, keys and values (a multiple of 8, at most 128, or 256 from Hopper on),
 grouped-query attention, top-left causal masking, per-batch sequence lengths and left-only
-sliding windows. Every other call raises NotImplementedError naming what cuDNN lacks, before
-anything runs. Softcap, bias, dense masks, segment ids, dropout, the log-sum-exp and the weights
-are left to the other implementations (``jax.nn`` passes neither softcap nor segment ids nor
-dropout to cuDNN; a bias's gradient and the residual's are not exported for every shape).
+sliding windows. The registry refuses the features outside :data:`SUPPORTS` (softcap, bias,
+dense masks, segment ids, dropout, the log-sum-exp and the weights are left to the other
+implementations: ``jax.nn`` passes neither softcap nor segment ids nor dropout to cuDNN, and a
+bias's gradient and the residual's are not exported for every shape); what cuDNN lacks beyond
+features (dtypes, head dims, the shape of the causal mask and window) raises
+NotImplementedError here, naming it, before anything runs.
 
 Rows with no visible key are zeroed here, whatever cuDNN returns for them, so the result keeps
 jattn's contract (zeros, never NaN).
@@ -38,15 +40,15 @@ def _max_head_dim() -> int:
         return 256
 
 
-def jax_nn_kwargs(q: Array, k: Array, v: Array, plan: Plan) -> dict:
+def jax_nn_kwargs(plan: Plan) -> dict:
     """The ``jax.nn.dot_product_attention`` keyword arguments that make cuDNN compute this call
     (besides ``implementation``), or NotImplementedError naming what cuDNN does not take beyond
     what the registry states (``SUPPORTS``): dtypes, head dims, mask shapes."""
-    if q.dtype not in _DTYPES:
+    if plan.dtype not in _DTYPES:
         raise NotImplementedError(
-            f"cudnn does not support {q.dtype} inputs (cuDNN takes float16 and bfloat16)"
+            f"cudnn does not support {plan.dtype} inputs (cuDNN takes float16 and bfloat16)"
         )
-    h = q.shape[-1]
+    h = plan.head_dim
     limit = _max_head_dim()
     if h % 8 or h > limit:
         raise NotImplementedError(
@@ -96,7 +98,7 @@ def cudnn_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput
     """Attention over whole arrays via cuDNN: ``q [*B, T, N, H]``, ``k/v [*B, S, K, H]`` ->
     ``out [*B, T, N, H]``; the mask leaves of ``plan`` are in :func:`jattn.attention`'s
     canonical ``[*B', K', G', ...]`` layout."""
-    kw = jax_nn_kwargs(q, k, v, plan)
+    kw = jax_nn_kwargs(plan)
     *batch, t, n, h = q.shape
     s, kh = k.shape[-3], k.shape[-2]
     nb = math.prod(batch)

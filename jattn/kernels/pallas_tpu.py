@@ -21,14 +21,14 @@ transposes them once per query block into lane-replicated scratch.
 GQA: K/V index maps read head ``h // groups``; the dK/dV grid walks the query heads of each
 group inside its sequential axis, so group gradients are summed in VMEM, never in HBM.
 
-Off a TPU the same kernels run in Pallas interpret mode, which is how CI checks them.
+CI runs the kernels in Pallas interpret mode off a TPU (:func:`_interpret`), and lowers them
+through Mosaic.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -37,7 +37,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jattn import _intmath as im
 from jattn.kernels import _pallas_common as pc
+from jattn.kernels._tuning import Tuning, knob
 from jattn.kernels.common import KernelOutput
 from jattn.plan import Plan
 
@@ -45,11 +47,9 @@ Array = jax.Array
 
 LANES = 128
 
-SUPPORTS = pc.SUPPORTS
-
 
 @dataclasses.dataclass(frozen=True)
-class PallasTpuConfig:
+class PallasTpuConfig(Tuning):
     """Tiling of the Pallas TPU kernels.
 
     ``block_q`` x ``block_k`` is the score tile of the forward pass; the dK/dV pass holds
@@ -60,37 +60,41 @@ class PallasTpuConfig:
     ``vmem_limit_bytes`` raises Mosaic's scoped VMEM limit (None: the compiler's default).
     """
 
-    block_q: int = 512
-    block_k: int = 512
-    block_q_dkv: int = 512
-    block_k_dkv: int = 512
-    block_q_dq: int = 512
-    block_k_dq: int = 512
-    vmem_limit_bytes: int | None = None
+    block_q: int = knob(512)
+    block_k: int = knob(512)
+    block_q_dkv: int = knob(512)
+    block_k_dkv: int = knob(512)
+    block_q_dq: int = knob(512)
+    block_k_dq: int = knob(512)
+    vmem_limit_bytes: int | None = knob(None)
 
     @classmethod
     def default_for(cls, plan: Plan, backend: str) -> PallasTpuConfig:
-        """The heuristic default for a call on ``backend``."""
-        q_shape = (*plan.batch_shape, plan.q_seq_len, plan.num_heads, plan.head_dim)
-        k_shape = (*plan.batch_shape, plan.kv_seq_len, plan.num_kv_heads, plan.head_dim)
-        return default_config(q_shape, k_shape, plan.dtype, backend, plan.features)
+        """The heuristic default for a call on ``backend``: by the generation of the TPU
+        ``jax.devices()[0]``, from :data:`_DEFAULTS`. Off a TPU (interpret mode) small tiles
+        keep the emulation quick."""
+        if backend != "tpu":
+            return cls(**dict.fromkeys(pc.BLOCKS, 32))
+        cfg = _DEFAULTS[_generation(jax.devices()[0].device_kind)]
+        if plan.head_dim > 128:  # large head dims: halve the key tiles to stay within VMEM
+            half = lambda b: b // 2 if b > 256 else b
+            cfg = dataclasses.replace(
+                cfg, block_k=half(cfg.block_k), block_k_dq=half(cfg.block_k_dq)
+            )
+        return cfg
 
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.name == "vmem_limit_bytes" and v is None:
-                continue
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"PallasTpuConfig.{f.name} must be a positive int, got {v!r}")
 
-
-# Defaults by TPU generation: (fwd q, fwd k, dkv q, dkv k, dq q, dq k). v5e has a 16 MiB
-# default scoped VMEM and the smallest MXU budget, so its key tiles are smaller; v4/v5p/v6e
-# take 1024-key tiles in the forward pass (score tile 2 MiB of float32).
-_DEFAULTS = {
-    "v5e": (512, 512, 512, 256, 256, 512),
-    "large": (512, 1024, 512, 512, 512, 512),
+# Defaults by TPU generation. v5e has a 16 MiB default scoped VMEM and the smallest MXU
+# budget, so its key tiles are smaller; v4/v5p/v6e take 1024-key tiles in the forward pass
+# (score tile 2 MiB of float32).
+# fmt: off
+_DEFAULTS: dict[str, PallasTpuConfig] = {
+    "v5e": PallasTpuConfig(block_q=512, block_k=512, block_q_dkv=512, block_k_dkv=256,
+                           block_q_dq=256, block_k_dq=512),
+    "large": PallasTpuConfig(block_q=512, block_k=1024, block_q_dkv=512, block_k_dkv=512,
+                             block_q_dq=512, block_k_dq=512),
 }
+# fmt: on
 
 
 def _generation(device_kind: str) -> str:
@@ -98,40 +102,6 @@ def _generation(device_kind: str) -> str:
     if "lite" in kind or "v5e" in kind:
         return "v5e" if "v5" in kind else "large"  # v6 lite (Trillium) has 32 MiB scoped VMEM
     return "large"
-
-
-def default_config(
-    q_shape, k_shape, dtype, backend: str, features: frozenset[str] = frozenset()
-) -> PallasTpuConfig:
-    """The heuristic default for the TPU ``jax.devices()[0]`` (by ``device_kind``); off a TPU
-    (interpret mode) small tiles keep the emulation quick."""
-    del k_shape, dtype
-    if backend != "tpu":
-        return PallasTpuConfig(32, 32, 32, 32, 32, 32)
-    bq, bk, bq_dkv, bk_dkv, bq_dq, bk_dq = _DEFAULTS[_generation(jax.devices()[0].device_kind)]
-    if q_shape[-1] > 128:  # large head dims: halve the key tiles to stay within VMEM
-        bk, bk_dq = bk // 2 if bk > 256 else bk, bk_dq // 2 if bk_dq > 256 else bk_dq
-    return PallasTpuConfig(bq, bk, bq_dkv, bk_dkv, bq_dq, bk_dq)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """The hashable part of a call, fixed at trace time."""
-
-    scale: float
-    softcap: float | None
-    plan: pc.MaskPlan
-    groups: int
-    tp: int
-    sp: int
-    bq: int
-    bk: int
-    bq_dkv: int
-    bk_dkv: int
-    bq_dq: int
-    bk_dq: int
-    vmem_limit_bytes: int | None
-    interpret: bool
 
 
 def _interpret() -> bool:
@@ -144,51 +114,31 @@ def pallas_tpu_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelO
     """Attention over whole arrays: ``q [*B, T, N, H]``, ``k [*B, S, K, H]``,
     ``v [*B, S, K, Hv]`` -> ``out [*B, T, N, Hv]`` (and ``lse [*B, N, T]``); the mask leaves
     of ``plan`` are in :func:`jattn.attention`'s canonical ``[*B', K', G', ...]`` layout."""
-    interpret = _interpret()
-    *batch, t, n, h = q.shape
-    s, kh, hv = k.shape[-3], k.shape[-2], v.shape[-1]
-    nb = math.prod(batch)
-    cfg = plan.config
-    align = 1 if interpret else LANES
-    if not interpret:
-        for f in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
-            b = getattr(cfg, f)
-            if b % LANES:
-                raise ValueError(f"PallasTpuConfig.{f}={b} must be a multiple of {LANES} on a TPU")
-    fit_q = lambda b: min(b, pc.round_up(t, align))  # noqa: E731
-    fit_k = lambda b: min(b, pc.round_up(s, align))  # noqa: E731
-    bq, bq_dkv, bq_dq = fit_q(cfg.block_q), fit_q(cfg.block_q_dkv), fit_q(cfg.block_q_dq)
-    bk, bk_dkv, bk_dq = fit_k(cfg.block_k), fit_k(cfg.block_k_dkv), fit_k(cfg.block_k_dq)
-    tp = pc.round_up(t, math.lcm(bq, bq_dkv, bq_dq))
-    sp = pc.round_up(s, math.lcm(bk, bk_dkv, bk_dq))
+    return pc.launch(q, k, v, plan, _KERNEL, interpret=_interpret())
 
-    # [*B, T, N, H] -> [B, N, Tp, H]: heads outside, so tiles are (sequence, head dim).
-    qt = pc.pad_to(q.reshape(nb, t, n, h).transpose(0, 2, 1, 3), 2, tp)
-    kt = pc.pad_to(k.reshape(nb, s, kh, h).transpose(0, 2, 1, 3), 2, sp)
-    vt = pc.pad_to(v.reshape(nb, s, kh, hv).transpose(0, 2, 1, 3), 2, sp)
-    mask_plan, arrays = pc.plan_mask(plan.mask, tuple(batch), tp, sp, s)
-    st = _Static(
-        scale=plan.scale,
-        softcap=plan.softcap,
-        plan=mask_plan,
-        groups=n // kh,
-        tp=tp,
-        sp=sp,
-        bq=bq,
-        bk=bk,
-        bq_dkv=bq_dkv,
-        bk_dkv=bk_dkv,
-        bq_dq=bq_dq,
-        bk_dq=bk_dq,
-        vmem_limit_bytes=cfg.vmem_limit_bytes,
-        interpret=interpret,
+
+def _fit(cfg: PallasTpuConfig, field: str, length: int, interpret: bool) -> int:
+    """On a TPU a block is a multiple of 128; it never exceeds the sequence rounded up to
+    that."""
+    b = getattr(cfg, field)
+    if not interpret and b % LANES:
+        raise ValueError(f"PallasTpuConfig.{field}={b} must be a multiple of {LANES} on a TPU")
+    return min(b, pc.round_up(length, 1 if interpret else LANES))
+
+
+def _pack(st: pc.Static, q: Array, k: Array, v: Array):
+    """``[B, T, N, H]`` -> ``[B, N, Tp, H]``: heads outside, so tiles are (sequence, head
+    dim)."""
+    return (
+        pc.pad_to(q.transpose(0, 2, 1, 3), 2, st.tp),
+        pc.pad_to(k.transpose(0, 2, 1, 3), 2, st.sp),
+        pc.pad_to(v.transpose(0, 2, 1, 3), 2, st.sp),
     )
-    out, lse2 = _attention(st, qt, kt, vt, arrays)
-    out = out[:, :, :t].transpose(0, 2, 1, 3).reshape(*batch, t, n, hv)
-    lse = None
-    if plan.return_lse:
-        lse = (lse2[:, :, :t] * pc.LN2).reshape(*batch, n, t)
-    return KernelOutput(out, lse, None)
+
+
+def _unpack(out: Array, t: int, hv: int) -> Array:
+    del hv
+    return out[:, :, :t].transpose(0, 2, 1, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +158,7 @@ def _lanes(x: Array, width: int) -> Array:
     """A lane-replicated ``[rows, 128]`` array widened (or cut) to ``[rows, width]``."""
     if width <= LANES:
         return x if width == LANES else x[:, :width]
-    reps = pc.cdiv(width, LANES)
+    reps = im.cdiv(width, LANES)
     y = jnp.tile(x, (1, reps))
     return y if reps * LANES == width else y[:, :width]
 
@@ -222,56 +172,74 @@ def _dot(a: Array, b: Array, tb: bool = False) -> Array:
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _logits(st: _Static, a: Array, b: Array):
+def _logits(st: pc.Static, a: Array, b: Array):
     """Base-2 logits ``a @ b.T`` (scaled, softcapped) and the tanh the backward needs."""
-    s = _dot(a, b, tb=True) * (st.scale * pc.LOG2E)
-    th = None
-    if st.softcap is not None:
-        c2 = st.softcap * pc.LOG2E
-        th = jnp.tanh(s * (1.0 / c2))
-        s = c2 * th
-    return s, th
+    return pc.base2_logits(st, _dot(a, b, tb=True))
 
 
 def _scalars(plan: pc.MaskPlan, refs, b) -> pc.Scalars:
-    return pc.Scalars(**{name: ref[b] for name, ref in zip(plan.scalar_names, refs, strict=True)})
+    return pc.scalars(plan, [ref[b] for ref in refs])
 
 
 def _clamp_block(j, lo, hi, n: int):
     """The block to fetch at step ``j``: ``j`` inside ``[lo, hi)``, else the nearest visible
     block, so steps outside the range re-use the block already in VMEM (no DMA)."""
-    return pc.imin(pc.imax(pc.imin(j, pc.imax(lo, hi - 1)), lo), n - 1)
+    return im.imin(im.imax(im.imin(j, im.imax(lo, hi - 1)), lo), n - 1)
 
 
-def _compiler_params(st: _Static):
+def _compiler_params(st: pc.Static):
     return pltpu.CompilerParams(
         dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
-        vmem_limit_bytes=st.vmem_limit_bytes,
+        vmem_limit_bytes=st.config.vmem_limit_bytes,
     )
 
 
-def _and(a: Any, b: Any) -> Any:
-    if isinstance(a, bool) and isinstance(b, bool):
-        return a and b
-    return jnp.logical_and(a, b)
-
-
-def _not(a: Any) -> Any:
-    return (not a) if isinstance(a, bool) else jnp.logical_not(a)
-
-
-def _in(i: Any, lo: Any, hi: Any) -> Any:
-    """``lo <= i < hi``, static when all three are."""
-    return _and(pc.imax(i, lo) == i, pc.imin(i, hi - 1) == i)
-
-
-def _run_step(st: _Static, run: Any, full: Any, update) -> None:
+def _run_step(st: pc.Static, run: Any, full: Any, update) -> None:
     """Calls ``update(masked)`` for a visible block (``run``), unmasked when ``full``."""
     if not st.plan.masks_anything:
         _when(run, lambda: update(False))
         return
-    _when(_and(run, full), lambda: update(False))
-    _when(_and(run, _not(full)), lambda: update(True))
+    _when(im.and_(run, full), lambda: update(False))
+    _when(im.and_(run, im.not_(full)), lambda: update(True))
+
+
+def _mask(st: pc.Static, sc: pc.Scalars, s: Array, rows, cols, qseg_ref, kvseg_ref) -> Array:
+    """``s`` masked; the segment id blocks are shaped to broadcast against ``s``."""
+    q_ids = None if qseg_ref is None else qseg_ref[...]
+    kv_ids = None if kvseg_ref is None else kvseg_ref[...]
+    return pc.mask_logits(st.plan, sc, s, rows, cols, q_ids, kv_ids)
+
+
+def _kv_map(st: pc.Static, bq: int, bk: int):
+    """The K/V index map of a grid ``(batch, head, query block, key block)``: the head's K/V
+    head, and the key block clamped to the range the query block sees."""
+    plan, nk = st.plan, st.sp // bk
+
+    def kv_map(b, hh, i, j, *sc_refs):
+        lo, _, _, hi = pc.kv_blocks(plan, _scalars(plan, sc_refs, b), i * bq, bq, bk, st.sp)
+        return (b, im.fdiv(hh, st.groups), _clamp_block(j, lo, hi, nk), 0)
+
+    return kv_map
+
+
+def _query_major_specs(st: pc.Static, q, k, v, arrays: pc.MaskArrays, bq: int, bk: int):
+    """Block specs and operands of ``q, k, v`` (and the segment ids) for a grid ``(batch,
+    head, query block, key block)``: the forward and dQ passes."""
+    h, dv = q.shape[-1], v.shape[-1]
+    kv_map = _kv_map(st, bq, bk)
+    in_specs = [
+        pl.BlockSpec((None, None, bq, h), lambda b, hh, i, j, *_: (b, hh, i, 0)),
+        pl.BlockSpec((None, None, bk, h), kv_map),
+        pl.BlockSpec((None, None, bk, dv), kv_map),
+    ]
+    ops = [q, k, v]
+    if st.plan.segments:
+        in_specs += [
+            pl.BlockSpec((None, bq, 1), lambda b, hh, i, j, *_: (b, i, 0)),
+            pl.BlockSpec((None, 1, bk), lambda b, hh, i, j, *r: (b, 0, kv_map(b, hh, i, j, *r)[2])),
+        ]
+        ops += [arrays.q_seg[:, :, None], arrays.kv_seg[:, None, :]]
+    return in_specs, ops
 
 
 def _iota(shape: tuple[int, int], dim: int) -> Array:
@@ -282,13 +250,11 @@ def _iota(shape: tuple[int, int], dim: int) -> Array:
 # Forward.
 
 
-def _fwd_kernel(*refs, st: _Static):
+def _fwd_kernel(*refs, st: pc.Static):
     plan, bq, bk = st.plan, st.bq, st.bk
-    ns = len(plan.scalar_names)
-    sc_refs, (q_ref, k_ref, v_ref), refs = refs[:ns], refs[ns : ns + 3], refs[ns + 3 :]
-    qseg_ref = kvseg_ref = None
-    if plan.segments:
-        (qseg_ref, kvseg_ref), refs = refs[:2], refs[2:]
+    (q_ref, k_ref, v_ref), sc_refs, (qseg_ref, kvseg_ref), refs = pc.split_refs(
+        plan, refs, scalars_first=True
+    )
     o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     nk = st.sp // bk
@@ -306,66 +272,34 @@ def _fwd_kernel(*refs, st: _Static):
     def update(masked: bool):
         s, _ = _logits(st, q_ref[...], k_ref[...])
         if masked:
-            ok = pc.visible(
-                plan,
-                sc,
-                q0 + _iota((bq, bk), 0),
-                k0 + _iota((bq, bk), 1),
-                None if qseg_ref is None else qseg_ref[...],  # [bq, 1]
-                None if kvseg_ref is None else kvseg_ref[...],  # [1, bk]
+            s = _mask(
+                st, sc, s, q0 + _iota((bq, bk), 0), k0 + _iota((bq, bk), 1), qseg_ref, kvseg_ref
             )
-            s = s if ok is None else jnp.where(ok, s, -jnp.inf)
         m_prev, l_prev = m_ref[...], l_ref[...]
-        m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing visible yet
-        alpha = jnp.exp2(m_prev - m_use)
+        m_new, m_use, alpha = pc.rescale(m_prev, s.max(axis=1, keepdims=True))
         p = jnp.exp2(s - _lanes(m_use, bk))
         m_ref[...] = m_new
         l_ref[...] = alpha * l_prev + p.sum(axis=1, keepdims=True)
         vj = v_ref[...]
         acc_ref[...] = acc_ref[...] * _lanes(alpha, dv) + _dot(p.astype(vj.dtype), vj)
 
-    _run_step(st, _in(j, lo, hi), _in(j, f_lo, f_hi), update)
+    _run_step(st, im.in_range(j, lo, hi), im.in_range(j, f_lo, f_hi), update)
 
     @pl.when(j == nk - 1)
     def _finish():
-        l, m = l_ref[...], m_ref[...]
-        safe = jnp.where(l > 0.0, l, 1.0)
-        out = acc_ref[...] / _lanes(safe, dv)
-        lse2 = jnp.where(l > 0.0, m + jnp.log2(safe), -jnp.inf)
-        if plan.q_len:  # padding rows: zeros, and -inf so the backward gives them nothing
-            valid = q0 + _iota((bq, LANES), 0) < sc.q_len
-            out = jnp.where(_lanes(valid, dv), out, 0.0)
-            lse2 = jnp.where(valid, lse2, -jnp.inf)
+        valid = (q0 + _iota((bq, LANES), 0) < sc.q_len) if plan.q_len else None
+        widen = lambda x: _lanes(x, dv)
+        out, lse2 = pc.normalize(acc_ref[...], m_ref[...], l_ref[...], widen, valid)
         o_ref[...] = out.astype(o_ref.dtype)
         lse_ref[...] = jnp.transpose(lse2)[:1, :]  # lane-dense [1, bq]
 
 
-def _forward(st: _Static, q, k, v, arrays: pc.MaskArrays):
+def _forward(st: pc.Static, q, k, v, arrays: pc.MaskArrays):
     nb, n, tp, h = q.shape
     sp, dv = k.shape[2], v.shape[-1]
-    g, bq, bk, plan = st.groups, st.bq, st.bk, st.plan
+    bq, bk, plan = st.bq, st.bk, st.plan
     nq, nk = tp // bq, sp // bk
-
-    def kv_map(b, hh, i, j, *sc_refs):
-        lo, _, _, hi = pc.kv_blocks(plan, _scalars(plan, sc_refs, b), i * bq, bq, bk, sp)
-        return (b, pc.fdiv(hh, g), _clamp_block(j, lo, hi, nk), 0)
-
-    def kvseg_map(b, hh, i, j, *sc_refs):
-        return (b, 0, kv_map(b, hh, i, j, *sc_refs)[2])
-
-    in_specs = [
-        pl.BlockSpec((None, None, bq, h), lambda b, hh, i, j, *_: (b, hh, i, 0)),
-        pl.BlockSpec((None, None, bk, h), kv_map),
-        pl.BlockSpec((None, None, bk, dv), kv_map),
-    ]
-    ops = [q, k, v]
-    if plan.segments:
-        in_specs += [
-            pl.BlockSpec((None, bq, 1), lambda b, hh, i, j, *_: (b, i, 0)),
-            pl.BlockSpec((None, 1, bk), kvseg_map),
-        ]
-        ops += [arrays.q_seg[:, :, None], arrays.kv_seg[:, None, :]]
+    in_specs, ops = _query_major_specs(st, q, k, v, arrays, bq, bk)
     scalars = arrays.scalars(plan)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=len(scalars),
@@ -398,13 +332,11 @@ def _forward(st: _Static, q, k, v, arrays: pc.MaskArrays):
 # Backward: dK/dV on transposed tiles over key blocks, dQ over query blocks.
 
 
-def _dkv_kernel(*refs, st: _Static):
+def _dkv_kernel(*refs, st: pc.Static):
     plan, bq, bk = st.plan, st.bq_dkv, st.bk_dkv
-    ns = len(plan.scalar_names)
-    sc_refs, (q_ref, k_ref, v_ref), refs = refs[:ns], refs[ns : ns + 3], refs[ns + 3 :]
-    qseg_ref = kvseg_ref = None
-    if plan.segments:
-        (qseg_ref, kvseg_ref), refs = refs[:2], refs[2:]
+    (q_ref, k_ref, v_ref), sc_refs, (qseg_ref, kvseg_ref), refs = pc.split_refs(
+        plan, refs, scalars_first=True
+    )
     do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs
     b, j, r = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     nq = st.tp // bq
@@ -422,23 +354,15 @@ def _dkv_kernel(*refs, st: _Static):
         qi, kj, vj, doi = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         s, th = _logits(st, kj, qi)  # [bk, bq]: keys on sublanes, queries on lanes
         if masked:
-            ok = pc.visible(
-                plan,
-                sc,
-                q0 + _iota((bk, bq), 1),
-                k0 + _iota((bk, bq), 0),
-                None if qseg_ref is None else qseg_ref[...],  # [1, bq]
-                None if kvseg_ref is None else kvseg_ref[...],  # [bk, 1]
+            s = _mask(
+                st, sc, s, q0 + _iota((bk, bq), 1), k0 + _iota((bk, bq), 0), qseg_ref, kvseg_ref
             )
-            s = s if ok is None else jnp.where(ok, s, -jnp.inf)
         p = jnp.exp2(s - lse_ref[...])  # lse row [1, bq] broadcast along sublanes
         dv_acc[...] += _dot(p.astype(doi.dtype), doi)
-        ds = p * (_dot(vj, doi, tb=True) - delta_ref[...])
-        if th is not None:
-            ds = ds * (1.0 - th * th)
-        dk_acc[...] += _dot((ds * st.scale).astype(qi.dtype), qi)
+        ds = pc.dlogits(st, p, _dot(vj, doi, tb=True) - delta_ref[...], th)
+        dk_acc[...] += _dot(ds.astype(qi.dtype), qi)
 
-    _run_step(st, _in(i, lo, hi), _in(i, f_lo, f_hi), update)
+    _run_step(st, im.in_range(i, lo, hi), im.in_range(i, f_lo, f_hi), update)
 
     @pl.when(r == st.groups * nq - 1)
     def _finish():
@@ -446,13 +370,11 @@ def _dkv_kernel(*refs, st: _Static):
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(*refs, st: _Static):
+def _dq_kernel(*refs, st: pc.Static):
     plan, bq, bk = st.plan, st.bq_dq, st.bk_dq
-    ns = len(plan.scalar_names)
-    sc_refs, (q_ref, k_ref, v_ref), refs = refs[:ns], refs[ns : ns + 3], refs[ns + 3 :]
-    qseg_ref = kvseg_ref = None
-    if plan.segments:
-        (qseg_ref, kvseg_ref), refs = refs[:2], refs[2:]
+    (q_ref, k_ref, v_ref), sc_refs, (qseg_ref, kvseg_ref), refs = pc.split_refs(
+        plan, refs, scalars_first=True
+    )
     do_ref, lse_ref, delta_ref, dq_ref, dq_acc, lse_col, delta_col = refs
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     nk = st.sp // bk
@@ -472,38 +394,24 @@ def _dq_kernel(*refs, st: _Static):
         qi, kj, vj, doi = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         s, th = _logits(st, qi, kj)
         if masked:
-            ok = pc.visible(
-                plan,
-                sc,
-                q0 + _iota((bq, bk), 0),
-                k0 + _iota((bq, bk), 1),
-                None if qseg_ref is None else qseg_ref[...],
-                None if kvseg_ref is None else kvseg_ref[...],
+            s = _mask(
+                st, sc, s, q0 + _iota((bq, bk), 0), k0 + _iota((bq, bk), 1), qseg_ref, kvseg_ref
             )
-            s = s if ok is None else jnp.where(ok, s, -jnp.inf)
         p = jnp.exp2(s - _lanes(lse_col[...], bk))
-        ds = p * (_dot(doi, vj, tb=True) - _lanes(delta_col[...], bk))
-        if th is not None:
-            ds = ds * (1.0 - th * th)
-        dq_acc[...] += _dot((ds * st.scale).astype(kj.dtype), kj)
+        ds = pc.dlogits(st, p, _dot(doi, vj, tb=True) - _lanes(delta_col[...], bk), th)
+        dq_acc[...] += _dot(ds.astype(kj.dtype), kj)
 
-    _run_step(st, _in(j, lo, hi), _in(j, f_lo, f_hi), update)
+    _run_step(st, im.in_range(j, lo, hi), im.in_range(j, f_lo, f_hi), update)
 
     @pl.when(j == nk - 1)
     def _finish():
         dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
 
 
-def _backward(st: _Static, q, k, v, arrays, out, lse2, g_out, g_lse2):
+def _backward(st: pc.Static, q, k, v, arrays, g_out, lse, delta):
     nb, n, tp, h = q.shape
     kh, sp, dv = k.shape[1], k.shape[2], v.shape[-1]
     g, plan = st.groups, st.plan
-    # dL/dlogits = p * (dp - delta), delta = rowsum(dO * O) minus the lse cotangent.
-    delta = jnp.einsum("bntd,bntd->bnt", g_out.astype(jnp.float32), out.astype(jnp.float32))
-    if g_lse2 is not None:
-        delta = delta - g_lse2
-    delta = delta[:, :, None, :]
-    lse_use = jnp.where(lse2 == -jnp.inf, jnp.inf, lse2)  # empty rows: p = 0
     scalars = arrays.scalars(plan)
     compiler_params = _compiler_params(st)
 
@@ -513,7 +421,7 @@ def _backward(st: _Static, q, k, v, arrays, out, lse2, g_out, g_lse2):
 
     def q_of(b, hh, j, r, sc_refs):
         lo, _, _, hi = pc.q_blocks(plan, _scalars(plan, sc_refs, b), j * bk, bk, bq, tp, sp)
-        head = hh * g + pc.fdiv(r, nq)
+        head = hh * g + im.fdiv(r, nq)
         return head, _clamp_block(lax.rem(r, jnp.int32(nq)), lo, hi, nq)
 
     def q_map(b, hh, j, r, *sc_refs):
@@ -527,7 +435,7 @@ def _backward(st: _Static, q, k, v, arrays, out, lse2, g_out, g_lse2):
     def qseg_map(b, hh, j, r, *sc_refs):
         return (b, 0, q_of(b, hh, j, r, sc_refs)[1])
 
-    kv_map = lambda b, hh, j, r, *_: (b, hh, j, 0)  # noqa: E731
+    kv_map = lambda b, hh, j, r, *_: (b, hh, j, 0)
     in_specs = [
         pl.BlockSpec((None, None, bq, h), q_map),
         pl.BlockSpec((None, None, bk, h), kv_map),
@@ -545,7 +453,7 @@ def _backward(st: _Static, q, k, v, arrays, out, lse2, g_out, g_lse2):
         pl.BlockSpec((None, None, 1, bq), row_map),
         pl.BlockSpec((None, None, 1, bq), row_map),
     ]
-    ops += [g_out, lse_use, delta]
+    ops += [g_out, lse, delta]
     dk, dv_ = pl.pallas_call(
         functools.partial(_dkv_kernel, st=st),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -571,32 +479,15 @@ def _backward(st: _Static, q, k, v, arrays, out, lse2, g_out, g_lse2):
     bq, bk = st.bq_dq, st.bk_dq
     nq, nk = tp // bq, sp // bk
 
-    def kv_map_dq(b, hh, i, j, *sc_refs):
-        lo, _, _, hi = pc.kv_blocks(plan, _scalars(plan, sc_refs, b), i * bq, bq, bk, sp)
-        return (b, pc.fdiv(hh, g), _clamp_block(j, lo, hi, nk), 0)
-
-    q_map_dq = lambda b, hh, i, j, *_: (b, hh, i, 0)  # noqa: E731
-    row_map_dq = lambda b, hh, i, j, *_: (b, hh, 0, i)  # noqa: E731
-    in_specs = [
-        pl.BlockSpec((None, None, bq, h), q_map_dq),
-        pl.BlockSpec((None, None, bk, h), kv_map_dq),
-        pl.BlockSpec((None, None, bk, dv), kv_map_dq),
-    ]
-    ops = [q, k, v]
-    if plan.segments:
-        in_specs += [
-            pl.BlockSpec((None, bq, 1), lambda b, hh, i, j, *_: (b, i, 0)),
-            pl.BlockSpec(
-                (None, 1, bk), lambda b, hh, i, j, *r: (b, 0, kv_map_dq(b, hh, i, j, *r)[2])
-            ),
-        ]
-        ops += [arrays.q_seg[:, :, None], arrays.kv_seg[:, None, :]]
+    q_map_dq = lambda b, hh, i, j, *_: (b, hh, i, 0)
+    row_map_dq = lambda b, hh, i, j, *_: (b, hh, 0, i)
+    in_specs, ops = _query_major_specs(st, q, k, v, arrays, bq, bk)
     in_specs += [
         pl.BlockSpec((None, None, bq, dv), q_map_dq),
         pl.BlockSpec((None, None, 1, bq), row_map_dq),
         pl.BlockSpec((None, None, 1, bq), row_map_dq),
     ]
-    ops += [g_out, lse_use, delta]
+    ops += [g_out, lse, delta]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -619,31 +510,8 @@ def _backward(st: _Static, q, k, v, arrays, out, lse2, g_out, g_lse2):
 
 
 # ---------------------------------------------------------------------------------------------
-# custom_vjp wiring.
+# The custom_vjp and what the driver needs.
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(st: _Static, q, k, v, arrays: Any):
-    out, lse2 = _forward(st, q, k, v, arrays)
-    return out, lse2[:, :, 0, :]
-
-
-def _attention_fwd(st, q, k, v, arrays):
-    out, lse2 = _forward(st, q, k, v, arrays)
-    return (out, lse2[:, :, 0, :]), (q, k, v, arrays, out, lse2)
-
-
-def _attention_bwd(st, res, cts):
-    q, k, v, arrays, out, lse2 = res
-    g_out, g_lse2 = cts
-    if isinstance(g_lse2, jax.custom_derivatives.SymbolicZero) or g_lse2 is None:
-        g_lse2 = None
-    else:
-        # The caller's lse is lse2 * ln2, so this cotangent is ln2 times the natural one, and
-        # d lse / d logit = p holds in natural units: the logits need the natural one.
-        g_lse2 = g_lse2.astype(jnp.float32) / pc.LN2
-    dq, dk, dv = _backward(st, q, k, v, arrays, out, lse2, g_out, g_lse2)
-    return dq, dk, dv, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+SUPPORTS = pc.SUPPORTS
+_attention = pc.flash_vjp(_forward, _backward, rows="bntd,bntd->bnt")
+_KERNEL = pc.Kernel(fit=_fit, pack=_pack, unpack=_unpack, attention=_attention)

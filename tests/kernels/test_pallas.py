@@ -21,6 +21,7 @@ from jattn.kernels import _pallas_common as pc
 from jattn.kernels import cudnn, pallas_gpu, pallas_tpu
 from jattn.kernels.pallas_gpu import PallasGpuConfig
 from jattn.kernels.pallas_tpu import PallasTpuConfig
+from jattn.plan import make_plan
 from tests import helpers as H
 
 GPU_SMALL = PallasGpuConfig(16, 8, 8, 16, 16, 8, num_warps=4, num_stages=1)
@@ -41,6 +42,8 @@ PALLAS = [("pallas_gpu", GPU_SMALL), ("pallas_tpu", TPU_SMALL)]
         (dict(num_warps=3), "num_warps must be a power of two"),
         (dict(num_stages=1.5), "num_stages must be a positive int"),
         (dict(num_warps_bwd=0), "num_warps_bwd must be a positive int"),
+        (dict(num_warps_bwd=6), "num_warps_bwd must be a power of two"),
+        (dict(block_k=True), "block_k must be a positive int"),
     ],
 )
 def test_gpu_config_validation(kwargs, match):
@@ -81,9 +84,9 @@ def test_hardware_block_constraints(monkeypatch):
 
 def test_wrong_config_type():
     q, k, v, _ = H.random_qkv(jax.random.key(0), (1,), 4, 4, 2, 2, 8)
-    with pytest.raises(TypeError, match="takes PallasGpuConfig"):
+    with pytest.raises(TypeError, match="PallasTpuConfig fits none.*configs: PallasGpuConfig"):
         jattn.attention(q, k, v, implementation="pallas_gpu", config=PallasTpuConfig())
-    with pytest.raises(TypeError, match="takes PallasTpuConfig"):
+    with pytest.raises(TypeError, match="PallasGpuConfig fits none.*configs: PallasTpuConfig"):
         jattn.attention(q, k, v, implementation="pallas_tpu", config=PallasGpuConfig())
 
 
@@ -140,14 +143,36 @@ def test_gpu_generation(kind, generation):
     assert pallas_gpu._generation(kind) == generation
 
 
-def test_gpu_default_configs_fit_their_head_dims():
+def _blocks(cfg) -> list[int]:
+    return [getattr(cfg, f) for f in pc.BLOCKS]
+
+
+def _plan(head_dim: int, dtype=jnp.bfloat16):
+    q = jnp.zeros((1, 8, 2, head_dim), dtype)
+    return make_plan(q, q, q)[0]
+
+
+class _Device:
+    def __init__(self, kind: str):
+        self.device_kind = kind
+
+
+def test_gpu_default_configs_fit_their_head_dims(monkeypatch):
     for gen, table in pallas_gpu._DEFAULTS.items():
-        for d, row in table.items():
-            PallasGpuConfig(*row)  # validates: powers of two, positive
-            assert min(row[:6]) >= 16, (gen, d)
-    assert pallas_gpu.default_config((1, 8, 2, 64), (1, 8, 2, 64), jnp.bfloat16, "cpu") == (
+        for d, cfg in table.items():
+            assert isinstance(cfg, PallasGpuConfig)  # validated: powers of two, positive
+            assert min(_blocks(cfg)) >= 16, (gen, d)
+    assert PallasGpuConfig.default_for(_plan(64), "cpu") == (
         PallasGpuConfig(32, 32, 32, 32, 32, 32, 4, 1)
     )
+    monkeypatch.setattr(jax, "devices", lambda *a: [_Device("NVIDIA H100 80GB HBM3")])
+    hopper = pallas_gpu._DEFAULTS["hopper"]
+    assert PallasGpuConfig.default_for(_plan(128), "gpu") == hopper[128]
+    assert PallasGpuConfig.default_for(_plan(32), "gpu") == hopper[64]
+    assert PallasGpuConfig.default_for(_plan(512), "gpu") == hopper[256]
+    # float32: half the key tiles of the forward and dK/dV passes, half the dQ query tile.
+    f32 = PallasGpuConfig.default_for(_plan(128, jnp.float32), "gpu")
+    assert f32 == dataclasses.replace(hopper[128], block_k=64, block_k_dkv=64, block_q_dq=64)
 
 
 @pytest.mark.parametrize(
@@ -156,8 +181,19 @@ def test_gpu_default_configs_fit_their_head_dims():
 )
 def test_tpu_generation(kind, generation):
     assert pallas_tpu._generation(kind) == generation
-    for row in pallas_tpu._DEFAULTS.values():
-        assert all(b % 128 == 0 for b in row)
+    for cfg in pallas_tpu._DEFAULTS.values():
+        assert all(b % 128 == 0 for b in _blocks(cfg))
+
+
+def test_tpu_default_configs(monkeypatch):
+    assert PallasTpuConfig.default_for(_plan(64), "cpu") == PallasTpuConfig(32, 32, 32, 32, 32, 32)
+    monkeypatch.setattr(jax, "devices", lambda *a: [_Device("TPU v5 lite")])
+    v5e = pallas_tpu._DEFAULTS["v5e"]
+    assert PallasTpuConfig.default_for(_plan(128), "tpu") == v5e
+    # Head dims past 128: key tiles above 256 are halved to stay within VMEM.
+    assert PallasTpuConfig.default_for(_plan(256), "tpu") == dataclasses.replace(
+        v5e, block_k=256, block_k_dq=256
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +396,7 @@ def _lower_fwd_bwd(name, cfg, platform, dtype, head_dim, masks):
 def test_lowers_to_triton(monkeypatch, generation, head_dim, dtype, masks):
     monkeypatch.setattr(pallas_gpu, "_interpret", lambda: False)
     table = pallas_gpu._DEFAULTS[generation]
-    cfg = PallasGpuConfig(*table[min(d for d in table if d >= max(head_dim, 64))])
+    cfg = table[min(d for d in table if d >= max(head_dim, 64))]
     _lower_fwd_bwd("pallas_gpu", cfg, "cuda", dtype, head_dim, masks)
 
 
@@ -375,7 +411,7 @@ def test_lowers_to_triton(monkeypatch, generation, head_dim, dtype, masks):
 )
 def test_lowers_to_mosaic(monkeypatch, generation, head_dim, dtype, masks):
     monkeypatch.setattr(pallas_tpu, "_interpret", lambda: False)
-    cfg = PallasTpuConfig(*pallas_tpu._DEFAULTS[generation])
+    cfg = pallas_tpu._DEFAULTS[generation]
     _lower_fwd_bwd("pallas_tpu", cfg, "tpu", dtype, head_dim, masks)
 
 
@@ -454,7 +490,7 @@ def test_cudnn_zeroes_rows_without_keys(fake_gpu):
         (jnp.bfloat16, 12, 12, {}, "head dim 12"),
         (jnp.bfloat16, 256, 256, {}, "head dim 256"),
         (jnp.bfloat16, 16, 8, {}, "value_head_dim"),
-        (jnp.bfloat16, 16, 16, dict(local_window_size=(2, 3)), "right window"),
+        (jnp.bfloat16, 16, 16, dict(local_window_size=(2, 1)), "right window"),
         (jnp.bfloat16, 16, 16, dict(mask=M.Causal(2)), "causal with an offset"),
         (jnp.bfloat16, 16, 16, dict(mask=M.LocalWindow(2, None)), "unbounded right"),
     ],
