@@ -222,7 +222,7 @@ def read_records(paths: Iterable[str | os.PathLike[str]]) -> Iterator[dict[str, 
         with open(path, encoding="utf-8") as f:
             lineno = 0
             try:
-                for lineno, line in enumerate(f, start=1):  # noqa: B007 (used below)
+                for lineno, line in enumerate(f, start=1):  # noqa: B007 (read after the loop)
                     if not line.strip():
                         continue
                     try:
@@ -232,7 +232,7 @@ def read_records(paths: Iterable[str | os.PathLike[str]]) -> Iterator[dict[str, 
                         raise ValueError(f"{path}:{lineno}: {e}") from None
                     yield record
             except UnicodeDecodeError:
-                raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text") from None
+                raise ValueError(f"{path}: not UTF-8 text (near line {lineno + 1})") from None
 
 
 # --- environment ---------------------------------------------------------------------------

@@ -302,3 +302,14 @@ def test_jattn_implementations_come_from_the_registry(monkeypatch, tmp_path):
     (record,) = read_records([out])
     assert (record["implementation"], record["status"]) == ("jattn:native", "absent")
     assert record["reason"] == "not built (test)"
+
+
+def test_run_sweep_refuses_a_selection_with_no_case(tmp_path):
+    from bench.sweep import NothingToMeasure, run_sweep
+
+    decode_only = SweepConfig(
+        shapes=[("decode", SHAPE_SETS["decode"][0])], causal=(True,), peers=["xla"], roofline=None
+    )
+    with pytest.raises(NothingToMeasure, match="no case"):
+        run_sweep(decode_only, tmp_path / "r.jsonl", progress=False)
+    assert not (tmp_path / "r.jsonl").exists()
