@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 import pytest
 
@@ -23,16 +22,6 @@ from examples.tasks import char_lm as char_lm_task
 from examples.tasks import chatbot as chatbot_task
 from examples.tasks import classifier as classifier_task
 from examples.vocab import SPECIAL_TOKENS, train_subword_tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def quick_compiles() -> Any:
-    """Tiny models run in milliseconds; what costs here is XLA optimising each new program
-    (train step, evaluation, decoding), which it does several times faster at this setting."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def flat(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
