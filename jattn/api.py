@@ -82,6 +82,18 @@ def attention(
 
     A row with no key to attend to returns zeros, with zero gradient. Combined masking
     arguments are intersected.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jattn
+      >>> q = jnp.ones((2, 16, 4, 8))  # [batch, T, heads, head_dim]
+      >>> kv = jnp.ones((2, 16, 2, 8))  # 2 key/value heads: grouped-query attention
+      >>> jattn.attention(q, kv, kv, is_causal=True).shape
+      (2, 16, 4, 8)
+      >>> out, lse = jattn.attention(q, kv, kv, key_value_seq_lengths=jnp.array([16, 0]),
+      ...                            return_lse=True)
+      >>> lse.shape, bool(jnp.isneginf(lse[1]).all()), float(jnp.abs(out[1]).max())
+      ((2, 4, 16), True, 0.0)
     """
     plan, q, k, v = make_plan(
         query,

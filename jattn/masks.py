@@ -193,6 +193,13 @@ class Causal(Mask):
     ``offset=0`` is ``jax.nn``'s ``is_causal`` (aligned at the top-left corner). For a query block
     that continues a sequence (KV-cache decoding), ``offset`` is the position of the first query;
     it may be a traced integer.
+
+    Examples:
+      >>> from jattn import masks
+      >>> masks.Causal().materialize(3, 3).astype(int).tolist()
+      [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+      >>> masks.Causal(offset=1).materialize(2, 3).astype(int).tolist()
+      [[1, 1, 0], [1, 1, 1]]
     """
 
     offset: Any = 0
@@ -236,6 +243,14 @@ class LocalWindow(Mask):
     """Key ``j`` is visible from query ``i`` iff ``i - left <= j <= i + right``.
 
     This is ``jax.nn``'s ``local_window_size=(left, right)``. ``None`` leaves a side unbounded.
+
+    Examples:
+      >>> from jattn import masks
+      >>> masks.LocalWindow(1, 0).materialize(3, 3).astype(int).tolist()
+      [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+      >>> m = masks.Causal() & masks.LocalWindow(1, 0)  # what jattn.attention builds from both
+      >>> m.classify(0, 2, 1, 1)  # rows [0, 1) x keys [2, 3): empty, skipped by block kernels
+      (False, False)
     """
 
     left: int | None = None
@@ -303,6 +318,12 @@ class Lengths(Mask):
 
     ``q`` and ``kv`` are integer arrays of shape ``[*B]`` (or None). Rows past ``q`` see no key,
     so their output is zero, as in ``jax.nn``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jattn import masks
+      >>> masks.Lengths(kv=jnp.array(2)).materialize(2, 3).astype(int).tolist()
+      [[1, 1, 0], [1, 1, 0]]
     """
 
     q: Any = None
@@ -366,6 +387,13 @@ class Segments(Mask):
     """Sequence packing: query ``i`` attends to key ``j`` iff ``q_ids[i] == kv_ids[j]``.
 
     ``q_ids`` is ``[*B, T]`` and ``kv_ids`` is ``[*B, S]`` (integer ids).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jattn import masks
+      >>> ids = jnp.array([0, 0, 1])
+      >>> masks.Segments(ids, ids).materialize(3, 3).astype(int).tolist()
+      [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
     """
 
     q_ids: Any
@@ -419,7 +447,15 @@ class Segments(Mask):
 
 
 class Dense(Mask):
-    """An explicit boolean mask broadcastable to ``[*B, N, T, S]`` (True = attend)."""
+    """An explicit boolean mask broadcastable to ``[*B, N, T, S]`` (True = attend).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jattn import masks
+      >>> m = masks.Dense(jnp.array([[True, False], [True, True]])) | masks.Causal()
+      >>> m.materialize(2, 2).astype(int).tolist()
+      [[1, 0], [1, 1]]
+    """
 
     mask: Any
 

@@ -21,6 +21,14 @@ def noam_schedule(d_model: int, warmup_steps: int = 4000, *, scale: float = 1.0)
 
     Use with e.g. ``optax.adam(noam_schedule(512), b1=0.9, b2=0.98, eps=1e-9)`` (the paper's
     Adam settings).
+
+    Examples:
+      >>> from jattn.optim import noam_schedule
+      >>> lr = noam_schedule(d_model=512, warmup_steps=4000)
+      >>> round(float(lr(4000)), 7)  # the peak, (512 * 4000) ** -0.5
+      0.0006988
+      >>> bool(lr(1000) < lr(4000) > lr(16000)), float(lr(0)) == float(lr(1))
+      (True, True)
     """
     if d_model < 1 or warmup_steps < 1:
         raise ValueError(

@@ -19,8 +19,8 @@ Example:
 
 >>> import jax.numpy as jnp
 >>> from jattn.plan import make_plan
->>> q = jnp.ones((2, 16, 4, 8))
->>> kv = jnp.ones((2, 32, 2, 8))
+>>> q = jnp.ones((2, 16, 4, 8), jnp.float32)
+>>> kv = jnp.ones((2, 32, 2, 8), jnp.float32)
 >>> plan, *_ = make_plan(q, kv, kv, is_causal=True, key_value_seq_lengths=jnp.array([32, 20]))
 >>> plan.group_size, sorted(plan.features)
 (2, ['causal', 'gqa', 'lengths'])

@@ -33,6 +33,14 @@ class FeedForward(nnx.Module):
       hidden_features: inner width (``d_ff``).
       activation: the nonlinearity (ReLU in the paper).
       dropout_rate: dropout on the hidden activations (0 in the paper).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jattn.nn import FeedForward
+      >>> ffn = FeedForward(16, 64, rngs=nnx.Rngs(0))
+      >>> ffn(jnp.ones((2, 5, 16))).shape
+      (2, 5, 16)
     """
 
     def __init__(
@@ -123,6 +131,14 @@ class EncoderLayer(nnx.Module):
       rotary: a :class:`~jattn.nn.RotaryEmbedding` for the self-attention, or None.
       implementation: passed to :func:`jattn.attention`.
       layer_norm_epsilon: LayerNorm epsilon.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jattn.nn import EncoderLayer
+      >>> layer = EncoderLayer(32, 4, 64, dropout_rate=0.0, rngs=nnx.Rngs(0))
+      >>> layer(jnp.ones((2, 7, 32)), lengths=jnp.array([7, 3])).shape
+      (2, 7, 32)
     """
 
     def __init__(
@@ -194,6 +210,15 @@ class DecoderLayer(nnx.Module):
 
     With ``cross_attention=False`` it is the block of a decoder-only language model. Arguments
     as for :class:`EncoderLayer`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jattn.nn import DecoderLayer
+      >>> layer = DecoderLayer(32, 4, 64, dropout_rate=0.0, rngs=nnx.Rngs(0))
+      >>> memory = jnp.ones((2, 9, 32))  # the encoder's output
+      >>> layer(jnp.ones((2, 5, 32)), memory, memory_lengths=jnp.array([9, 4])).shape
+      (2, 5, 32)
     """
 
     def __init__(

@@ -37,6 +37,13 @@ def cross_entropy(
 
     Returns:
       A scalar, or ``[*B, T]`` for ``reduction="none"``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jattn.nn import cross_entropy
+      >>> logits = jnp.zeros((1, 3, 4))  # uniform over 4 classes
+      >>> round(float(cross_entropy(logits, jnp.array([[1, 2, 0]]), pad_id=0)), 4)  # ln 4
+      1.3863
     """
     if logits.shape[:-1] != targets.shape:
         raise ValueError(

@@ -114,6 +114,16 @@ class Transformer(nnx.Module):
       layer_norm_epsilon: LayerNorm epsilon.
       dtype, param_dtype: computation and parameter dtypes.
       rngs: initialisation and dropout streams.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jattn.nn import Transformer
+      >>> model = Transformer(50, d_model=32, num_heads=2, num_encoder_layers=1,
+      ...                     num_decoder_layers=1, d_ff=64, rngs=nnx.Rngs(0))
+      >>> src, tgt = jnp.ones((2, 7), jnp.int32), jnp.ones((2, 5), jnp.int32)
+      >>> model(src, tgt).shape  # teacher-forced logits [batch, T, target vocabulary]
+      (2, 5, 50)
     """
 
     def __init__(
@@ -294,6 +304,17 @@ class DecoderLM(nnx.Module):
       scale_embeddings: multiply token embeddings by sqrt(d_model).
       tie_output: the output projection is the transposed token embedding.
       implementation: passed to :func:`jattn.attention`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jattn.nn import DecoderLM, generate
+      >>> model = DecoderLM(100, d_model=32, num_layers=1, num_heads=2, d_ff=64, rngs=nnx.Rngs(0))
+      >>> model(jnp.ones((2, 10), jnp.int32)).shape
+      (2, 10, 100)
+      >>> model.eval()
+      >>> generate(model, jnp.ones((2, 3), jnp.int32), max_new_tokens=4).shape  # new tokens
+      (2, 4)
     """
 
     def __init__(

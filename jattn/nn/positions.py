@@ -42,6 +42,12 @@ def sinusoidal_encoding(
 
     Returns:
       ``[*B, T, features]`` (``[T, features]`` when ``positions`` is an int).
+
+    Examples:
+      >>> from jattn.nn import sinusoidal_encoding
+      >>> pe = sinusoidal_encoding(50, 16)  # positions 0..49
+      >>> pe.shape, pe[0, :4].tolist()  # sin(0) = 0, cos(0) = 1, alternating
+      ((50, 16), [0.0, 1.0, 0.0, 1.0])
     """
     if features < 1:
         raise ValueError(f"features must be positive, got {features=}")
@@ -131,6 +137,14 @@ def apply_rotary(
 
     Returns:
       ``[*B, T, N, H]`` in ``x.dtype``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jattn.nn import apply_rotary
+      >>> x = jnp.ones((1, 4, 2, 8))  # [batch, T, heads, head_dim]
+      >>> y = apply_rotary(x, jnp.arange(4)[None])
+      >>> y.shape, bool(jnp.allclose(y[:, 0], x[:, 0]))  # position 0 is not rotated
+      ((1, 4, 2, 8), True)
     """
     head_dim = x.shape[-1]
     if head_dim % 2:
