@@ -352,11 +352,43 @@ JATTN_AVX2 void avx2_nn(int64_t M, int64_t N, int64_t L, const float* A, int64_t
                       C + m0 * ldc + n0, ldc);
 }
 
-// rows [0, n) of X (row stride ldx, width w) -> panels [ceil(n/16)][w][16], zero padded.
-void pack_panels(int64_t n, int64_t w, const float* X, int64_t ldx, float* dst) {
+// 8 rows x 8 floats (row stride ld) -> their transpose, row i of the result at d + i * ldd.
+JATTN_AVX2 inline void transpose8(const float* s, int64_t ld, float* d, int64_t ldd) {
+  __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ld), r2 = _mm256_loadu_ps(s + 2 * ld),
+         r3 = _mm256_loadu_ps(s + 3 * ld), r4 = _mm256_loadu_ps(s + 4 * ld),
+         r5 = _mm256_loadu_ps(s + 5 * ld), r6 = _mm256_loadu_ps(s + 6 * ld),
+         r7 = _mm256_loadu_ps(s + 7 * ld);
+  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1),
+         t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3),
+         t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+         t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+         u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+         u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+         u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(d + 0 * ldd, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(d + 1 * ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(d + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(d + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(d + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(d + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(d + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(d + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+// rows [0, n) of X (row stride ldx, width w, a multiple of 8) -> panels [ceil(n/16)][w][16],
+// zero padded.
+JATTN_AVX2 void pack_panels(int64_t n, int64_t w, const float* X, int64_t ldx, float* dst) {
   for (int64_t p0 = 0; p0 < n; p0 += 16) {
     float* d = dst + (p0 / 16) * w * 16;
     int64_t nr = std::min<int64_t>(16, n - p0);
+    if (nr == 16) {
+      for (int64_t h0 = 0; h0 < w; h0 += 8) {
+        transpose8(X + p0 * ldx + h0, ldx, d + h0 * 16, 16);
+        transpose8(X + (p0 + 8) * ldx + h0, ldx, d + h0 * 16 + 8, 16);
+      }
+      continue;
+    }
     for (int64_t c = 0; c < nr; ++c) {
       const float* src = X + (p0 + c) * ldx;
       for (int64_t h = 0; h < w; ++h) d[h * 16 + c] = src[h];
@@ -527,7 +559,10 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
     std::vector<float> sbuf(bq * ldb), dpbuf(bq * ldb), addbuf(bq * ldb);
     std::vector<float> dkacc(bk * H), dvacc(bk * Hv), tmp(std::max(H, Hv));
     std::vector<int64_t> rlo(bq), rhi(bq);
+    // AVX2 path: K_j^T / V_j^T panels, and K_j, Q_i, dO_i copied dense (rows of the inputs are
+    // N*H floats apart: a power-of-two stride that would thrash the L1 sets).
     std::vector<float> kpan(fast ? ldb * H : 0), vpan(fast ? ldb * Hv : 0);
+    std::vector<float> kc(fast ? bk * H : 0), qc(fast ? bq * H : 0), doc(fast ? bq * Hv : 0);
     std::vector<RowArgs> rows_args(bq);
 
     // This task's dQ accumulator: [B, T, N, H] (chunk c), heads kh*G .. kh*G+G-1.
@@ -549,6 +584,8 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
       if (fast && j0 < rb.kv_end) {
         pack_panels(cols, H, Kj, ldk, kpan.data());
         pack_panels(cols, Hv, Vj, ldv, vpan.data());
+        for (int64_t t = 0; t < cols; ++t)
+          std::memcpy(kc.data() + t * H, Kj + t * ldk, H * sizeof(float));
       }
 #endif
 
@@ -671,8 +708,12 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
           float* dqi = dqa + ((b * T + r0) * N + n) * H;
 #if JATTN_BWD_X86
           if (fast) {
-            avx2_nt_packed(rows, npan, H, Qi, ldq, kpan.data(), sbuf.data(), ldb);
-            avx2_nt_packed(rows, npan, Hv, dOi, ldo, vpan.data(), dpbuf.data(), ldb);
+            for (int64_t r = 0; r < rows; ++r) {
+              std::memcpy(qc.data() + r * H, Qi + r * ldq, H * sizeof(float));
+              std::memcpy(doc.data() + r * Hv, dOi + r * ldo, Hv * sizeof(float));
+            }
+            avx2_nt_packed(rows, npan, H, qc.data(), H, kpan.data(), sbuf.data(), ldb);
+            avx2_nt_packed(rows, npan, Hv, doc.data(), Hv, vpan.data(), dpbuf.data(), ldb);
           } else
 #endif
           {
@@ -701,9 +742,9 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
           }
 #if JATTN_BWD_X86
           if (fast) {
-            avx2_tn(cols, Hv, rows, sbuf.data(), ldb, dOi, ldo, dvacc.data(), Hv);
-            avx2_tn(cols, H, rows, dpbuf.data(), ldb, Qi, ldq, dkacc.data(), H);
-            avx2_nn(rows, H, cols, dpbuf.data(), ldb, Kj, ldk, dqi, ldq);
+            avx2_tn(cols, Hv, rows, sbuf.data(), ldb, doc.data(), Hv, dvacc.data(), Hv);
+            avx2_tn(cols, H, rows, dpbuf.data(), ldb, qc.data(), H, dkacc.data(), H);
+            avx2_nn(rows, H, cols, dpbuf.data(), ldb, kc.data(), H, dqi, ldq);
           } else
 #endif
           {
