@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn import kernels
-from jattn import masks as masks_lib
+from jattn import kernels, masks
 from jattn.kernels.common import KernelOutput
 from jattn.plan import Plan, make_plan
 
@@ -26,7 +25,7 @@ def attention(
     key: ArrayLike,
     value: ArrayLike,
     bias: ArrayLike | None = None,
-    mask: ArrayLike | masks_lib.Mask | None = None,
+    mask: ArrayLike | masks.Mask | None = None,
     *,
     scale: float | None = None,
     is_causal: bool = False,

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from jattn import masks as masks_lib
+from jattn import masks
 from jattn.api import attention
 from jattn.plan import make_plan, parse_segment_ids, parse_window
 
@@ -409,25 +409,25 @@ def _chunk_start(r: _Ring, device, c: int, length: int):
 
 
 def _pair_mask(r: _Ring, q0, k0, cq: int, ck: int, q_len, kv_len, q_ids, kv_ids):
-    parts: list[masks_lib.Mask] = []
+    parts: list[masks.Mask] = []
     off = q0 - k0  # key j (local) visible from query i (local) iff j <= i + off, causally
     if r.causal:
-        parts.append(masks_lib.Causal(off))
+        parts.append(masks.Causal(off))
     if r.window is not None:
         left, right = r.window
         if right is not None:
-            parts.append(masks_lib.Causal(off + right))
+            parts.append(masks.Causal(off + right))
         if left is not None:
-            parts.append(~masks_lib.Causal(off - left - 1))
+            parts.append(~masks.Causal(off - left - 1))
     if q_len is not None or kv_len is not None:
         parts.append(
-            masks_lib.Lengths(
+            masks.Lengths(
                 None if q_len is None else jnp.clip(q_len - q0, 0, cq),
                 None if kv_len is None else jnp.clip(kv_len - k0, 0, ck),
             )
         )
     if q_ids is not None:
-        parts.append(masks_lib.Segments(q_ids, kv_ids))
+        parts.append(masks.Segments(q_ids, kv_ids))
     return functools.reduce(lambda a, b: a & b, parts) if parts else None
 
 

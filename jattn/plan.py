@@ -41,8 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn import _dropout
-from jattn import masks as masks_lib
+from jattn import _dropout, masks
 
 __all__ = ["Plan", "make_plan", "parse_segment_ids", "parse_window"]
 
@@ -86,7 +85,7 @@ class Plan:
     return_lse: bool = False
     features: frozenset[str] = frozenset()
     config: Any = None
-    mask: masks_lib.Mask | None = None
+    mask: masks.Mask | None = None
     bias: Array | None = None
     dropout_seed: Array | None = None
 
@@ -100,9 +99,9 @@ class Plan:
         """``T · S``, the scores of one head."""
         return self.q_seq_len * self.kv_seq_len
 
-    def mask_plan(self) -> tuple[masks_lib.MaskPlan, masks_lib.MaskArrays]:
+    def mask_plan(self) -> tuple[masks.MaskPlan, masks.MaskArrays]:
         """The mask as static bounds plus per-batch arrays (batch flattened to one axis)."""
-        return masks_lib.plan_mask(self.mask, self.batch_shape)
+        return masks.plan_mask(self.mask, self.batch_shape)
 
     def with_config(self, config: Any) -> Plan:
         return dataclasses.replace(self, config=config)
@@ -122,7 +121,7 @@ def make_plan(
     key: ArrayLike,
     value: ArrayLike,
     bias: ArrayLike | None = None,
-    mask: ArrayLike | masks_lib.Mask | None = None,
+    mask: ArrayLike | masks.Mask | None = None,
     *,
     scale: Any = None,
     is_causal: bool = False,
@@ -157,7 +156,7 @@ def make_plan(
             f"one segment_ids array needs T == S, got T={t} (query {q.shape}) and S={s} "
             f"(key {k.shape}); pass a pair (q_ids, kv_ids)"
         )
-    shape = masks_lib.CallShape(batch_shape, n, kh, t, s)
+    shape = masks.CallShape(batch_shape, n, kh, t, s)
     mask_obj = _build_mask(
         mask, is_causal, query_seq_lengths, key_value_seq_lengths, local_window_size, segment_ids
     )
@@ -362,17 +361,17 @@ def _check_qkv(q: Array, k: Array, v: Array):
 
 
 def _build_mask(mask, is_causal, q_lengths, kv_lengths, window, segment_ids):
-    parts: list[masks_lib.Mask] = []
+    parts: list[masks.Mask] = []
     if mask is not None:
-        parts.append(mask if isinstance(mask, masks_lib.Mask) else masks_lib.Dense(mask))
+        parts.append(mask if isinstance(mask, masks.Mask) else masks.Dense(mask))
     if is_causal:
-        parts.append(masks_lib.Causal(0))
+        parts.append(masks.Causal(0))
     if (w := parse_window(window)) is not None:
-        parts.append(masks_lib.LocalWindow(*w))
+        parts.append(masks.LocalWindow(*w))
     if q_lengths is not None or kv_lengths is not None:
-        parts.append(masks_lib.Lengths(q_lengths, kv_lengths))
+        parts.append(masks.Lengths(q_lengths, kv_lengths))
     if (ids := parse_segment_ids(segment_ids)) is not None:
-        parts.append(masks_lib.Segments(*ids))
+        parts.append(masks.Segments(*ids))
     if not parts:
         return None
     return functools.reduce(lambda a, b: a & b, parts)

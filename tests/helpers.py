@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jattn
-from jattn import masks as M
+from jattn import masks
 
 # Tolerances against the float64 reference, per input dtype: (forward, gradients).
 TOL = {
@@ -235,11 +235,11 @@ def assert_close(actual, expected, atol, rtol=None, what=""):
 def cases_mask_objects():
     """Composite mask objects and their brute-force equivalents (functions of i, j)."""
     return {
-        "causal_offset": (M.Causal(2), lambda i, j: j <= i + 2),
+        "causal_offset": (masks.Causal(2), lambda i, j: j <= i + 2),
         "window_or_first": (
-            M.LocalWindow(1, 1) | M.LocalWindow(None, 0) & ~M.LocalWindow(0, None),
+            masks.LocalWindow(1, 1) | masks.LocalWindow(None, 0) & ~masks.LocalWindow(0, None),
             lambda i, j: (i - 1 <= j <= i + 1) or (j < i),
         ),
-        "not_causal": (~M.Causal(0), lambda i, j: j > i),
-        "left_only": (M.LocalWindow(2, None), lambda i, j: j >= i - 2),
+        "not_causal": (~masks.Causal(0), lambda i, j: j > i),
+        "left_only": (masks.LocalWindow(2, None), lambda i, j: j >= i - 2),
     }

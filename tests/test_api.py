@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jattn
-from jattn import masks as M
+from jattn import masks
 from tests import helpers as H
 
 
@@ -27,7 +27,7 @@ def test_public_names():
     for name in jattn.__all__:
         assert hasattr(jattn, name)
     assert {"reference", "fused", "flash"} <= set(jattn.kernels.REGISTRY)
-    assert {"Causal", "LocalWindow", "Lengths", "Segments", "Dense"} <= set(M.__all__)
+    assert {"Causal", "LocalWindow", "Lengths", "Segments", "Dense"} <= set(masks.__all__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,9 +173,9 @@ def test_bad_input(args, kwargs, error, match):
 
 def test_mask_objects_refuse_python_logic():
     with pytest.raises(TypeError, match="no truth value"):
-        _ = M.Causal() and M.LocalWindow(1, 1)
+        _ = masks.Causal() and masks.LocalWindow(1, 1)
     with pytest.raises(TypeError, match="cannot combine"):
-        _ = M.Causal() & jnp.ones((2, 2), bool)
+        _ = masks.Causal() & jnp.ones((2, 2), bool)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,27 +8,27 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jattn import masks as M
+from jattn import masks
 
 T, S = 13, 17
 
 
 @st.composite
-def masks(draw, depth=2):
+def random_masks(draw, depth=2):
     """A random mask tree over one head of size T x S, with its brute-force value."""
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
     kind = draw(st.sampled_from(["causal", "window", "lengths", "segments", "dense"]))
     if depth > 0 and draw(st.booleans()):
         op = draw(st.sampled_from(["and", "or", "not"]))
-        a, av = draw(masks(depth - 1))
+        a, av = draw(random_masks(depth - 1))
         if op == "not":
             return ~a, ~av
-        b, bv = draw(masks(depth - 1))
+        b, bv = draw(random_masks(depth - 1))
         return (a & b, av & bv) if op == "and" else (a | b, av | bv)
     i, j = np.arange(T)[:, None], np.arange(S)[None, :]
     if kind == "causal":
         off = draw(st.integers(-4, 6))
-        return M.Causal(off), np.broadcast_to(j <= i + off, (T, S))
+        return masks.Causal(off), np.broadcast_to(j <= i + off, (T, S))
     if kind == "window":
         left = draw(st.none() | st.integers(0, 5))
         right = draw(st.none() | st.integers(0, 5))
@@ -37,19 +37,25 @@ def masks(draw, depth=2):
             val &= j >= i - left
         if right is not None:
             val &= j <= i + right
-        return M.LocalWindow(left, right), val
+        return masks.LocalWindow(left, right), val
     if kind == "lengths":
         ql, kl = int(rng.integers(0, T + 1)), int(rng.integers(0, S + 1))
-        return M.Lengths(jnp.int32(ql), jnp.int32(kl)), (i < ql) & (j < kl)
+        return masks.Lengths(jnp.int32(ql), jnp.int32(kl)), (i < ql) & (j < kl)
     if kind == "segments":
         qs = np.sort(rng.integers(0, 4, T))
         ks = np.sort(rng.integers(0, 4, S))
-        return M.Segments(jnp.asarray(qs), jnp.asarray(ks)), qs[:, None] == ks[None, :]
+        return masks.Segments(jnp.asarray(qs), jnp.asarray(ks)), qs[:, None] == ks[None, :]
     d = rng.random((T, S)) < draw(st.sampled_from([0.0, 0.5, 1.0]))
-    return M.Dense(jnp.asarray(d)), d
+    return masks.Dense(jnp.asarray(d)), d
 
 
-@given(masks(), st.integers(0, T - 1), st.integers(0, S - 1), st.integers(1, 6), st.integers(1, 6))
+@given(
+    random_masks(),
+    st.integers(0, T - 1),
+    st.integers(0, S - 1),
+    st.integers(1, 6),
+    st.integers(1, 6),
+)
 def test_block_classification_is_sound(case, q0, k0, bq, bk):
     mask, value = case
     bq, bk = min(bq, T - q0), min(bk, S - k0)
@@ -66,7 +72,7 @@ def test_block_classification_is_sound(case, q0, k0, bq, bk):
     assert (any_t or not blk.any()) and (not all_t or blk.all())
 
 
-@given(masks(), st.integers(0, T - 1), st.integers(1, 6))
+@given(random_masks(), st.integers(0, T - 1), st.integers(1, 6))
 def test_kv_range_holds_every_visible_key(case, q0, bq):
     mask, value = case
     q1 = min(T, q0 + bq)
@@ -77,14 +83,14 @@ def test_kv_range_holds_every_visible_key(case, q0, bq):
 
 
 def test_static_masks_classify_statically():
-    flags = (M.Causal(0) & M.LocalWindow(4, 0)).classify(0, 8, 4, 4)
+    flags = (masks.Causal(0) & masks.LocalWindow(4, 0)).classify(0, 8, 4, 4)
     assert flags == (False, False)  # Python bools: kernels skip such blocks at trace time
-    assert M.Causal(0).classify(8, 0, 4, 4) == (True, True)
+    assert masks.Causal(0).classify(8, 0, 4, 4) == (True, True)
 
 
 def test_pad_keeps_values_and_hides_padding():
-    seg = M.Segments(jnp.array([0, 0, 1]), jnp.array([0, 1]))
-    dense = M.Dense(jnp.array([[True, False], [False, True], [True, True]]))
+    seg = masks.Segments(jnp.array([0, 0, 1]), jnp.array([0, 1]))
+    dense = masks.Dense(jnp.array([[True, False], [False, True], [True, True]]))
     for m in (seg, dense, seg & ~dense):
         padded = np.asarray(m.pad(5, 4).materialize(5, 4))
         np.testing.assert_array_equal(padded[:3, :2], np.asarray(m.materialize(3, 2)))
@@ -94,4 +100,4 @@ def test_pad_keeps_values_and_hides_padding():
 
 def test_window_validation():
     with pytest.raises(ValueError, match="left must be a non-negative int"):
-        M.LocalWindow(-1, 0)
+        masks.LocalWindow(-1, 0)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jattn import masks as jmasks
+from jattn import masks
 from jattn.nn.models import DecoderLM, Transformer
 
 __all__ = ["generate", "generate_seq2seq", "sample_logits"]
@@ -178,7 +178,7 @@ def _generate_jit(
     else:
         lengths = jnp.asarray(prompt_lengths, jnp.int32)
         # Generated tokens go to slots plen, plen+1, ...: hide the prompt padding in between.
-        hole = jmasks.Lengths(None, lengths) | ~jmasks.Lengths(
+        hole = masks.Lengths(None, lengths) | ~masks.Lengths(
             None, jnp.full((batch,), plen, jnp.int32)
         )
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
