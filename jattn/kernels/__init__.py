@@ -80,6 +80,8 @@ class Implementation:
       batched: whether ``fn`` takes whole arrays and indexes heads itself.
       interpret_backends: platforms where it runs only emulated (Pallas interpret mode on a
         CPU): callable by name, for tests, but never chosen by default nor benchmarked.
+      oracle: the exact, slow kernel the tests compare against: last in the default order and
+        benchmarked only when asked for by name.
     """
 
     name: str
@@ -89,6 +91,7 @@ class Implementation:
     config_type: type | None = None
     batched: bool = False
     interpret_backends: frozenset[str] = frozenset()
+    oracle: bool = False
 
     def missing(self, needed: Iterable[str]) -> list[str]:
         """The features of ``needed`` this implementation lacks, sorted."""
@@ -296,6 +299,19 @@ def _cudnn() -> Implementation:
 _optional("pallas_gpu", _pallas_gpu)
 _optional("pallas_tpu", _pallas_tpu)
 _optional("cudnn", _cudnn)
+
+
+# --- native CPU kernel (issue 11; jattn/kernels/cpu.py, csrc/) -------------------------------
+def _cpu() -> Implementation | str:
+    from jattn.kernels import cpu
+
+    if not cpu.AVAILABLE:
+        return cpu.UNAVAILABLE_REASON
+    return Implementation("cpu", cpu.cpu_attention, cpu.SUPPORTS, frozenset({"cpu"}), batched=True)
+
+
+_optional("cpu", _cpu)
+# --- end native CPU kernel ------------------------------------------------------------------
 
 REGISTRY: Mapping[str, Implementation] = types.MappingProxyType(_REGISTRY)
 # Implementations left out of REGISTRY, with the reason.
