@@ -18,6 +18,8 @@
 // blocks.
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -90,14 +92,6 @@ inline uint16_t f32_to_f16(float f) {
   uint32_t r = ax - 0x38000000u;
   r += 0xFFFu + ((r >> 13) & 1u);
   return static_cast<uint16_t>(sign | (r >> 13));
-}
-
-inline float load_elem(const void* base, int64_t idx, DType dt) {
-  switch (dt) {
-    case DType::kF32: return static_cast<const float*>(base)[idx];
-    case DType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(base)[idx]);
-    default: return f16_to_f32(static_cast<const uint16_t*>(base)[idx]);
-  }
 }
 
 // n contiguous elements of base[idx...] -> float.
@@ -451,7 +445,6 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
   const int64_t N = K * G;
   const DType dt = p.dtype;
   if (B <= 0 || N <= 0) return;
-  const int64_t esz = dt == DType::kF32 ? 4 : 2;
 
   // Float32 views of the inputs ([B, T, N, H] etc., the same layouts).
   std::unique_ptr<float[]> qbuf, kbuf, vbuf, dobuf;
@@ -512,7 +505,22 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
 #else
   const bool fast = false;
 #endif
-  const int64_t bq = fast ? kBlockQ : 64, bk = fast ? kBlockK : 128;
+  int64_t bq = fast ? kBlockQ : 64, bk = fast ? kBlockK : 128;
+  if (fast) {
+    // Keep one pair's working set (score blocks, K/V panels and copies, dK/dV accumulators,
+    // Q/dO copies) within 3/4 of L2: halve the query block, then the key block, as needed.
+    auto working_set = [&](int64_t q_, int64_t k_) {
+      return 4 * (2 * q_ * k_ + k_ * (3 * H + 2 * Hv) + q_ * (H + Hv));
+    };
+    const int64_t budget = l2_cache_bytes() * 3 / 4;
+    if (working_set(bq, bk) > budget) bq = 48;
+    if (working_set(bq, bk) > budget) bk = 48;
+  }
+  if (const char* e = std::getenv("JATTN_BWD_BLOCKS")) {  // "bq,bk": for tuning
+    long a = 0, c = 0;
+    if (std::sscanf(e, "%ld,%ld", &a, &c) == 2 && a > 0 && c > 0 && a <= 4096 && c <= 4096)
+      bq = a, bk = c;
+  }
   const int64_t ldb = ceil_div(bk, 16) * 16;  // leading dimension of the score buffers
   const int64_t nk = ceil_div(S, bk);
 
@@ -781,7 +789,6 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
       }
     });
   }
-  (void)esz;
 }
 
 }  // namespace jattn
