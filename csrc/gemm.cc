@@ -154,6 +154,39 @@ static bool trivial(int64_t M, int64_t N, int64_t K, float* C, int64_t ldc, bool
 #define JATTN_DISPATCH(fn, ...) return isa_generic::fn(__VA_ARGS__);
 #endif
 
+int64_t gemm_panel_width() {
+#if JATTN_X86
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return isa_avx512::NR;
+    case Isa::kAvx2:
+      return isa_avx2::NR;
+    default:
+      break;
+  }
+#endif
+  return isa_generic::NR;
+}
+
+void pack_panels_bt(int64_t N, int64_t K, const float* B, int64_t ldb, float* dst,
+                    int64_t panel_stride) {
+  if (N <= 0 || K <= 0) return;
+  JATTN_DISPATCH(pack_bt_panels, N, K, B, ldb, dst, panel_stride)
+}
+
+void pack_panels_bn(int64_t K, int64_t N, const float* B, int64_t ldb, float* dst,
+                    int64_t panel_stride) {
+  if (N <= 0 || K <= 0) return;
+  JATTN_DISPATCH(pack_bn_panels, K, N, B, ldb, dst, panel_stride)
+}
+
+void gemm_prepacked(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                    const float* Bp, int64_t panel_stride, float* C, int64_t ldc,
+                    bool accumulate) {
+  if (trivial(M, N, K, C, ldc, accumulate)) return;
+  JATTN_DISPATCH(gemm_pb, M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate)
+}
+
 void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
              int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   if (trivial(M, N, K, C, ldc, accumulate)) return;

@@ -22,6 +22,20 @@ const char* isa_name(Isa isa);
 int64_t l1d_cache_bytes();
 int64_t l2_cache_bytes();
 
+// Pre-packed right-hand operands (gemm.cc), for a B that several products reuse: panels of
+// gemm_panel_width() columns, each [K][width] contiguous and zero padded, panel p at
+// dst + p * panel_stride (panel_stride >= K * width). pack_panels_bt takes B stored [N][K]
+// (the product uses its transpose, as gemm_nt), pack_panels_bn B stored [K][N] (as gemm_nn).
+// gemm_prepacked: C[M, N] (+)= A[M, K] . B, A row-major read in place.
+int64_t gemm_panel_width();
+void pack_panels_bt(int64_t N, int64_t K, const float* B, int64_t ldb, float* dst,
+                    int64_t panel_stride);
+void pack_panels_bn(int64_t K, int64_t N, const float* B, int64_t ldb, float* dst,
+                    int64_t panel_stride);
+void gemm_prepacked(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                    const float* Bp, int64_t panel_stride, float* C, int64_t ldc,
+                    bool accumulate);
+
 }  // namespace jattn
 
 #if defined(__x86_64__) || defined(__i386__)

@@ -1,0 +1,223 @@
+// XLA FFI handlers of the native CPU kernel: JattnCpuForward and JattnCpuBackward decode the
+// call's buffers and attributes into a jattn::Problem and run forward() / backward() on XLA's
+// intra-op thread pool.
+//
+// Operands (jattn/kernels/cpu.py builds them), in this order:
+//   q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv]        float32, bfloat16 or float16
+//   q_len [B], kv_len [B], offset [B]                       int32
+//   q_seg [B, T], kv_seg [B, S]                             int32
+//   mask [Bm, Km, Gm, Tm, Sm]                               uint8 (each dim full or 1)
+//   bias [Bb, Kb, Gb, Tb, Sb]                               float32 (each dim full or 1)
+//   seeds [B, K, G]                                         uint32
+// An optional operand that is absent is passed with zero elements. Backward takes, after
+// those, out [B, T, N, Hv], lse [B, N, T] (float32), dout [B, T, N, Hv], dlse [B, N, T]
+// (float32, or zero elements for a zero cotangent), and returns dq, dk, dv and dbias
+// (float32 [B, K, G, T, S], or zero elements when the bias needs no gradient).
+// Attributes: scale, softcap (0: none), dropout_rate (float32); has_left, has_right (bool);
+// left, right (int64).
+
+#include <cstdint>
+#include <string>
+
+#include "attention.h"
+#include "isa.h"
+#include "threads.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jattn {
+namespace {
+
+class XlaRunner final : public TaskRunner {
+ public:
+  XlaRunner(ffi::ThreadPool& pool, int64_t n) : pool_(pool), n_(n) {}
+  int64_t num_threads() const override { return n_; }
+  void schedule(std::function<void()> task) override { pool_.Schedule(std::move(task)); }
+
+ private:
+  ffi::ThreadPool& pool_;
+  int64_t n_;
+};
+
+bool present(const ffi::AnyBuffer& b) { return b.element_count() > 0; }
+
+template <typename E>
+ffi::Error broadcast5(const ffi::AnyBuffer& buf, const Problem& p, const char* what,
+                      Broadcast5<E>& out) {
+  if (!present(buf)) return ffi::Error::Success();
+  auto d = buf.dimensions();
+  if (d.size() != 5) return ffi::Error::InvalidArgument(std::string(what) + " must be 5-D");
+  const int64_t full[5] = {p.B, p.K, p.G, p.T, p.S};
+  int64_t stride[5];
+  int64_t s = 1;
+  for (int i = 4; i >= 0; --i) {
+    if (d[i] != 1 && d[i] != full[i])
+      return ffi::Error::InvalidArgument(std::string(what) + ": dimension " +
+                                         std::to_string(i) + " is neither 1 nor full");
+    stride[i] = d[i] == 1 ? 0 : s;
+    s *= d[i];
+  }
+  out.data = static_cast<const E*>(buf.untyped_data());
+  out.sb = stride[0];
+  out.sk = stride[1];
+  out.sg = stride[2];
+  out.st = stride[3];
+  out.ss = stride[4];
+  return ffi::Error::Success();
+}
+
+ffi::Error decode(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
+                  const ffi::AnyBuffer& q_len, const ffi::AnyBuffer& kv_len,
+                  const ffi::AnyBuffer& offset, const ffi::AnyBuffer& q_seg,
+                  const ffi::AnyBuffer& kv_seg, const ffi::AnyBuffer& mask,
+                  const ffi::AnyBuffer& bias, const ffi::AnyBuffer& seeds, float scale,
+                  float softcap, float dropout_rate, bool has_left, bool has_right,
+                  int64_t left, int64_t right, Problem& p) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
+    return ffi::Error::InvalidArgument("q, k, v must be 4-D [B, T|S, heads, dim]");
+  if (q.element_type() != k.element_type() || q.element_type() != v.element_type())
+    return ffi::Error::InvalidArgument("q, k, v must share a dtype");
+  switch (q.element_type()) {
+    case ffi::DataType::F32:
+      p.dtype = DType::kF32;
+      break;
+    case ffi::DataType::BF16:
+      p.dtype = DType::kBF16;
+      break;
+    case ffi::DataType::F16:
+      p.dtype = DType::kF16;
+      break;
+    default:
+      return ffi::Error::InvalidArgument("unsupported dtype (float32, bfloat16, float16)");
+  }
+  p.B = qd[0];
+  p.T = qd[1];
+  const int64_t N = qd[2];
+  p.H = qd[3];
+  p.S = kd[1];
+  p.K = kd[2];
+  p.Hv = vd[3];
+  if (kd[0] != p.B || vd[0] != p.B || kd[3] != p.H || vd[1] != p.S || vd[2] != p.K ||
+      p.K <= 0 || N % p.K != 0)
+    return ffi::Error::InvalidArgument("inconsistent q/k/v shapes");
+  p.G = N / p.K;
+  p.scale = scale;
+  p.softcap = softcap;
+  p.dropout_rate = dropout_rate;
+  p.has_left = has_left;
+  p.has_right = has_right;
+  p.left = left;
+  p.right = right;
+  auto i32 = [](const ffi::AnyBuffer& b) {
+    return present(b) ? static_cast<const int32_t*>(b.untyped_data()) : nullptr;
+  };
+  p.q_len = i32(q_len);
+  p.kv_len = i32(kv_len);
+  p.offset = i32(offset);
+  p.q_seg = i32(q_seg);
+  p.kv_seg = i32(kv_seg);
+  if ((p.q_seg == nullptr) != (p.kv_seg == nullptr))
+    return ffi::Error::InvalidArgument("q_seg and kv_seg come together");
+  if (present(seeds)) p.dropout_seed = static_cast<const uint32_t*>(seeds.untyped_data());
+  if (p.dropout_rate > 0.0f && !p.dropout_seed)
+    return ffi::Error::InvalidArgument("dropout needs seeds");
+  if (auto e = broadcast5<uint8_t>(mask, p, "mask", p.mask); e.failure()) return e;
+  if (auto e = broadcast5<float>(bias, p, "bias", p.bias); e.failure()) return e;
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                       ffi::AnyBuffer v, ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len,
+                       ffi::AnyBuffer offset, ffi::AnyBuffer q_seg, ffi::AnyBuffer kv_seg,
+                       ffi::AnyBuffer mask, ffi::AnyBuffer bias, ffi::AnyBuffer seeds,
+                       ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
+                       float scale, float softcap, float dropout_rate, bool has_left,
+                       bool has_right, int64_t left, int64_t right) {
+  Problem p;
+  if (auto e = decode(q, k, v, q_len, kv_len, offset, q_seg, kv_seg, mask, bias, seeds, scale,
+                      softcap, dropout_rate, has_left, has_right, left, right, p);
+      e.failure())
+    return e;
+  const int64_t n = pool.num_threads();
+  XlaRunner runner(pool, n);
+  ScopedTaskRunner scope(n >= 1 ? &runner : nullptr);
+  float* lse_ptr = present(*lse) ? static_cast<float*>(lse->untyped_data()) : nullptr;
+  forward(p, q.untyped_data(), k.untyped_data(), v.untyped_data(), out->untyped_data(),
+          lse_ptr);
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                        ffi::AnyBuffer v, ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len,
+                        ffi::AnyBuffer offset, ffi::AnyBuffer q_seg, ffi::AnyBuffer kv_seg,
+                        ffi::AnyBuffer mask, ffi::AnyBuffer bias, ffi::AnyBuffer seeds,
+                        ffi::AnyBuffer out, ffi::AnyBuffer lse, ffi::AnyBuffer dout,
+                        ffi::AnyBuffer dlse, ffi::Result<ffi::AnyBuffer> dq,
+                        ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                        ffi::Result<ffi::AnyBuffer> dbias, float scale, float softcap,
+                        float dropout_rate, bool has_left, bool has_right, int64_t left,
+                        int64_t right) {
+  Problem p;
+  if (auto e = decode(q, k, v, q_len, kv_len, offset, q_seg, kv_seg, mask, bias, seeds, scale,
+                      softcap, dropout_rate, has_left, has_right, left, right, p);
+      e.failure())
+    return e;
+  const int64_t n = pool.num_threads();
+  XlaRunner runner(pool, n);
+  ScopedTaskRunner scope(n >= 1 ? &runner : nullptr);
+  const float* dlse_ptr = present(dlse) ? static_cast<const float*>(dlse.untyped_data()) : nullptr;
+  float* dbias_ptr = present(*dbias) ? static_cast<float*>(dbias->untyped_data()) : nullptr;
+  backward(p, q.untyped_data(), k.untyped_data(), v.untyped_data(), out.untyped_data(),
+           static_cast<const float*>(lse.untyped_data()), dout.untyped_data(), dlse_ptr,
+           dq->untyped_data(), dk->untyped_data(), dv->untyped_data(), dbias_ptr);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jattn
+
+#define JATTN_COMMON_ARGS            \
+  .Ctx<ffi::ThreadPool>()            \
+      .Arg<ffi::AnyBuffer>() /* q */ \
+      .Arg<ffi::AnyBuffer>() /* k */ \
+      .Arg<ffi::AnyBuffer>() /* v */ \
+      .Arg<ffi::AnyBuffer>() /* q_len */ \
+      .Arg<ffi::AnyBuffer>() /* kv_len */ \
+      .Arg<ffi::AnyBuffer>() /* offset */ \
+      .Arg<ffi::AnyBuffer>() /* q_seg */ \
+      .Arg<ffi::AnyBuffer>() /* kv_seg */ \
+      .Arg<ffi::AnyBuffer>() /* mask */ \
+      .Arg<ffi::AnyBuffer>() /* bias */ \
+      .Arg<ffi::AnyBuffer>() /* seeds */
+
+#define JATTN_ATTRS                    \
+  .Attr<float>("scale")                \
+      .Attr<float>("softcap")          \
+      .Attr<float>("dropout_rate")     \
+      .Attr<bool>("has_left")          \
+      .Attr<bool>("has_right")         \
+      .Attr<int64_t>("left")           \
+      .Attr<int64_t>("right")
+
+#pragma GCC visibility push(default)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JattnCpuForward, jattn::ForwardImpl,
+                              ffi::Ffi::Bind() JATTN_COMMON_ARGS.Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() JATTN_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JattnCpuBackward, jattn::BackwardImpl,
+                              ffi::Ffi::Bind() JATTN_COMMON_ARGS.Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() JATTN_ATTRS);
+#pragma GCC visibility pop
+
+// For jattn.kernels.cpu: what the library runs with.
+extern "C" __attribute__((visibility("default"))) const char* jattn_cpu_isa() {
+  return jattn::isa_name(jattn::cpu_isa());
+}

@@ -1,0 +1,188 @@
+// The flash forward pass (attention.h: forward).
+//
+// Work is split over batch x KV heads x query blocks (and, when that leaves threads idle, as
+// in decoding, over key ranges too, merged afterwards through their log-sum-exp). A task packs
+// the G query heads of its KV head as rows of one float32 block (K/V read once per group),
+// then per visible key block: S = Q K^T (gemm_nt) into a cache-resident block, one fused
+// vectorised sweep per row (softcap, bias, and on mixed blocks only the mask; row max), exp2 and
+// row sum, rescaling of the accumulator, O += P V (gemm_nn). Logits are in base-2 units
+// (log2 e folded into the query scale). Blocks that no row can see are skipped, and blocks
+// that every row sees in full run without any mask code.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "attention.h"
+#include "isa.h"
+
+#if JATTN_X86
+#include <immintrin.h>
+#endif
+
+namespace jattn {
+namespace {
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
+  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, u;
+  if (exp == 0x1F) {
+    u = sign | 0x7F800000u | (man << 13);
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal: normalise
+    int e = -1;
+    do {
+      ++e;
+      man <<= 1;
+    } while (!(man & 0x400u));
+    u = sign | (static_cast<uint32_t>(112 - e) << 23) | ((man & 0x3FFu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_f16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  u &= 0x7FFFFFFFu;
+  if (u > 0x7F800000u) return sign | 0x7E00u;   // NaN
+  if (u >= 0x477FF000u) return sign | 0x7C00u;  // rounds to >= 65520: inf
+  if (u < 0x38800000u) {                        // below 2^-14: subnormal or zero
+    if (u < 0x33000000u) return sign;           // below 2^-25: rounds to 0
+    const uint32_t e = u >> 23, man = (u & 0x7FFFFFu) | 0x800000u;
+    const uint32_t shift = 126 - e;  // 14..24
+    uint32_t r = man >> shift;
+    const uint32_t rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1u))) ++r;
+    return sign | static_cast<uint16_t>(r);
+  }
+  uint32_t r = ((u >> 13) - (112u << 10));
+  const uint32_t rem = u & 0x1FFFu;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;
+  return sign | static_cast<uint16_t>(r);
+}
+
+// Per-thread scratch blocks, grown on demand and reused from call to call.
+struct Workspace {
+  std::vector<float> bufs[8];
+  float* get(int i, int64_t n) {
+    if (static_cast<int64_t>(bufs[i].size()) < n) bufs[i].resize(static_cast<size_t>(n));
+    return bufs[i].data();
+  }
+};
+
+Workspace& workspace() {
+  static thread_local Workspace ws;
+  return ws;
+}
+
+struct Ctx {
+  const Problem& p;
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;
+  int64_t bq, bk, ldS, nqb, nkb, nsplit;
+  bool use_prepack = false;
+  // Pre-packed K and V blocks (prepack), or nullptr: block (b, kh, kb) at
+  // Kp + ((b * K + kh) * nkb + kb) * kblk, panel stride kps (and the same for V).
+  const float* Kp = nullptr;
+  const float* Vp = nullptr;
+  int64_t kblk = 0, kps = 0, vblk = 0, vps = 0;
+};
+
+}  // namespace
+
+namespace isa_generic {
+#define JATTN_W 4
+#include "forward_isa.inc"
+#undef JATTN_W
+}  // namespace isa_generic
+
+#if JATTN_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace isa_avx2 {
+#define JATTN_W 8
+#define JATTN_CVTPH(p) _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
+#include "forward_isa.inc"
+#undef JATTN_W
+#undef JATTN_CVTPH
+}  // namespace isa_avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c")
+namespace isa_avx512 {
+#define JATTN_W 16
+#define JATTN_CVTPH(p) _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
+#include "forward_isa.inc"
+#undef JATTN_W
+#undef JATTN_CVTPH
+}  // namespace isa_avx512
+#pragma GCC pop_options
+#endif
+
+void forward(const Problem& p, const void* q, const void* k, const void* v, void* out,
+             float* lse) {
+  if (p.B <= 0 || p.T <= 0 || p.K <= 0 || p.G <= 0 || p.Hv <= 0) return;
+  const int64_t threads = num_threads();
+  // Key blocks of 256 (a score row of 1 KiB); query blocks of about 128 rows (the G heads of
+  // a group packed together), fewer when that leaves threads without work.
+  int64_t bk = std::max<int64_t>(1, std::min<int64_t>(256, p.S));
+  int64_t bq = std::max<int64_t>(1, 128 / p.G);
+  bq = std::min(bq, p.T);
+  const int64_t min_bq = std::max<int64_t>(1, 16 / p.G);
+  auto tasks = [&](int64_t bq_) { return p.B * p.K * ((p.T + bq_ - 1) / bq_); };
+  while (bq > min_bq && tasks(bq) < 4 * threads) bq = std::max(min_bq, bq / 2);
+  const int64_t nqb = (p.T + bq - 1) / bq;
+  const int64_t nkb = p.S > 0 ? (p.S + bk - 1) / bk : 0;
+  // Decoding-like calls (few tasks, many keys): split the keys so that every thread works.
+  int64_t nsplit = 1;
+  if (tasks(bq) < 2 * threads && nkb > 1)
+    nsplit = std::min(nkb, (4 * threads + tasks(bq) - 1) / tasks(bq));
+  Ctx c{p, q, k, v, out, lse, bq, bk, (bk + 15) / 16 * 16, nqb, nkb, nsplit};
+  // Pre-pack K and V when several query blocks read each (not for decoding, where the
+  // small-M products stream them once), within a memory bound.
+  const double packed_bytes = 4.0 * p.B * p.K * nkb * bk * (p.H + p.Hv + 64);
+  c.use_prepack = nqb >= 2 && p.G * bq > 4 && packed_bytes < 1.5e9;
+#if JATTN_X86
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return isa_avx512::run(c);
+    case Isa::kAvx2:
+      return isa_avx2::run(c);
+    default:
+      return isa_generic::run(c);
+  }
+#else
+  isa_generic::run(c);
+#endif
+}
+
+}  // namespace jattn

@@ -1,0 +1,267 @@
+"""``implementation="cpu"``: the native CPU flash-attention kernel (C++17, ``csrc/``), through
+``jax.ffi``.
+
+The library ``_jattn_cpu.so`` next to this file is built from ``csrc/`` by the project's build
+(``pip install``); it holds two XLA FFI handlers, ``JattnCpuForward`` and ``JattnCpuBackward``,
+registered here for the CPU platform. One call covers the whole batch (a batched
+implementation): ``q [*B, T, N, H]``, ``k [*B, S, K, H]``, ``v [*B, S, K, Hv]``, float32,
+bfloat16 or float16, with the mask lowered to static bounds plus per-batch arrays
+(:meth:`jattn.plan.Plan.mask_plan`), the bias and a dense mask in their canonical broadcast
+layout, and one dropout seed per head. A ``jax.custom_vjp`` over the two calls saves only the
+output and the log-sum-exp; the bias gradient comes back as float32 ``[B, K, G, T, S]`` and is
+summed here to the bias's broadcast shape.
+
+When the library is missing or cannot be loaded, :data:`AVAILABLE` is False and
+:data:`UNAVAILABLE_REASON` says why; the registry then leaves ``cpu`` out (with that reason in
+``jattn.kernels.UNAVAILABLE``) and ``implementation=None`` uses ``flash`` / ``fused``.
+``JATTN_CPU_LIBRARY=/path/to/lib.so`` loads another build (a path that does not exist disables
+the kernel). At run time ``JATTN_CPU_THREADS=n`` caps its threads and
+``JATTN_CPU_ISA=generic|avx2|avx512`` its instruction set (for tests).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import math
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jattn.kernels.common import KernelOutput
+from jattn.plan import Plan
+
+__all__ = ["AVAILABLE", "LIBRARY", "SUPPORTS", "UNAVAILABLE_REASON", "cpu_attention", "isa"]
+
+Array = jax.Array
+
+# Everything but unions/complements of masks, float64 and the weights.
+SUPPORTS = frozenset(
+    {
+        "bias",
+        "causal",
+        "local_window",
+        "lengths",
+        "segments",
+        "dense_mask",
+        "softcap",
+        "dropout",
+        "return_lse",
+        "gqa",
+        "value_head_dim",
+    }
+)
+
+_FWD = "jattn_cpu_forward"
+_BWD = "jattn_cpu_backward"
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _library_path() -> Path:
+    env = os.environ.get("JATTN_CPU_LIBRARY")
+    return Path(env) if env else Path(__file__).with_name("_jattn_cpu.so")
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    path = _library_path()
+    if not path.is_file():
+        return None, f"native library not built: {path} missing"
+    try:
+        lib = ctypes.CDLL(str(path))
+        for name, fn in ((_FWD, lib.JattnCpuForward), (_BWD, lib.JattnCpuBackward)):
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
+    except (OSError, AttributeError, RuntimeError, ValueError) as e:
+        return None, f"native library {path} failed to load: {type(e).__name__}: {e}"
+    return lib, None
+
+
+LIBRARY: Path = _library_path()
+_lib, UNAVAILABLE_REASON = _load()
+AVAILABLE: bool = _lib is not None
+
+
+def isa() -> str | None:
+    """The instruction set the loaded library runs with ('avx512', 'avx2', 'generic'), or None
+    when it is not available."""
+    if _lib is None:
+        return None
+    fn = _lib.jattn_cpu_isa
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """The attributes of the FFI calls (hashable: part of the compiled program)."""
+
+    scale: float
+    softcap: float
+    dropout_rate: float
+    has_left: bool
+    left: int
+    has_right: bool
+    right: int
+    vma: tuple[str, ...] = ()  # the shard_map axes the inputs vary over
+
+    def attrs(self) -> dict:
+        return dict(
+            scale=np.float32(self.scale),
+            softcap=np.float32(self.softcap),
+            dropout_rate=np.float32(self.dropout_rate),
+            has_left=bool(self.has_left),
+            has_right=bool(self.has_right),
+            left=np.int64(self.left),
+            right=np.int64(self.right),
+        )
+
+
+def _none_i32() -> Array:
+    return jnp.zeros((0,), jnp.int32)
+
+
+def _five_d(x: Array, batch_shape: tuple[int, ...]) -> Array:
+    """A canonical leaf ``[*B', K', G', T', S']`` as ``[B or 1, K', G', T', S']``."""
+    nb = len(batch_shape)
+    if all(d == 1 for d in x.shape[:nb]):
+        return x.reshape((1,) + x.shape[nb:])
+    x = jnp.broadcast_to(x, batch_shape + x.shape[nb:])
+    return x.reshape((math.prod(batch_shape),) + x.shape[nb:])
+
+
+def cpu_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
+    """Attention over whole arrays: ``q [*B, T, N, H]``, ``k [*B, S, K, H]``,
+    ``v [*B, S, K, Hv]`` -> ``out [*B, T, N, Hv]`` (and ``lse [*B, N, T]``)."""
+    if not AVAILABLE:
+        raise NotImplementedError(f"cpu is unavailable: {UNAVAILABLE_REASON}")
+    if jnp.dtype(q.dtype) not in _DTYPES:
+        raise NotImplementedError(f"cpu does not support {q.dtype} inputs (float64)")
+    mask_plan, arrays = plan.mask_plan()
+    if mask_plan.general:
+        raise NotImplementedError("cpu does not support mask_algebra")
+    *batch, t, n, h = q.shape
+    s, kh, hv = k.shape[-3], k.shape[-2], v.shape[-1]
+    batch = tuple(batch)
+    nb = math.prod(batch)
+    g = n // kh
+
+    q3 = q.reshape(nb, t, n, h)
+    k3 = k.reshape(nb, s, kh, h)
+    v3 = v.reshape(nb, s, kh, hv)
+    ops = (
+        _none_i32() if arrays.q_len is None else arrays.q_len.astype(jnp.int32),
+        _none_i32() if arrays.kv_len is None else arrays.kv_len.astype(jnp.int32),
+        _none_i32() if arrays.offset is None else arrays.offset.astype(jnp.int32),
+        _none_i32() if arrays.q_seg is None else arrays.q_seg.astype(jnp.int32),
+        _none_i32() if arrays.kv_seg is None else arrays.kv_seg.astype(jnp.int32),
+        jnp.zeros((0,), jnp.uint8) if arrays.dense is None else arrays.dense.astype(jnp.uint8),
+        jnp.zeros((0,), jnp.uint32)
+        if plan.dropout_seed is None
+        else plan.dropout_seed.reshape(nb, kh, g).astype(jnp.uint32),
+    )
+    bias = None
+    if plan.bias is not None:
+        bias = _five_d(plan.bias, batch).astype(jnp.float32)
+    st = _Static(
+        scale=float(plan.scale),
+        softcap=0.0 if plan.softcap is None else float(plan.softcap),
+        dropout_rate=float(plan.dropout_rate),
+        has_left=mask_plan.left is not None,
+        left=0 if mask_plan.left is None else int(mask_plan.left),
+        has_right=mask_plan.right is not None,
+        right=0 if mask_plan.right is None else int(mask_plan.right),
+        vma=_vma(q3, k3, v3, *([] if bias is None else [bias])),
+    )
+    out, lse = _attention(st, q3, k3, v3, bias, ops)
+    out = out.reshape(*batch, t, n, hv)
+    lse = lse.reshape(*batch, n, t) if plan.return_lse else None
+    return KernelOutput(out, lse, None)
+
+
+def _vma(*xs: Array) -> tuple[str, ...]:
+    """The shard_map axes any of ``xs`` varies over (empty outside shard_map)."""
+    if not hasattr(jax, "typeof"):
+        return ()
+    axes: set[str] = set()
+    for x in xs:
+        t = jax.typeof(x)
+        mat = getattr(t, "manual_axis_type", None)  # jax >= 0.9
+        axes |= set(getattr(mat, "varying", None) or getattr(t, "vma", None) or ())
+    return tuple(sorted(axes))
+
+
+def _vary(x: Array, axes: tuple[str, ...]) -> Array:
+    """``x`` typed as varying over ``axes``: an FFI call's results carry no such type, and
+    shard_map / custom_vjp want them typed as the inputs."""
+    missing = tuple(a for a in axes if a not in _vma(x))
+    if not missing or not hasattr(jax.lax, "pcast"):
+        return x
+    return jax.lax.pcast(x, missing, to="varying")
+
+
+def _forward(st: _Static, q, k, v, bias, ops):
+    b, t, n, _ = q.shape
+    hv = v.shape[-1]
+    out_types = (
+        jax.ShapeDtypeStruct((b, t, n, hv), q.dtype),
+        jax.ShapeDtypeStruct((b, n, t), jnp.float32),
+    )
+    bias_op = jnp.zeros((0,), jnp.float32) if bias is None else bias
+    call = jax.ffi.ffi_call(_FWD, out_types, vmap_method="sequential")
+    out, lse = call(q, k, v, *ops[:6], bias_op, ops[6], **st.attrs())
+    return _vary(out, st.vma), _vary(lse, st.vma)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(st: _Static, q, k, v, bias, ops):
+    return _forward(st, q, k, v, bias, ops)
+
+
+def _attention_fwd(st, q, k, v, bias, ops):
+    out, lse = _forward(st, q, k, v, bias, ops)
+    return (out, lse), (q, k, v, bias, ops, out, lse)
+
+
+def _attention_bwd(st, res, cts):
+    q, k, v, bias, ops, out, lse = res
+    g_out, g_lse = cts
+    if isinstance(g_lse, jax.custom_derivatives.SymbolicZero) or g_lse is None:
+        g_lse = jnp.zeros((0,), jnp.float32)
+    else:
+        g_lse = g_lse.astype(jnp.float32)
+    g_out = g_out.astype(q.dtype)
+    b, t, n, _ = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    dbias_type = (
+        jax.ShapeDtypeStruct((0,), jnp.float32)
+        if bias is None
+        else jax.ShapeDtypeStruct((b, kh, g, t, s), jnp.float32)
+    )
+    out_types = (
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct(k.shape, k.dtype),
+        jax.ShapeDtypeStruct(v.shape, v.dtype),
+        dbias_type,
+    )
+    bias_op = jnp.zeros((0,), jnp.float32) if bias is None else bias
+    call = jax.ffi.ffi_call(_BWD, out_types, vmap_method="sequential")
+    dq, dk, dv, dbias = call(
+        q, k, v, *ops[:6], bias_op, ops[6], out, lse, g_out, g_lse, **st.attrs()
+    )
+    if bias is None:
+        dbias = None
+    else:
+        axes = tuple(i for i, d in enumerate(bias.shape) if d == 1 and dbias.shape[i] != 1)
+        dbias = _vary(jnp.sum(dbias, axis=axes, keepdims=True).astype(bias.dtype), st.vma)
+    return _vary(dq, st.vma), _vary(dk, st.vma), _vary(dv, st.vma), dbias, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

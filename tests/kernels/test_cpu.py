@@ -1,0 +1,273 @@
+"""The native CPU kernel (``implementation="cpu"``) beyond the shared suite: the fallback when
+its library is missing, determinism, decode's split keys, the generic ISA path, and composition
+with jit / vmap / grad / checkpoint / shard_map."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jattn
+from jattn.kernels import cpu
+from tests import helpers as H
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+needs_lib = pytest.mark.skipif(not cpu.AVAILABLE, reason=f"cpu kernel: {cpu.UNAVAILABLE_REASON}")
+
+
+def _run_python(code: str, **env) -> str:
+    full = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_falls_back_when_library_missing(tmp_path):
+    """Without the native library the package imports, `cpu` is absent with its reason, the
+    default picks another kernel and naming `cpu` raises NotImplementedError."""
+    missing = tmp_path / "nowhere" / "_jattn_cpu.so"
+    out = _run_python(
+        """
+        import jax, jax.numpy as jnp, numpy as np, pytest
+        import jattn
+        from jattn import kernels
+        assert "cpu" not in kernels.available(), kernels.available()
+        assert "cpu" not in kernels.REGISTRY
+        reason = kernels.UNAVAILABLE["cpu"]
+        assert "missing" in reason and "nowhere" in reason, reason
+        q = jax.random.normal(jax.random.key(0), (2, 600, 2, 8))
+        out = jattn.attention(q, q, q, is_causal=True)
+        ref = jattn.attention(q, q, q, is_causal=True, implementation="reference")
+        np.testing.assert_allclose(out, ref, atol=2e-5)
+        with pytest.raises(NotImplementedError, match="unavailable"):
+            jattn.attention(q, q, q, implementation="cpu")
+        print("fallback ok:", reason)
+        """,
+        JATTN_CPU_LIBRARY=str(missing),
+    )
+    assert "fallback ok" in out
+
+
+def test_unloadable_library_is_reported(tmp_path):
+    bad = tmp_path / "_jattn_cpu.so"
+    bad.write_bytes(b"not a shared library")
+    out = _run_python(
+        """
+        from jattn import kernels
+        assert "cpu" not in kernels.REGISTRY
+        print(kernels.UNAVAILABLE["cpu"])
+        """,
+        JATTN_CPU_LIBRARY=str(bad),
+    )
+    assert "failed to load" in out
+
+
+@needs_lib
+def test_default_uses_cpu_for_long_calls():
+    assert "cpu" in jattn.kernels.available("cpu")
+    assert jattn.kernels.default_order("cpu", 2048, 2048)[0] == "cpu"
+    assert cpu.isa() in ("generic", "avx2", "avx512")
+
+
+@needs_lib
+def test_deterministic():
+    q, k, v, b = H.random_qkv(jax.random.key(0), (2,), 300, 700, 4, 2, 32, bias=True)
+    f = jax.jit(
+        lambda q, k, v, b: jattn.attention(
+            q, k, v, b, is_causal=True, softcap=5.0, implementation="cpu", return_lse=True
+        )
+    )
+    g = jax.jit(
+        jax.grad(
+            lambda q, k, v, b: jnp.sum(jattn.attention(q, k, v, b, implementation="cpu") ** 2),
+            argnums=(0, 1, 2, 3),
+        )
+    )
+    r1, r2 = f(q, k, v, b), f(q, k, v, b)
+    for x, y in zip(jax.tree.leaves(r1), jax.tree.leaves(r2), strict=True):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(g(q, k, v, b), g(q, k, v, b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@needs_lib
+@pytest.mark.parametrize("kv_len", [5000, 700, 0])
+def test_decode_split_keys(kv_len):
+    """One query row against many keys (one KV head: the keys are split across threads and
+    merged by their log-sum-exp), with lengths leaving some key ranges empty."""
+    q, k, v, _ = H.random_qkv(jax.random.key(1), (1,), 1, 5000, 4, 1, 64)
+    kvl = jnp.array([kv_len], jnp.int32)
+    out, lse = jattn.attention(
+        q, k, v, key_value_seq_lengths=kvl, implementation="cpu", return_lse=True
+    )
+    want, want_lse = H.oracle(q, k, v, key_value_seq_lengths=kvl, return_lse=True)
+    H.assert_close(out, want, 2e-5)
+    if kv_len == 0:
+        assert not np.asarray(out).any() and np.isneginf(np.asarray(lse)).all()
+    else:
+        H.assert_close(lse, want_lse, 2e-5)
+    np.testing.assert_array_equal(
+        out, jattn.attention(q, k, v, key_value_seq_lengths=kvl, implementation="cpu")
+    )
+
+
+@needs_lib
+def test_decode_gqa_batch():
+    q, k, v, _ = H.random_qkv(jax.random.key(2), (3,), 1, 1100, 8, 2, 128)
+    out = jattn.attention(q, k, v, implementation="cpu")
+    H.assert_close(out, H.oracle(q, k, v), 2e-5)
+
+
+@needs_lib
+def test_generic_isa_path():
+    """The portable (SSE2) code path, forced, against the reference."""
+    out = _run_python(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        import jattn
+        from jattn.kernels import cpu
+        assert cpu.isa() == "generic", cpu.isa()
+        ks = jax.random.split(jax.random.key(0), 4)
+        q = jax.random.normal(ks[0], (2, 37, 4, 24))
+        k = jax.random.normal(ks[1], (2, 300, 2, 24))
+        v = jax.random.normal(ks[2], (2, 300, 2, 24))
+        b = jax.random.normal(ks[3], (2, 4, 37, 300))
+        kw = dict(is_causal=True, softcap=3.0, local_window_size=(40, 2))
+        f = lambda impl: (lambda q, k, v, b: jnp.sum(
+            jattn.attention(q, k, v, b, implementation=impl, **kw) ** 2))
+        f64 = lambda x: x.astype(jnp.float64)
+        jax.config.update("jax_enable_x64", True)
+        got = jax.value_and_grad(f("cpu"), argnums=(0, 1, 2, 3))(q, k, v, b)
+        want = jax.value_and_grad(f("reference"), argnums=(0, 1, 2, 3))(
+            f64(q), f64(k), f64(v), f64(b))
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            w = np.asarray(w)
+            assert np.abs(np.asarray(g) - w).max() <= 2e-4 * (np.abs(w).max() + 1), "mismatch"
+        print("generic ok")
+        """,
+        JATTN_CPU_ISA="generic",
+    )
+    assert "generic ok" in out
+
+
+@needs_lib
+@pytest.mark.parametrize("bias_shape", [(9, 13), (3, 1, 13), (2, 1, 1, 13), (2, 3, 9, 1)], ids=str)
+def test_bias_gradient_broadcast(bias_shape):
+    q, k, v, _ = H.random_qkv(jax.random.key(3), (2,), 9, 13, 3, 1, 8)
+    b = jax.random.normal(jax.random.key(4), bias_shape)
+
+    def loss(impl, cast):
+        def f(q, k, v, b):
+            o = jattn.attention(
+                cast(q), cast(k), cast(v), cast(b), is_causal=True, implementation=impl
+            )
+            return jnp.sum(jnp.sin(o))
+
+        return f
+
+    got = jax.grad(loss("cpu", lambda x: x), argnums=(0, 1, 2, 3))(q, k, v, b)
+    want = jax.grad(loss("reference", lambda x: x.astype(jnp.float64)), argnums=(0, 1, 2, 3))(
+        q, k, v, b
+    )
+    assert got[3].shape == bias_shape
+    for g, w in zip(got, want, strict=True):
+        H.assert_close(g, w, 2e-4)
+
+
+@needs_lib
+def test_lse_cotangent():
+    q, k, v, _ = H.random_qkv(jax.random.key(5), (2,), 17, 40, 4, 2, 16)
+
+    def loss(impl, cast):
+        def f(q, k, v):
+            o, lse = jattn.attention(
+                cast(q), cast(k), cast(v), is_causal=True, return_lse=True, implementation=impl
+            )
+            return jnp.sum(o) + jnp.sum(jnp.cos(lse))
+
+        return f
+
+    got = jax.grad(loss("cpu", lambda x: x), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss("reference", lambda x: x.astype(jnp.float64)), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        H.assert_close(g, w, 2e-4)
+
+
+@needs_lib
+def test_vmap_jit_grad_checkpoint():
+    q, k, v, _ = H.random_qkv(jax.random.key(6), (3, 2), 11, 19, 4, 2, 8)
+
+    def attn(impl):
+        return lambda q, k, v: jattn.attention(q, k, v, is_causal=True, implementation=impl)
+
+    # vmap over a leading axis (the kernel sees one batch element per call).
+    got = jax.jit(jax.vmap(attn("cpu")))(q, k, v)
+    H.assert_close(got, H.oracle(q, k, v, is_causal=True), 2e-5)
+
+    def loss(impl):
+        f = jax.checkpoint(attn(impl))
+        return lambda q, k, v: jnp.sum(jax.vmap(f)(q, k, v) ** 2)
+
+    g = jax.jit(jax.grad(loss("cpu"), argnums=(0, 1, 2)))(q, k, v)
+    f64 = lambda x: x.astype(jnp.float64)  # noqa: E731
+    w = jax.grad(loss("reference"), argnums=(0, 1, 2))(f64(q), f64(k), f64(v))
+    for a, b in zip(g, w, strict=True):
+        H.assert_close(a, b, 2e-4)
+
+
+@needs_lib
+def test_shard_map():
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    try:
+        from jax import shard_map
+    except ImportError:  # older jax
+        from jax.experimental.shard_map import shard_map
+
+    devices = np.array(jax.devices("cpu"))
+    mesh = Mesh(devices, ("data",))
+    nd = len(devices)
+    q, k, v, _ = H.random_qkv(jax.random.key(7), (2 * nd,), 13, 21, 2, 1, 8)
+    spec = P("data")
+    f = shard_map(
+        lambda q, k, v: jattn.attention(q, k, v, is_causal=True, implementation="cpu"),
+        mesh=mesh,
+        in_specs=(spec, spec, spec),
+        out_specs=spec,
+    )
+    out = jax.jit(f)(q, k, v)
+    H.assert_close(out, H.oracle(q, k, v, is_causal=True), 2e-5)
+    g = jax.grad(lambda q: jnp.sum(jax.jit(f)(q, k, v) ** 2))(q)
+    assert np.isfinite(np.asarray(g)).all()
+
+
+@needs_lib
+def test_refuses_what_it_cannot_serve():
+    q, k, v, _ = H.random_qkv(jax.random.key(8), (1,), 5, 6, 2, 2, 8)
+    from jattn import masks
+
+    m = masks.Causal() | masks.LocalWindow(1, 1)
+    with pytest.raises(NotImplementedError, match="mask_algebra"):
+        jattn.attention(q, k, v, mask=m, implementation="cpu")
+    with pytest.raises(NotImplementedError, match="return_weights"):
+        jattn.attention(q, k, v, return_weights=True, implementation="cpu")
+    # The default falls through to an implementation that serves it.
+    out = jattn.attention(q, k, v, mask=m)
+    want = H.oracle(q, k, v, mask=m)
+    H.assert_close(out, want, 2e-5)
