@@ -75,9 +75,9 @@ def fit(
 
     Validates every ``args.eval_every`` steps and at the end (appending to
     ``history["val"]``), logs the mean training loss every ``args.log_every`` steps (to
-    ``history["train"]``), saves a checkpoint (its JSON: the command line, ``meta`` such as
-    the vocabulary, and the history) every
-    ``args.ckpt_every`` steps and at the end, and stops early after ``args.max_minutes``.
+    ``history["train"]``), saves a checkpoint every ``args.ckpt_every`` steps and at the end
+    (its JSON: the command line, ``meta`` such as the vocabulary, and the history), and stops
+    early after ``args.max_minutes``.
     The tokens/s shown and returned leave out the first step of the
     run, which includes compilation.
     """

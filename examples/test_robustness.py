@@ -140,6 +140,11 @@ def test_data_problems_name_the_file_and_the_row(tmp_path, capsys):
     assert "no column 'y'" in line
     line = fails(chatbot, tmp_path / "noq.csv", "question,answer\n안녕,네\n")
     assert "no column 'Q', 'A'" in line
+    missing = tmp_path / "no-such-file.txt"
+    with pytest.raises(SystemExit):
+        char_lm.main(["--text", str(missing), "--out-dir", str(tmp_path / "out-missing")])
+    line = one_line_error(capsys, "char_lm.py")
+    assert str(missing) in line and "cannot read it" in line
 
 
 # -- the output folder -----------------------------------------------------------------------
