@@ -86,28 +86,24 @@ def in_range(i: Any, lo: Any, hi: Any) -> Flag:
 
 def and_(a: Flag, b: Flag) -> Flag:
     """``a and b``; static as soon as one side is a static False (or both are static)."""
-    if a is False or b is False:
-        return False
-    if isinstance(a, bool) and isinstance(b, bool):
-        return a and b
-    if a is True:
-        return b
-    if b is True:
-        return a
-    return jnp.logical_and(a, b)
+    return _combine(a, b, False, jnp.logical_and)
 
 
 def or_(a: Flag, b: Flag) -> Flag:
     """``a or b``; static as soon as one side is a static True (or both are static)."""
-    if a is True or b is True:
-        return True
-    if isinstance(a, bool) and isinstance(b, bool):
-        return a or b
-    if a is False:
+    return _combine(a, b, True, jnp.logical_or)
+
+
+def _combine(a: Flag, b: Flag, absorbing: bool, op) -> Flag:
+    """``op(a, b)`` for a boolean ``op`` whose ``absorbing`` element decides it alone (False
+    for ``and``, True for ``or``) and whose other element leaves the other side as it is."""
+    if a is absorbing or b is absorbing:
+        return absorbing
+    if isinstance(a, bool):  # the neutral element
         return b
-    if b is False:
+    if isinstance(b, bool):
         return a
-    return jnp.logical_or(a, b)
+    return op(a, b)
 
 
 def not_(a: Flag) -> Flag:
