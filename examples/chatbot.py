@@ -132,7 +132,8 @@ def train_and_answer(args, checkpoints, restored):
         rngs=nnx.Rngs(params=args.seed, dropout=args.seed + 1),
     )
     tx = make_optimizer("noam", args.lr, args.warmup, args.steps, d_model=args.d_model)
-    trainer = Trainer(model, tx, task.Seq2SeqLoss(args.label_smoothing), seed=args.seed)
+    loss = task.Seq2SeqLoss(args.label_smoothing)
+    trainer = Trainer(model, tx, loss, seed=args.seed, mesh=flags.make_mesh(args.mesh))
     batches_val = task.val_batches(val_data, args.batch_size, args.max_len)
 
     def validate() -> dict[str, float]:

@@ -138,7 +138,9 @@ def train_and_classify(args, checkpoints, restored):
         rngs=nnx.Rngs(params=args.seed, dropout=args.seed + 1),
     )
     tx = make_optimizer("cosine", args.lr, args.warmup, args.steps, weight_decay=args.weight_decay)
-    trainer = Trainer(model, tx, task.classify_loss, seed=args.seed)
+    trainer = Trainer(
+        model, tx, task.classify_loss, seed=args.seed, mesh=flags.make_mesh(args.mesh)
+    )
     batches_val = task.val_batches(val_ids, val_labels, args.batch_size, args.max_len)
 
     def validate() -> dict[str, float]:
