@@ -202,6 +202,10 @@ def select(
             reasons.append(why)
             continue
         out.append(Candidate(impl, plan.with_config(_config(impl, plan, config, backend))))
+    if not out:
+        raise NotImplementedError(
+            f"no implementation can take this call on {backend!r}: " + "; ".join(reasons)
+        )
     if config is not None and not any(
         c.impl.config_type is not None and isinstance(config, c.impl.config_type) for c in out
     ):
@@ -210,10 +214,6 @@ def select(
             f"config of type {type(config).__name__} fits none of the implementations that "
             f"can take this call ({', '.join(c.impl.name for c in out) or 'none'}; their "
             f"configs: {', '.join(takes) or 'none'})"
-        )
-    if not out:
-        raise NotImplementedError(
-            f"no implementation can take this call on {backend!r}: " + "; ".join(reasons)
         )
     return out, reasons
 
