@@ -49,32 +49,22 @@ class FlashConfig(Tuning):
 
     @classmethod
     def default_for(cls, plan: Plan, backend: str) -> FlashConfig:
-        """The heuristic default for a call on ``backend`` (:func:`default_config`)."""
-        q_shape = (*plan.batch_shape, plan.q_seq_len, plan.num_heads, plan.head_dim)
-        k_shape = (*plan.batch_shape, plan.kv_seq_len, plan.num_kv_heads, plan.head_dim)
-        return default_config(q_shape, k_shape, plan.dtype, backend, plan.features)
+        """The heuristic default, from sweeps on a 2-core Zen 4 CPU (see docs/kernels.md).
 
-
-def default_config(
-    q_shape, k_shape, dtype, backend: str, features: frozenset[str] = frozenset()
-) -> FlashConfig:
-    """The heuristic default, from sweeps on a 2-core Zen 4 CPU (see the README's benchmarks).
-
-    Without a causal or window mask, 256 x 512 blocks were best from T = 512 to 4k: long enough
-    key blocks for large products, and a score block of 8 heads that stays in cache. With one,
-    taller query blocks (512 rows) did better at T >= 2k, and shorter sequences keep at least
-    four query blocks (down to 128 rows) so that about half of the blocks can be skipped.
-    """
-    del dtype
-    if backend != "cpu":
-        return FlashConfig(128, 128)
-    t = q_shape[-3]
-    if not features & {"causal", "local_window"}:
-        return FlashConfig(256, 512)
-    block_q = 512
-    while block_q > 128 and 4 * block_q > t:
-        block_q //= 2
-    return FlashConfig(block_q, 256)
+        Without a causal or window mask, 256 x 512 blocks were best from T = 512 to 4k: long
+        enough key blocks for large products, and a score block of 8 heads that stays in cache.
+        With one, taller query blocks (512 rows) did better at T >= 2k, and shorter sequences
+        keep at least four query blocks (down to 128 rows) so that about half of the blocks can
+        be skipped. Off a CPU (where other kernels come first), 128 x 128.
+        """
+        if backend != "cpu":
+            return cls(128, 128)
+        if not plan.features & {"causal", "local_window"}:
+            return cls(256, 512)
+        block_q = 512
+        while block_q > 128 and 4 * block_q > plan.q_seq_len:
+            block_q //= 2
+        return cls(block_q, 256)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 import jattn
-from jattn.kernels.flash import FlashConfig, default_config
+from jattn.kernels.flash import FlashConfig
+from jattn.plan import make_plan
 
 
 def _temp_bytes(fn, *shapes) -> int:
@@ -42,8 +45,15 @@ def test_memory_grows_linearly_with_sequence(causal):
 
 
 def test_default_config_and_override():
-    cfg = default_config((1, 4096, 8, 64), (1, 4096, 8, 64), jnp.float32, "cpu")
-    assert isinstance(cfg, FlashConfig) and cfg.block_q >= 64 and cfg.block_k >= 64
+    x = jnp.zeros((1, 4096, 8, 64), jnp.float32)
+    plan, *_ = make_plan(x, x, x)
+    assert FlashConfig.default_for(plan, "cpu") == FlashConfig(256, 512)
+    causal, *_ = make_plan(x, x, x, is_causal=True)
+    assert FlashConfig.default_for(causal, "cpu") == FlashConfig(512, 256)
+    short, *_ = make_plan(x, x, x, is_causal=True)
+    short = dataclasses.replace(short, q_seq_len=512)  # four query blocks kept: 128 rows
+    assert FlashConfig.default_for(short, "cpu") == FlashConfig(128, 256)
+    assert FlashConfig.default_for(plan, "gpu") == FlashConfig(128, 128)
     with pytest.raises(ValueError, match="block_k must be a positive int"):
         FlashConfig(block_k=-2)
     q = jax.random.normal(jax.random.key(0), (1, 40, 2, 8))
