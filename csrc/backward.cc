@@ -120,15 +120,20 @@ void store_row(void* base, int64_t idx, int64_t n, DType dt, const float* src) {
   }
 }
 
-// A whole tensor of `n` elements -> float32, in parallel.
-std::unique_ptr<float[]> to_f32(const void* src, int64_t n, DType dt) {
-  std::unique_ptr<float[]> out(new float[n > 0 ? n : 1]);
-  constexpr int64_t kChunk = 1 << 16;
-  int64_t chunks = (n + kChunk - 1) / kChunk;
+// A [B, L, NH, W] tensor -> float32 [B, NH, L, W] (head-major: each head's rows dense, W
+// floats apart, instead of NH * W, a power-of-two stride that thrashes the L1 sets), in
+// parallel.
+std::unique_ptr<float[]> head_major_f32(const void* src, DType dt, int64_t B, int64_t L,
+                                        int64_t NH, int64_t W) {
+  std::unique_ptr<float[]> out(new float[std::max<int64_t>(1, B * L * NH * W)]);
   float* o = out.get();
-  parallel_for(chunks, [&](int64_t c) {
-    int64_t a = c * kChunk, e = std::min(n, a + kChunk);
-    load_row(src, a, e - a, dt, o + a);
+  constexpr int64_t kRows = 128;
+  const int64_t chunks = (L + kRows - 1) / kRows;
+  parallel_for(B * chunks, [&](int64_t t) {
+    const int64_t b = t / chunks, i0 = (t % chunks) * kRows, i1 = std::min(L, i0 + kRows);
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t n = 0; n < NH; ++n)
+        load_row(src, ((b * L + i) * NH + n) * W, W, dt, o + ((b * NH + n) * L + i) * W);
   });
   return out;
 }
@@ -446,24 +451,13 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
   const DType dt = p.dtype;
   if (B <= 0 || N <= 0) return;
 
-  // Float32 views of the inputs ([B, T, N, H] etc., the same layouts).
-  std::unique_ptr<float[]> qbuf, kbuf, vbuf, dobuf;
-  const float *qf, *kf, *vf, *dof;
-  if (dt == DType::kF32) {
-    qf = static_cast<const float*>(q);
-    kf = static_cast<const float*>(k);
-    vf = static_cast<const float*>(v);
-    dof = static_cast<const float*>(dout);
-  } else {
-    qbuf = to_f32(q, B * T * N * H, dt);
-    kbuf = to_f32(k, B * S * K * H, dt);
-    vbuf = to_f32(v, B * S * K * Hv, dt);
-    dobuf = to_f32(dout, B * T * N * Hv, dt);
-    qf = qbuf.get();
-    kf = kbuf.get();
-    vf = vbuf.get();
-    dof = dobuf.get();
-  }
+  // Head-major float32 copies: q [B, N, T, H], k [B, K, S, H], v [B, K, S, Hv],
+  // dout [B, N, T, Hv].
+  const std::unique_ptr<float[]> qbuf = head_major_f32(q, dt, B, T, N, H);
+  const std::unique_ptr<float[]> kbuf = head_major_f32(k, dt, B, S, K, H);
+  const std::unique_ptr<float[]> vbuf = head_major_f32(v, dt, B, S, K, Hv);
+  const std::unique_ptr<float[]> dobuf = head_major_f32(dout, dt, B, T, N, Hv);
+  const float *qf = qbuf.get(), *kf = kbuf.get(), *vf = vbuf.get(), *dof = dobuf.get();
 
   // D = rowsum(dO * O) - dlse, [B, N, T].
   std::unique_ptr<float[]> Dbuf(new float[std::max<int64_t>(1, B * N * T)]);
@@ -479,7 +473,7 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
         for (int64_t n = 0; n < N; ++n) {
           int64_t off = (bt * N + n) * Hv;
           load_row(out, off, Hv, dt, orow.data());
-          const float* dor = dof + off;
+          const float* dor = dof + ((b * N + n) * T + i) * Hv;
           float acc = 0.0f;
           for (int64_t h = 0; h < Hv; ++h) acc += dor[h] * orow[h];
           int64_t li = (b * N + n) * T + i;
@@ -530,16 +524,10 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
   int64_t C = 1;
   if (nk > 1 && B * K < 3 * nt) C = std::min<int64_t>(nk, ceil_div(3 * nt, B * K));
   const int64_t dq_elems = B * T * N * H;
-  while (C > 1 && C * dq_elems * 4 > (int64_t(1) << 30)) --C;
-  const bool dq_direct = (C == 1 && dt == DType::kF32);
-  std::unique_ptr<float[]> dqacc_buf;
-  float* dqacc;
-  if (dq_direct) {
-    dqacc = static_cast<float*>(dq);
-  } else {
-    dqacc_buf.reset(new float[std::max<int64_t>(1, C * dq_elems)]);
-    dqacc = dqacc_buf.get();
-  }
+  while (C > 1 && C * dq_elems * 4 > (int64_t(1) << 29)) --C;
+  // dQ accumulators, head-major [C, B, N, T, H].
+  const std::unique_ptr<float[]> dqacc_buf(new float[std::max<int64_t>(1, C * dq_elems)]);
+  float* const dqacc = dqacc_buf.get();
 
   const bool has_cap = p.softcap > 0.0f;
   const bool has_bias = p.bias.data != nullptr;
@@ -567,33 +555,28 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
     std::vector<float> sbuf(bq * ldb), dpbuf(bq * ldb), addbuf(bq * ldb);
     std::vector<float> dkacc(bk * H), dvacc(bk * Hv), tmp(std::max(H, Hv));
     std::vector<int64_t> rlo(bq), rhi(bq);
-    // AVX2 path: K_j^T / V_j^T panels, and K_j, Q_i, dO_i copied dense (rows of the inputs are
-    // N*H floats apart: a power-of-two stride that would thrash the L1 sets).
+    // AVX2 path: K_j^T / V_j^T as 16-column panels.
     std::vector<float> kpan(fast ? ldb * H : 0), vpan(fast ? ldb * Hv : 0);
-    std::vector<float> kc(fast ? bk * H : 0), qc(fast ? bq * H : 0), doc(fast ? bq * Hv : 0);
     std::vector<RowArgs> rows_args(bq);
 
-    // This task's dQ accumulator: [B, T, N, H] (chunk c), heads kh*G .. kh*G+G-1.
-    float* dqa = dqacc + (dq_direct ? 0 : c * dq_elems);
-    for (int64_t i = 0; i < T; ++i)
-      std::memset(dqa + ((b * T + i) * N + kh * G) * H, 0, G * H * sizeof(float));
+    // This task's dQ accumulator (chunk c): heads kh*G .. kh*G+G-1 of batch b.
+    float* const dqa = dqacc + c * dq_elems;
+    std::memset(dqa + (b * N + kh * G) * T * H, 0, G * T * H * sizeof(float));
 
-    const int64_t ldq = N * H, ldo = N * Hv, ldk = K * H, ldv = K * Hv;
+    const int64_t ldq = H, ldo = Hv, ldk = H, ldv = Hv;  // head-major rows
     const int64_t left = std::min<int64_t>(rb.left, T + S + 1);
 
     for (int64_t kb = c; kb < nk; kb += C) {
       const int64_t j0 = kb * bk, j1 = std::min(S, j0 + bk), cols = j1 - j0;
       std::fill(dkacc.begin(), dkacc.end(), 0.0f);
       std::fill(dvacc.begin(), dvacc.end(), 0.0f);
-      const float* Kj = kf + ((b * S + j0) * K + kh) * H;
-      const float* Vj = vf + ((b * S + j0) * K + kh) * Hv;
+      const float* Kj = kf + ((b * K + kh) * S + j0) * H;
+      const float* Vj = vf + ((b * K + kh) * S + j0) * Hv;
       const int64_t npan = ceil_div(cols, 16);
 #if JATTN_BWD_X86
       if (fast && j0 < rb.kv_end) {
         pack_panels(cols, H, Kj, ldk, kpan.data());
         pack_panels(cols, Hv, Vj, ldv, vpan.data());
-        for (int64_t t = 0; t < cols; ++t)
-          std::memcpy(kc.data() + t * H, Kj + t * ldk, H * sizeof(float));
       }
 #endif
 
@@ -655,8 +638,8 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
             if (!(kseg_const && qseg_min == qseg_max)) need_entry = true;
           }
           const int64_t r0 = first, rows = last + 1 - first;
-          const float* Qi = qf + ((b * T + r0) * N + n) * H;
-          const float* dOi = dof + ((b * T + r0) * N + n) * Hv;
+          const float* Qi = qf + ((b * N + n) * T + r0) * H;
+          const float* dOi = dof + ((b * N + n) * T + r0) * Hv;
 
           // Per-row arguments (and the additive mask rows of a mixed block).
           bool any = false;
@@ -713,15 +696,11 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
           }
           if (!any) continue;
 
-          float* dqi = dqa + ((b * T + r0) * N + n) * H;
+          float* dqi = dqa + ((b * N + n) * T + r0) * H;
 #if JATTN_BWD_X86
           if (fast) {
-            for (int64_t r = 0; r < rows; ++r) {
-              std::memcpy(qc.data() + r * H, Qi + r * ldq, H * sizeof(float));
-              std::memcpy(doc.data() + r * Hv, dOi + r * ldo, Hv * sizeof(float));
-            }
-            avx2_nt_packed(rows, npan, H, qc.data(), H, kpan.data(), sbuf.data(), ldb);
-            avx2_nt_packed(rows, npan, Hv, doc.data(), Hv, vpan.data(), dpbuf.data(), ldb);
+            avx2_nt_packed(rows, npan, H, Qi, ldq, kpan.data(), sbuf.data(), ldb);
+            avx2_nt_packed(rows, npan, Hv, dOi, ldo, vpan.data(), dpbuf.data(), ldb);
           } else
 #endif
           {
@@ -750,9 +729,9 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
           }
 #if JATTN_BWD_X86
           if (fast) {
-            avx2_tn(cols, Hv, rows, sbuf.data(), ldb, doc.data(), Hv, dvacc.data(), Hv);
-            avx2_tn(cols, H, rows, dpbuf.data(), ldb, qc.data(), H, dkacc.data(), H);
-            avx2_nn(rows, H, cols, dpbuf.data(), ldb, kc.data(), H, dqi, ldq);
+            avx2_tn(cols, Hv, rows, sbuf.data(), ldb, dOi, ldo, dvacc.data(), Hv);
+            avx2_tn(cols, H, rows, dpbuf.data(), ldb, Qi, ldq, dkacc.data(), H);
+            avx2_nn(rows, H, cols, dpbuf.data(), ldb, Kj, ldk, dqi, ldq);
           } else
 #endif
           {
@@ -770,47 +749,25 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
     }
   });
 
-  if (!dq_direct) {
-    // dq = sum over chunks in order, in the input dtype.
-    const int64_t rows = B * T;
-    const int64_t w = N * H;
+  {
+    // dq [B, T, N, H] = the chunks' accumulators summed in chunk order, in the input dtype.
     constexpr int64_t kRows = 64;
-    parallel_for(ceil_div(rows, kRows), [&](int64_t ch) {
-      std::vector<float> acc(w);
-      int64_t a = ch * kRows, e = std::min(rows, a + kRows);
-      for (int64_t r = a; r < e; ++r) {
-        const float* src = dqacc + r * w;
-        std::memcpy(acc.data(), src, w * sizeof(float));
-        for (int64_t cc = 1; cc < C; ++cc) {
-          const float* s2 = src + cc * dq_elems;
-          for (int64_t t = 0; t < w; ++t) acc[t] += s2[t];
+    const int64_t chunks = ceil_div(T, kRows);
+    parallel_for(B * chunks, [&](int64_t t) {
+      std::vector<float> acc(H);
+      const int64_t b = t / chunks, i0 = (t % chunks) * kRows, i1 = std::min(T, i0 + kRows);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t n = 0; n < N; ++n) {
+          const float* src = dqacc + ((b * N + n) * T + i) * H;
+          std::memcpy(acc.data(), src, H * sizeof(float));
+          for (int64_t cc = 1; cc < C; ++cc) {
+            const float* s2 = src + cc * dq_elems;
+            for (int64_t h = 0; h < H; ++h) acc[h] += s2[h];
+          }
+          store_row(dq, ((b * T + i) * N + n) * H, H, dt, acc.data());
         }
-        store_row(dq, r * w, w, dt, acc.data());
-      }
     });
   }
 }
 
 }  // namespace jattn
-#ifdef JATTN_BWD_BENCH_HOOK
-#include <chrono>
-#include <cstdio>
-namespace jattn {
-void bench_hook() {
-  std::vector<float> A(96 * 96, 0.1f), B(96 * 64, 0.2f), C(96 * 64), P(96 * 64 * 2);
-  pack_panels(96, 64, B.data(), 64, P.data());
-  auto run = [&](const char* name, auto fn) {
-    int reps = 20000;
-    auto t0 = std::chrono::steady_clock::now();
-    for (int r = 0; r < reps; ++r) fn();
-    double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
-    std::printf("%s %.1f  ", name, 2.0 * 96 * 96 * 64 / t * 1e-9);
-  };
-  std::vector<float> Sb(96 * 96);
-  run("nt_packed", [&] { avx2_nt_packed(96, 6, 64, B.data(), 64, P.data(), Sb.data(), 96); });
-  run("tn", [&] { avx2_tn(96, 64, 96, A.data(), 96, B.data(), 64, C.data(), 64); });
-  run("nn", [&] { avx2_nn(96, 64, 96, A.data(), 96, B.data(), 64, C.data(), 64); });
-  std::printf("\n");
-}
-}
-#endif
