@@ -156,6 +156,13 @@ void forward(const Problem& p, const void* q, const void* k, const void* v, void
   // a group packed together), fewer when that leaves threads without work.
   int64_t bk = std::max<int64_t>(1, std::min<int64_t>(256, p.S));
   int64_t bq = std::max<int64_t>(1, 128 / p.G);
+  // G * bq a multiple of the GEMM's tile rows where that stays near 128 rows.
+  const int64_t mr = gemm_tile_rows();
+  for (int64_t c = bq; c <= bq + mr && c * p.G <= 160; ++c)
+    if ((c * p.G) % mr == 0) {
+      bq = c;
+      break;
+    }
   bq = std::min(bq, p.T);
   const int64_t min_bq = std::max<int64_t>(1, 16 / p.G);
   auto tasks = [&](int64_t bq_) { return p.B * p.K * ((p.T + bq_ - 1) / bq_); };

@@ -154,6 +154,20 @@ static bool trivial(int64_t M, int64_t N, int64_t K, float* C, int64_t ldc, bool
 #define JATTN_DISPATCH(fn, ...) return isa_generic::fn(__VA_ARGS__);
 #endif
 
+int64_t gemm_tile_rows() {
+#if JATTN_X86
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return isa_avx512::MR;
+    case Isa::kAvx2:
+      return isa_avx2::MR;
+    default:
+      break;
+  }
+#endif
+  return isa_generic::MR;
+}
+
 int64_t gemm_panel_width() {
 #if JATTN_X86
   switch (cpu_isa()) {

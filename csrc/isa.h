@@ -28,6 +28,8 @@ int64_t l2_cache_bytes();
 // (the product uses its transpose, as gemm_nt), pack_panels_bn B stored [K][N] (as gemm_nn).
 // gemm_prepacked: C[M, N] (+)= A[M, K] . B, A row-major read in place.
 int64_t gemm_panel_width();
+// The micro-kernel's row count: products whose M is a multiple of it have no edge tiles.
+int64_t gemm_tile_rows();
 void pack_panels_bt(int64_t N, int64_t K, const float* B, int64_t ldb, float* dst,
                     int64_t panel_stride);
 void pack_panels_bn(int64_t K, int64_t N, const float* B, int64_t ldb, float* dst,
