@@ -360,7 +360,7 @@ def _check_qkv(q: Array, k: Array, v: Array):
     return batch, (t, n, h), (s, kh, hv)
 
 
-def _build_mask(mask, is_causal, q_lengths, kv_lengths, window, segment_ids):
+def _build_mask(mask, is_causal, query_seq_lengths, key_value_seq_lengths, window, segment_ids):
     parts: list[masks.Mask] = []
     if mask is not None:
         parts.append(mask if isinstance(mask, masks.Mask) else masks.Dense(mask))
@@ -368,8 +368,8 @@ def _build_mask(mask, is_causal, q_lengths, kv_lengths, window, segment_ids):
         parts.append(masks.Causal(0))
     if (w := parse_window(window)) is not None:
         parts.append(masks.LocalWindow(*w))
-    if q_lengths is not None or kv_lengths is not None:
-        parts.append(masks.Lengths(q_lengths, kv_lengths))
+    if query_seq_lengths is not None or key_value_seq_lengths is not None:
+        parts.append(masks.Lengths(query_seq_lengths, key_value_seq_lengths))
     if (ids := parse_segment_ids(segment_ids)) is not None:
         parts.append(masks.Segments(*ids))
     if not parts:

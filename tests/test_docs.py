@@ -12,6 +12,7 @@ MODULES = [
     "jattn.plan",
     "jattn.masks",
     "jattn.optim",
+    "jattn.nn.attention",
     "jattn.nn.blocks",
     "jattn.nn.models",
     "jattn.nn.positions",

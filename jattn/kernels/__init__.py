@@ -36,6 +36,7 @@ __all__ = [
     "FEATURES",
     "FLASH_MIN_SCORES",
     "Implementation",
+    "ImplementationChoice",
     "KernelOutput",
     "REGISTRY",
     "UNAVAILABLE",
@@ -44,6 +45,10 @@ __all__ = [
     "select",
     "testable",
 ]
+
+# What `implementation=` takes everywhere (jattn.attention, the nn modules, ring attention):
+# None for the default order, a registry name, or names tried in order.
+ImplementationChoice = str | Sequence[str] | None
 
 # Every feature a call can need. An implementation lists those it supports.
 FEATURES = frozenset(

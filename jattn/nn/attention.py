@@ -19,10 +19,10 @@ from flax.typing import Dtype
 
 from jattn import masks as jmasks
 from jattn.api import attention as _attention
+from jattn.kernels import ImplementationChoice
 
 __all__ = ["AdditiveAttention", "DotProductAttention", "MultiHeadAttention"]
 
-Implementation = str | Sequence[str] | None
 RngsLike = nnx.Rngs | nnx.RngStream | jax.Array | None
 
 _default_kernel_init = nnx.initializers.lecun_normal()
@@ -101,6 +101,18 @@ class MultiHeadAttention(nnx.Module):
       kernel_init, bias_init: initialisers of the projections.
       dtype: computation dtype; param_dtype: parameter dtype.
       rngs: parameter initialisation and (when ``dropout_rate > 0``) the dropout stream.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jattn.nn import MultiHeadAttention
+      >>> layer = MultiHeadAttention(4, 32, num_kv_heads=2, rngs=nnx.Rngs(0))  # 4 heads, GQA
+      >>> x = jnp.ones((2, 10, 32))
+      >>> layer(x, is_causal=True, key_value_seq_lengths=jnp.array([10, 6])).shape
+      (2, 10, 32)
+      >>> out, weights = layer(x, is_causal=True, return_weights=True)
+      >>> weights.shape  # [batch, heads, T, S]
+      (2, 4, 10, 10)
     """
 
     def __init__(
@@ -118,7 +130,7 @@ class MultiHeadAttention(nnx.Module):
         rotary: nnx.Module | None = None,
         scale: float | None = None,
         softcap: float | None = None,
-        implementation: Implementation = None,
+        implementation: ImplementationChoice = None,
         sow_weights: bool = False,
         kernel_init: nnx.Initializer = _default_kernel_init,
         bias_init: nnx.Initializer = _zeros,
@@ -260,8 +272,8 @@ class MultiHeadAttention(nnx.Module):
         *,
         mask: Any = None,
         is_causal: bool = False,
-        query_lengths: jax.Array | None = None,
-        kv_lengths: jax.Array | None = None,
+        query_seq_lengths: jax.Array | None = None,
+        key_value_seq_lengths: jax.Array | None = None,
         segment_ids: Any = None,
         positions: jax.Array | None = None,
         kv_positions: jax.Array | None = None,
@@ -279,8 +291,8 @@ class MultiHeadAttention(nnx.Module):
           mask: a boolean array broadcastable to ``[*B, N, T, S]`` (True = attend) or a
             ``jattn.masks`` object, combined with everything below.
           is_causal: causal self-attention (query i sees keys j <= i).
-          query_lengths: int ``[*B]``; queries at or beyond it are padding (their rows are 0).
-          kv_lengths: int ``[*B]``; keys at or beyond it are padding.
+          query_seq_lengths: int ``[*B]``; queries at or beyond it are padding (their rows are 0).
+          key_value_seq_lengths: int ``[*B]``; keys at or beyond it are padding.
           segment_ids: ``[*B, T]`` (self) or a pair ``(q_ids [*B, T], kv_ids [*B, S])``:
             attend only within equal ids (packed sequences).
           positions: int ``[*B, T]`` or ``[T]`` query positions for the rotary embedding;
@@ -376,8 +388,8 @@ class MultiHeadAttention(nnx.Module):
             mask=mask,
             scale=self.scale,
             is_causal=is_causal,
-            query_seq_lengths=query_lengths,
-            key_value_seq_lengths=kv_lengths,
+            query_seq_lengths=query_seq_lengths,
+            key_value_seq_lengths=key_value_seq_lengths,
             segment_ids=segment_ids,
             softcap=self.softcap,
             dropout_rate=rate,
@@ -431,9 +443,18 @@ class DotProductAttention(nnx.Module):
     Args:
       scaled: divide scores by ``sqrt(features)`` (off in Luong et al. 2015).
       implementation: passed to :func:`jattn.attention`; needs one that returns weights.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jattn.nn import DotProductAttention
+      >>> luong = DotProductAttention()
+      >>> state, memory = jnp.ones((2, 16)), jnp.ones((2, 7, 16))  # one decoder step, encoder
+      >>> context, weights = luong(state, memory, lengths=jnp.array([7, 3]))
+      >>> context.shape, weights.shape, weights[1, 3:].tolist()  # no weight past the length
+      ((2, 16), (2, 7), [0.0, 0.0, 0.0, 0.0])
     """
 
-    def __init__(self, *, scaled: bool = False, implementation: Implementation = None):
+    def __init__(self, *, scaled: bool = False, implementation: ImplementationChoice = None):
         self.scaled = scaled
         self.implementation = implementation
 
@@ -495,6 +516,16 @@ class AdditiveAttention(nnx.Module):
       use_bias: bias in ``W₂`` (the one bias of the score, as in Bahdanau et al.).
       implementation: passed to :func:`jattn.attention`; needs one that takes a bias and
         returns weights.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jattn.nn import AdditiveAttention
+      >>> bahdanau = AdditiveAttention(16, 24, rngs=nnx.Rngs(0))
+      >>> state, memory = jnp.ones((2, 16)), jnp.ones((2, 7, 24))
+      >>> context, weights = bahdanau(state, memory)
+      >>> context.shape, weights.shape
+      ((2, 24), (2, 7))
     """
 
     def __init__(
@@ -504,7 +535,7 @@ class AdditiveAttention(nnx.Module):
         units: int | None = None,
         *,
         use_bias: bool = True,
-        implementation: Implementation = None,
+        implementation: ImplementationChoice = None,
         kernel_init: nnx.Initializer = _default_kernel_init,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,

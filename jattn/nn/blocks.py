@@ -16,11 +16,10 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
 
+from jattn.kernels import ImplementationChoice
 from jattn.nn.attention import MultiHeadAttention
 
 __all__ = ["DecoderLayer", "EncoderLayer", "FeedForward"]
-
-Implementation = str | Sequence[str] | None
 
 
 class FeedForward(nnx.Module):
@@ -98,7 +97,7 @@ def _mha(
     num_kv_heads: int | None,
     dropout_rate: float,
     rotary: nnx.Module | None,
-    implementation: Implementation,
+    implementation: ImplementationChoice,
     dtype: Dtype | None,
     param_dtype: Dtype,
     rngs: nnx.Rngs,
@@ -153,7 +152,7 @@ class EncoderLayer(nnx.Module):
         activation: Callable[[jax.Array], jax.Array] = jax.nn.relu,
         norm_first: bool = False,
         rotary: nnx.Module | None = None,
-        implementation: Implementation = None,
+        implementation: ImplementationChoice = None,
         layer_norm_epsilon: float = 1e-6,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
@@ -196,8 +195,8 @@ class EncoderLayer(nnx.Module):
             lambda h: self.self_attn(
                 h,
                 mask=mask,
-                query_lengths=lengths,
-                kv_lengths=lengths,
+                query_seq_lengths=lengths,
+                key_value_seq_lengths=lengths,
                 segment_ids=segment_ids,
                 positions=positions,
             ),
@@ -234,7 +233,7 @@ class DecoderLayer(nnx.Module):
         activation: Callable[[jax.Array], jax.Array] = jax.nn.relu,
         norm_first: bool = False,
         rotary: nnx.Module | None = None,
-        implementation: Implementation = None,
+        implementation: ImplementationChoice = None,
         layer_norm_epsilon: float = 1e-6,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
@@ -309,8 +308,8 @@ class DecoderLayer(nnx.Module):
                 h,
                 mask=mask,
                 is_causal=not decode,
-                query_lengths=lengths,
-                kv_lengths=lengths,
+                query_seq_lengths=lengths,
+                key_value_seq_lengths=lengths,
                 segment_ids=segment_ids,
                 positions=positions,
                 decode=decode,
@@ -329,8 +328,8 @@ class DecoderLayer(nnx.Module):
                     h,
                     None if cached else memory,
                     mask=memory_mask,
-                    query_lengths=lengths,
-                    kv_lengths=memory_lengths,
+                    query_seq_lengths=lengths,
+                    key_value_seq_lengths=memory_lengths,
                     decode=cached,
                 ),
             )

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
 
+from jattn.kernels import ImplementationChoice
 from jattn.nn.blocks import DecoderLayer, EncoderLayer
 from jattn.nn.positions import (
     LearnedPositionalEmbedding,
@@ -24,7 +25,6 @@ from jattn.nn.positions import (
 
 __all__ = ["DecoderLM", "Transformer"]
 
-Implementation = str | Sequence[str] | None
 PositionEncoding = Literal["sinusoidal", "learned", "rope", "none"]
 _POSITION_KINDS = ("sinusoidal", "learned", "rope", "none")
 
@@ -145,7 +145,7 @@ class Transformer(nnx.Module):
         max_length: int | None = None,
         share_embeddings: bool = False,
         tie_output: bool = False,
-        implementation: Implementation = None,
+        implementation: ImplementationChoice = None,
         layer_norm_epsilon: float = 1e-6,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
@@ -334,7 +334,7 @@ class DecoderLM(nnx.Module):
         max_length: int | None = None,
         scale_embeddings: bool = True,
         tie_output: bool = False,
-        implementation: Implementation = None,
+        implementation: ImplementationChoice = None,
         layer_norm_epsilon: float = 1e-6,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,

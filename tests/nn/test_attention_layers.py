@@ -71,7 +71,7 @@ def test_constructor_and_call_errors():
 def test_implementation_and_masks_reach_the_kernel(spy):
     layer = mha(implementation="reference")
     lengths = jnp.array([6, 3])
-    layer(x_(), is_causal=True, query_lengths=lengths, kv_lengths=lengths)
+    layer(x_(), is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths)
     (kw,) = spy
     assert kw["implementation"] == "reference"
     assert kw["is_causal"] is True
@@ -112,8 +112,8 @@ def test_padding_invariance():
     x = x_()
     noise = x_(5)
     pad = (jnp.arange(T)[None, :] >= lengths[:, None])[..., None]
-    out1 = layer(x, query_lengths=lengths, kv_lengths=lengths, is_causal=False)
-    out2 = layer(jnp.where(pad, noise, x), query_lengths=lengths, kv_lengths=lengths)
+    out1 = layer(x, query_seq_lengths=lengths, key_value_seq_lengths=lengths, is_causal=False)
+    out2 = layer(jnp.where(pad, noise, x), query_seq_lengths=lengths, key_value_seq_lengths=lengths)
     real = ~pad[..., 0]
     np.testing.assert_allclose(out1[real], out2[real], rtol=1e-5, atol=1e-6)
     # Without the lengths the padding would leak in.
@@ -140,7 +140,9 @@ def test_mask_argument_array_and_object_agree():
         jnp.arange(T)[None, None, None, :] < lengths[:, None, None, None]
     )
     np.testing.assert_allclose(obj, layer(x, mask=dense), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(obj, layer(x, is_causal=True, kv_lengths=lengths), rtol=1e-5)
+    np.testing.assert_allclose(
+        obj, layer(x, is_causal=True, key_value_seq_lengths=lengths), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("num_kv_heads", [1, 2])
@@ -213,16 +215,16 @@ def test_cross_cache_matches_uncached_cross_attention():
     layer = mha()
     x, memory = x_(), x_(3, (B, 9, D))
     lengths = jnp.array([9, 4])
-    full = layer(x, memory, kv_lengths=lengths)
+    full = layer(x, memory, key_value_seq_lengths=lengths)
     layer.init_cross_cache(memory)
-    steps = [layer(x[:, t : t + 1], decode=True, kv_lengths=lengths) for t in range(T)]
+    steps = [layer(x[:, t : t + 1], decode=True, key_value_seq_lengths=lengths) for t in range(T)]
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, rtol=1e-5, atol=1e-5)
 
 
 def test_returned_weights_respect_masks():
     layer = mha(implementation="fused")
     lengths = jnp.array([6, 3])
-    _, w = layer(x_(), is_causal=True, kv_lengths=lengths, return_weights=True)
+    _, w = layer(x_(), is_causal=True, key_value_seq_lengths=lengths, return_weights=True)
     w = np.asarray(w)
     assert np.all(np.triu(np.ones((T, T), bool), 1)[None, None] <= (w == 0))
     assert np.all(w[1, :, :, 3:] == 0)
@@ -259,7 +261,7 @@ def test_gradients_are_finite_with_fully_masked_rows():
     lengths = jnp.array([6, 0])
 
     def loss(m):
-        return jnp.sum(m(x_(), query_lengths=lengths, kv_lengths=lengths) ** 2)
+        return jnp.sum(m(x_(), query_seq_lengths=lengths, key_value_seq_lengths=lengths) ** 2)
 
     grads = nnx.grad(loss)(layer)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))

@@ -25,7 +25,9 @@ class TwoLayers(nnx.Module):
         )
 
     def __call__(self, x, kv):
-        return self.second(self.first(x, is_causal=True), kv, kv_lengths=jnp.array([S, 3]))
+        return self.second(
+            self.first(x, is_causal=True), kv, key_value_seq_lengths=jnp.array([S, 3])
+        )
 
 
 def test_sown_weights_equal_the_returned_weights():
@@ -37,7 +39,9 @@ def test_sown_weights_equal_the_returned_weights():
     assert weights.shape == (B, 2, T, S)
     hidden = model.first(x, is_causal=True)
     model.second.sow_weights = False  # outside nnx.capture, sow would store into the model
-    want_out, want_w = model.second(hidden, kv, kv_lengths=jnp.array([S, 3]), return_weights=True)
+    want_out, want_w = model.second(
+        hidden, kv, key_value_seq_lengths=jnp.array([S, 3]), return_weights=True
+    )
     np.testing.assert_array_equal(weights, want_w)
     np.testing.assert_array_equal(out, want_out)
     assert float(jnp.abs(weights[1, :, :, 3:]).max()) == 0.0  # padding keys get no weight
