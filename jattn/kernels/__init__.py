@@ -19,6 +19,7 @@ registered, run on the backend and support the call's features.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -262,32 +263,20 @@ _REGISTRY["flash"] = Implementation(
 )
 
 
-def _pallas_gpu() -> Implementation:
-    from jattn.kernels import pallas_gpu
+def _pallas(backend: str) -> Callable[[], Implementation]:
+    def load() -> Implementation:
+        module = importlib.import_module(f"jattn.kernels.pallas_{backend}")
+        return Implementation(
+            f"pallas_{backend}",
+            getattr(module, f"pallas_{backend}_attention"),
+            module.SUPPORTS,
+            frozenset({backend}),
+            config_type=getattr(module, f"Pallas{backend.capitalize()}Config"),
+            batched=True,
+            interpret_backends=frozenset({"cpu"}),
+        )
 
-    return Implementation(
-        "pallas_gpu",
-        pallas_gpu.pallas_gpu_attention,
-        pallas_gpu.SUPPORTS,
-        frozenset({"gpu"}),
-        config_type=pallas_gpu.PallasGpuConfig,
-        batched=True,
-        interpret_backends=frozenset({"cpu"}),
-    )
-
-
-def _pallas_tpu() -> Implementation:
-    from jattn.kernels import pallas_tpu
-
-    return Implementation(
-        "pallas_tpu",
-        pallas_tpu.pallas_tpu_attention,
-        pallas_tpu.SUPPORTS,
-        frozenset({"tpu"}),
-        config_type=pallas_tpu.PallasTpuConfig,
-        batched=True,
-        interpret_backends=frozenset({"cpu"}),
-    )
+    return load
 
 
 def _cudnn() -> Implementation:
@@ -301,8 +290,8 @@ def _cudnn() -> Implementation:
     )
 
 
-_optional("pallas_gpu", _pallas_gpu)
-_optional("pallas_tpu", _pallas_tpu)
+_optional("pallas_gpu", _pallas("gpu"))
+_optional("pallas_tpu", _pallas("tpu"))
 _optional("cudnn", _cudnn)
 
 
