@@ -324,31 +324,63 @@ JATTN_AVX2 inline void mk16_rows(int64_t mr, int64_t L, const float* a, int64_t 
 
 constexpr int64_t kMR = 6;
 
+// Where a pair's nonzero P / dS entries can be, in register tiles: for each tile of kMR rows
+// the union [lo, hi) of their column ranges, for each tile of kMR columns the rows [lo, hi)
+// that reach it. The products below skip what lies outside (on causal / window edges,
+// about half of a diagonal block); what they skip is zero, so the results are the same.
+struct TileRanges {
+  bool full = true;                 // every row sees every column: no skipping
+  std::vector<int64_t> rlo, rhi;    // per row tile: columns
+  std::vector<int64_t> clo, chi;    // per column tile: rows
+};
+
 // C[rows x 16 np] = A[rows x L] (row-major) . panels; panels p: [L][16].
 JATTN_AVX2 void avx2_nt_packed(int64_t rows, int64_t np, int64_t L, const float* A, int64_t lda,
-                               const float* panels, float* C, int64_t ldc) {
+                               const float* panels, float* C, int64_t ldc,
+                               const TileRanges& tr) {
   for (int64_t pn = 0; pn < np; ++pn)
-    for (int64_t m0 = 0; m0 < rows; m0 += kMR)
+    for (int64_t m0 = 0; m0 < rows; m0 += kMR) {
+      if (!tr.full) {
+        const int64_t t = m0 / kMR;
+        if (tr.rlo[t] >= tr.rhi[t] || tr.rhi[t] <= pn * 16 || tr.rlo[t] >= pn * 16 + 16) continue;
+      }
       mk16_rows<false>(std::min(kMR, rows - m0), L, A + m0 * lda, lda, 1, panels + pn * L * 16,
                        16, C + m0 * ldc + pn * 16, ldc);
+    }
 }
 
-// C[M x N] += A[L x M]^T . B[L x N], N a multiple of 16.
+// C[M x N] += A[L x M]^T . B[L x N], N a multiple of 16 (M: the columns of the pair).
 JATTN_AVX2 void avx2_tn(int64_t M, int64_t N, int64_t L, const float* A, int64_t lda,
-                        const float* B, int64_t ldb, float* C, int64_t ldc) {
+                        const float* B, int64_t ldb, float* C, int64_t ldc,
+                        const TileRanges& tr) {
   for (int64_t n0 = 0; n0 < N; n0 += 16)
-    for (int64_t m0 = 0; m0 < M; m0 += kMR)
-      mk16_rows<true>(std::min(kMR, M - m0), L, A + m0, 1, lda, B + n0, ldb, C + m0 * ldc + n0,
-                      ldc);
+    for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+      int64_t l0 = 0, l1 = L;
+      if (!tr.full) {
+        l0 = tr.clo[m0 / kMR];
+        l1 = tr.chi[m0 / kMR];
+        if (l0 >= l1) continue;
+      }
+      mk16_rows<true>(std::min(kMR, M - m0), l1 - l0, A + l0 * lda + m0, 1, lda, B + l0 * ldb + n0,
+                      ldb, C + m0 * ldc + n0, ldc);
+    }
 }
 
-// C[M x N] += A[M x L] . B[L x N], N a multiple of 16.
+// C[M x N] += A[M x L] . B[L x N], N a multiple of 16 (M: the rows of the pair).
 JATTN_AVX2 void avx2_nn(int64_t M, int64_t N, int64_t L, const float* A, int64_t lda,
-                        const float* B, int64_t ldb, float* C, int64_t ldc) {
+                        const float* B, int64_t ldb, float* C, int64_t ldc,
+                        const TileRanges& tr) {
   for (int64_t n0 = 0; n0 < N; n0 += 16)
-    for (int64_t m0 = 0; m0 < M; m0 += kMR)
-      mk16_rows<true>(std::min(kMR, M - m0), L, A + m0 * lda, lda, 1, B + n0, ldb,
-                      C + m0 * ldc + n0, ldc);
+    for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+      int64_t l0 = 0, l1 = L;
+      if (!tr.full) {
+        l0 = tr.rlo[m0 / kMR];
+        l1 = tr.rhi[m0 / kMR];
+        if (l0 >= l1) continue;
+      }
+      mk16_rows<true>(std::min(kMR, M - m0), l1 - l0, A + m0 * lda + l0, lda, 1, B + l0 * ldb + n0,
+                      ldb, C + m0 * ldc + n0, ldc);
+    }
 }
 
 // 8 rows x 8 floats (row stride ld) -> their transpose, row i of the result at d + i * ldd.
@@ -557,6 +589,13 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
     std::vector<int64_t> rlo(bq), rhi(bq);
     // AVX2 path: K_j^T / V_j^T as 16-column panels.
     std::vector<float> kpan(fast ? ldb * H : 0), vpan(fast ? ldb * Hv : 0);
+    TileRanges tr;
+    if (fast) {
+      tr.rlo.resize(ceil_div(bq, kMR));
+      tr.rhi.resize(ceil_div(bq, kMR));
+      tr.clo.resize(ceil_div(bk, kMR));
+      tr.chi.resize(ceil_div(bk, kMR));
+    }
     std::vector<RowArgs> rows_args(bq);
 
     // This task's dQ accumulator (chunk c): heads kh*G .. kh*G+G-1 of batch b.
@@ -699,8 +738,31 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
           float* dqi = dqa + ((b * N + n) * T + r0) * H;
 #if JATTN_BWD_X86
           if (fast) {
-            avx2_nt_packed(rows, npan, H, Qi, ldq, kpan.data(), sbuf.data(), ldb);
-            avx2_nt_packed(rows, npan, Hv, dOi, ldo, vpan.data(), dpbuf.data(), ldb);
+            // Tile ranges of a pair whose rows do not all see all of its columns.
+            tr.full = true;
+            for (int64_t r = 0; r < rows && tr.full; ++r)
+              tr.full = rows_args[r].lo == 0 && rows_args[r].n == cols;
+            if (!tr.full) {
+              const int64_t nrt = ceil_div(rows, kMR), nct = ceil_div(cols, kMR);
+              for (int64_t t = 0; t < nct; ++t) tr.clo[t] = rows, tr.chi[t] = 0;
+              for (int64_t t = 0; t < nrt; ++t) {
+                int64_t lo_ = cols, hi_ = 0;
+                for (int64_t r = t * kMR; r < std::min(rows, t * kMR + kMR); ++r) {
+                  const RowArgs& ra = rows_args[r];
+                  if (ra.n <= ra.lo) continue;
+                  lo_ = std::min(lo_, ra.lo);
+                  hi_ = std::max(hi_, ra.n);
+                  for (int64_t ct = ra.lo / kMR; ct * kMR < ra.n; ++ct) {
+                    tr.clo[ct] = std::min(tr.clo[ct], r);
+                    tr.chi[ct] = std::max(tr.chi[ct], r + 1);
+                  }
+                }
+                tr.rlo[t] = lo_;
+                tr.rhi[t] = hi_;
+              }
+            }
+            avx2_nt_packed(rows, npan, H, Qi, ldq, kpan.data(), sbuf.data(), ldb, tr);
+            avx2_nt_packed(rows, npan, Hv, dOi, ldo, vpan.data(), dpbuf.data(), ldb, tr);
           } else
 #endif
           {
@@ -729,9 +791,9 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
           }
 #if JATTN_BWD_X86
           if (fast) {
-            avx2_tn(cols, Hv, rows, sbuf.data(), ldb, dOi, ldo, dvacc.data(), Hv);
-            avx2_tn(cols, H, rows, dpbuf.data(), ldb, Qi, ldq, dkacc.data(), H);
-            avx2_nn(rows, H, cols, dpbuf.data(), ldb, Kj, ldk, dqi, ldq);
+            avx2_tn(cols, Hv, rows, sbuf.data(), ldb, dOi, ldo, dvacc.data(), Hv, tr);
+            avx2_tn(cols, H, rows, dpbuf.data(), ldb, Qi, ldq, dkacc.data(), H, tr);
+            avx2_nn(rows, H, cols, dpbuf.data(), ldb, Kj, ldk, dqi, ldq, tr);
           } else
 #endif
           {
