@@ -15,8 +15,10 @@ When the library is missing or cannot be loaded, :data:`AVAILABLE` is False and
 :data:`UNAVAILABLE_REASON` says why; the registry then leaves ``cpu`` out (with that reason in
 ``jattn.kernels.UNAVAILABLE``) and ``implementation=None`` uses ``flash`` / ``fused``.
 ``JATTN_CPU_LIBRARY=/path/to/lib.so`` loads another build (a path that does not exist disables
-the kernel). At run time ``JATTN_CPU_THREADS=n`` caps its threads and
-``JATTN_CPU_ISA=generic|avx2|avx512`` its instruction set (for tests).
+the kernel). At run time ``JATTN_CPU_THREADS=n`` caps its threads (default: the CPUs of the
+process's affinity mask, in a pool of the kernel's own; ``JATTN_CPU_POOL=xla`` uses XLA's
+intra-op pool instead) and ``JATTN_CPU_ISA=generic|avx2|avx512`` its instruction set (for
+tests). :func:`isa` tells which instruction set the loaded library uses.
 """
 
 from __future__ import annotations
