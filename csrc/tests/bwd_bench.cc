@@ -1,0 +1,58 @@
+// Backward throughput against the GEMM rate, in process CPU time (robust on a shared
+// machine: time slices lost to other processes do not count). Run single-threaded
+// (JATTN_CPU_THREADS=1) for a per-core ratio.
+//   g++ -O3 -std=c++17 -pthread -Icsrc csrc/backward.cc csrc/gemm.cc csrc/threads.cc
+//       csrc/tests/bwd_bench.cc -o /tmp/bwd_bench && JATTN_CPU_THREADS=1 /tmp/bwd_bench T causal N
+#include <time.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "attention.h"
+
+using namespace jattn;
+
+static double cpu_now() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+int main(int argc, char** argv) {
+  const int64_t B = 1, T = argc > 1 ? atol(argv[1]) : 1024, N = argc > 3 ? atol(argv[3]) : 8;
+  const int64_t H = 64, S = T, K = N;
+  const bool causal = argc > 2 && atoi(argv[2]);
+  std::mt19937 rng(1);
+  std::normal_distribution<float> nd(0, 1);
+  std::vector<float> q(B * T * N * H), k(q.size()), v(q.size()), o(q.size()), dout(q.size()),
+      lse(B * N * T, 6.0f);
+  for (auto* x : {&q, &k, &v, &o, &dout})
+    for (auto& y : *x) y = nd(rng) * 0.5f;
+  Problem p;
+  p.B = B, p.T = T, p.S = S, p.K = K, p.G = 1, p.H = H, p.Hv = H;
+  p.scale = 0.125f;
+  p.has_right = causal;
+  std::vector<float> dq(q.size()), dk(q.size()), dv(q.size());
+  const int64_t n = 512;
+  std::vector<float> a(n * n, 0.5f), b(n * n, 0.25f), c(n * n);
+  double tg = 1e9, tb = 1e9;
+  for (int round = 0; round < (T > 4096 ? 2 : 6); ++round) {
+    double t0 = cpu_now();
+    for (int rep = 0; rep < 10; ++rep)
+      gemm_nt(n, n, n, a.data(), n, b.data(), n, c.data(), n, false);
+    tg = std::min(tg, (cpu_now() - t0) / 10);
+    t0 = cpu_now();
+    backward(p, q.data(), k.data(), v.data(), o.data(), lse.data(), dout.data(), nullptr,
+             dq.data(), dk.data(), dv.data(), nullptr);
+    tb = std::min(tb, cpu_now() - t0);
+  }
+  const double fg = 2.0 * n * n * n / tg * 1e-9;
+  const double fb = 10.0 * B * N * T * S * H * (causal ? 0.5 : 1) / tb * 1e-9;
+  std::printf("threads %d: gemm_nt 512^3 %.1f GFLOP/s; backward T=S=%ld N=%ld H=64 %s: %.1f ms "
+              "CPU, %.1f GFLOP/s = %.2f of the GEMM rate per thread\n",
+              num_threads(), fg, T, N, causal ? "causal" : "full", tb * 1e3, fb,
+              fb / fg / num_threads());
+}
