@@ -52,7 +52,7 @@ int main(int argc, char** argv) {
   const double fg = 2.0 * n * n * n / tg * 1e-9;
   const double fb = 10.0 * B * N * T * S * H * (causal ? 0.5 : 1) / tb * 1e-9;
   std::printf("threads %d: gemm_nt 512^3 %.1f GFLOP/s; backward T=S=%ld N=%ld H=64 %s: %.1f ms "
-              "CPU, %.1f GFLOP/s = %.2f of the GEMM rate per thread\n",
+              "CPU, %.1f GFLOP/s per CPU-second = %.2f of the GEMM rate\n",
               num_threads(), fg, T, N, causal ? "causal" : "full", tb * 1e3, fb,
-              fb / fg / num_threads());
+              fb / fg);
 }
