@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -154,11 +155,20 @@ void forward(const Problem& p, const void* q, const void* k, const void* v, void
   const int64_t threads = num_threads();
   // Key blocks of 256 (a score row of 1 KiB); query blocks of about 128 rows (the G heads of
   // a group packed together), fewer when that leaves threads without work.
-  int64_t bk = std::max<int64_t>(1, std::min<int64_t>(256, p.S));
-  int64_t bq = std::max<int64_t>(1, 128 / p.G);
+  // JATTN_FWD_BLOCKS=rows,keys overrides both (for tuning).
+  int64_t rows_target = 128, keys = 256;
+  if (const char* env = std::getenv("JATTN_FWD_BLOCKS")) {
+    long r = 0, kk = 0;
+    if (std::sscanf(env, "%ld,%ld", &r, &kk) == 2 && r > 0 && kk > 0) {
+      rows_target = r;
+      keys = kk;
+    }
+  }
+  int64_t bk = std::max<int64_t>(1, std::min<int64_t>(keys, p.S));
+  int64_t bq = std::max<int64_t>(1, rows_target / p.G);
   // G * bq a multiple of the GEMM's tile rows where that stays near 128 rows.
   const int64_t mr = gemm_tile_rows();
-  for (int64_t c = bq; c <= bq + mr && c * p.G <= 160; ++c)
+  for (int64_t c = bq; c <= bq + mr && c * p.G <= rows_target * 5 / 4; ++c)
     if ((c * p.G) % mr == 0) {
       bq = c;
       break;
