@@ -43,10 +43,31 @@ import numpy as np
 
 from jattn import _dropout, masks
 
-__all__ = ["Plan", "make_plan", "parse_segment_ids", "parse_window"]
+__all__ = ["FEATURES", "Plan", "make_plan", "parse_segment_ids", "parse_window"]
 
 Array = jax.Array
 ArrayLike = Any
+
+# Every feature a call can need (Plan.features); each implementation in the registry lists
+# those it supports.
+FEATURES = frozenset(
+    {
+        "bias",
+        "causal",
+        "local_window",
+        "lengths",
+        "segments",
+        "dense_mask",
+        "mask_algebra",  # `|` and `~` of masks
+        "softcap",
+        "dropout",
+        "return_weights",
+        "return_lse",
+        "float64",
+        "gqa",
+        "value_head_dim",  # value head dim != query head dim
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,7 @@ from jattn.kernels import flash
 from jattn.kernels.common import KernelOutput
 from jattn.kernels.fused import fused_attention
 from jattn.kernels.reference import reference_attention
-from jattn.plan import Plan
+from jattn.plan import FEATURES, Plan
 
 __all__ = [
     "DEFAULT_ORDER",
@@ -50,26 +50,6 @@ __all__ = [
 # What `implementation=` takes everywhere (jattn.attention, the nn modules, ring attention):
 # None for the default order, a registry name, or names tried in order.
 ImplementationChoice = str | Sequence[str] | None
-
-# Every feature a call can need. An implementation lists those it supports.
-FEATURES = frozenset(
-    {
-        "bias",
-        "causal",
-        "local_window",
-        "lengths",
-        "segments",
-        "dense_mask",
-        "mask_algebra",  # `|` and `~` of masks
-        "softcap",
-        "dropout",
-        "return_weights",
-        "return_lse",
-        "float64",
-        "gqa",
-        "value_head_dim",  # value head dim != query head dim
-    }
-)
 
 
 @dataclasses.dataclass(frozen=True)
