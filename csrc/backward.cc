@@ -3,19 +3,24 @@
 // Work is split into tasks (batch b, KV head kh, key chunk c). A task owns, for its KV head,
 // the key blocks kb = c, c + C, c + 2C, ... : their dK/dV rows (accumulated in float32 over
 // the G query heads of the group and every query block that sees the key block, in a fixed
-// order) and its own float32 dQ accumulator. With C = 1 that accumulator is final; with
-// C > 1 the C partial dQ are summed in chunk order at the end. So every result is computed in
-// an order fixed by the problem and the thread count, never by the scheduling.
+// order) and its own float32 dQ accumulator. C = 1 unless B * K is too small to keep every
+// thread busy; then the C partial dQ are summed in chunk order at the end. Every result is
+// computed in an order fixed by the problem and the thread count, never by the scheduling.
 //
 // Per (query block, key block) pair, with the probabilities recomputed from the saved
 // log-sum-exp:
-//   S  = Q_i K_j^T                    (gemm_nt)
-//   dP = dO_i V_j^T                   (gemm_nt)
+//   S  = Q_i K_j^T,  dP = dO_i V_j^T
 //   P = exp(softcap(scale S) + bias - lse), dS = P (dP - D), D = rowsum(dO O) - dlse
 //                                     (one fused, vectorised sweep; dropout on P and dP)
-//   dV_j += P^T dO_i   dK_j += dS^T Q_i   dQ_i += dS K_j    (gemm_tn, gemm_tn, gemm_nn)
-// Blocks that the mask leaves empty are skipped; the per-entry mask is only built on mixed
-// blocks.
+//   dV_j += P^T dO_i   dK_j += dS^T Q_i   dQ_i += dS K_j
+// The inputs are first copied to head-major float32 (dense rows; bf16/f16 converted). With
+// AVX2+FMA (chosen at run time) and head sizes that are multiples of 16, the five products
+// run on register-tiled micro-kernels of this file that read Q_i, dO_i, K_j and P/dS where
+// they lie and pack only K_j^T and V_j^T, once per key block; elsewhere they go through
+// gemm_nt / gemm_tn / gemm_nn. Blocks the mask leaves empty are skipped; index masks
+// (causal, window, lengths) are per-row column ranges, and on edge blocks the register tiles
+// they leave zero are skipped; segments and the dense mask are evaluated per entry on the
+// blocks that need it only.
 
 #include <cmath>
 #include <cstdio>
