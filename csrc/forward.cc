@@ -115,6 +115,7 @@ struct Ctx {
   const float* Kp = nullptr;
   const float* Vp = nullptr;
   int64_t kblk = 0, kps = 0, vblk = 0, vps = 0;
+  int64_t strip = 12;  // rows of S computed and swept at a time (pre-packed path)
 };
 
 }  // namespace
@@ -151,7 +152,7 @@ namespace isa_avx512 {
 
 void forward(const Problem& p, const void* q, const void* k, const void* v, void* out,
              float* lse) {
-  if (p.B <= 0 || p.T <= 0 || p.K <= 0 || p.G <= 0 || p.Hv <= 0) return;
+  if (p.B <= 0 || p.T <= 0 || p.K <= 0 || p.G <= 0) return;
   const int64_t threads = num_threads();
   // Key blocks of 256 (a score row of 1 KiB); query blocks of about 128 rows (the G heads of
   // a group packed together), fewer when that leaves threads without work.
@@ -183,11 +184,17 @@ void forward(const Problem& p, const void* q, const void* k, const void* v, void
   int64_t nsplit = 1;
   if (tasks(bq) < 2 * threads && nkb > 1)
     nsplit = std::min(nkb, (4 * threads + tasks(bq) - 1) / tasks(bq));
+  // Decoding (a few query rows per KV head): one key block per work item, the KV heads of a
+  // block next to each other, so that the threads stream K and V in memory order instead of
+  // one head's strided rows at a time.
+  if (p.G * bq <= 8 && nkb > 1 && p.K > 1 && !std::getenv("JATTN_FWD_NO_STREAM")) nsplit = nkb;
   Ctx c{p, q, k, v, out, lse, bq, bk, (bk + 15) / 16 * 16, nqb, nkb, nsplit};
   // Pre-pack K and V when several query blocks read each (not for decoding, where the
   // small-M products stream them once), within a memory bound.
   const double packed_bytes = 4.0 * p.B * p.K * nkb * bk * (p.H + p.Hv + 64);
   c.use_prepack = nqb >= 2 && p.G * bq > 4 && packed_bytes < 1.5e9;
+  c.strip = std::max<int64_t>(24, 2 * mr);
+  if (const char* env = std::getenv("JATTN_FWD_STRIP")) c.strip = std::max(1, std::atoi(env));
 #if JATTN_X86
   switch (cpu_isa()) {
     case Isa::kAvx512:
