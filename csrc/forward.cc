@@ -158,6 +158,13 @@ void forward(const Problem& p, const void* q, const void* k, const void* v, void
   // a group packed together), fewer when that leaves threads without work.
   // JATTN_FWD_BLOCKS=rows,keys overrides both (for tuning).
   int64_t rows_target = 128, keys = 256;
+  if (p.has_right || p.offset || p.has_left) {
+    // Banded (causal, windowed) masks: square blocks of 120 positions (whole 6- and 12-row
+    // GEMM tiles) put the diagonal in one mixed block per query block, wasting less of it
+    // than 256-key blocks; measured 1.2-1.5x faster at T = 512..2048 on Zen 3.
+    rows_target = 120;
+    keys = 120;
+  }
   if (const char* env = std::getenv("JATTN_FWD_BLOCKS")) {
     long r = 0, kk = 0;
     if (std::sscanf(env, "%ld,%ld", &r, &kk) == 2 && r > 0 && kk > 0) {
