@@ -35,28 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn.kernels.common import KernelOutput
-from jattn.plan import Plan
+from jattn.plan import FEATURES, Plan
 
 __all__ = ["AVAILABLE", "LIBRARY", "SUPPORTS", "UNAVAILABLE_REASON", "cpu_attention", "isa"]
 
 Array = jax.Array
 
 # Everything but unions/complements of masks, float64 and the weights.
-SUPPORTS = frozenset(
-    {
-        "bias",
-        "causal",
-        "local_window",
-        "lengths",
-        "segments",
-        "dense_mask",
-        "softcap",
-        "dropout",
-        "return_lse",
-        "gqa",
-        "value_head_dim",
-    }
-)
+SUPPORTS = FEATURES - {"mask_algebra", "float64", "return_weights"}
 
 _FWD = "jattn_cpu_forward"
 _BWD = "jattn_cpu_backward"
