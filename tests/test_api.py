@@ -23,6 +23,7 @@ def test_public_names():
         "nn",
         "optim",
         "parallel",
+        "plan",
     ]
     for name in jattn.__all__:
         assert hasattr(jattn, name)
