@@ -234,7 +234,9 @@ def _optional(name: str, load: Callable[[], Implementation | str]) -> None:
         _REGISTRY[name] = impl
 
 
-_REGISTRY["reference"] = Implementation("reference", reference_attention, FEATURES, _ALL_BACKENDS)
+_REGISTRY["reference"] = Implementation(
+    "reference", reference_attention, FEATURES, _ALL_BACKENDS, oracle=True
+)
 _REGISTRY["fused"] = Implementation("fused", fused_attention, FEATURES, _ALL_BACKENDS)
 _REGISTRY["flash"] = Implementation(
     "flash",

@@ -313,3 +313,12 @@ def test_run_sweep_refuses_a_selection_with_no_case(tmp_path):
     with pytest.raises(NothingToMeasure, match="no case"):
         run_sweep(decode_only, tmp_path / "r.jsonl", progress=False)
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_the_oracle_is_measured_only_when_named():
+    from bench.runners import our_runners
+
+    default, _ = our_runners("cpu", None)
+    assert "jattn:reference" not in {r.name for r in default}
+    named, _ = our_runners("cpu", ["reference"])
+    assert [r.name for r in named] == ["jattn:reference"]
