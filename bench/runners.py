@@ -370,6 +370,14 @@ def jattn_names(backend: str) -> tuple[list[str], list[str]]:
     return sorted(kernels.REGISTRY), list(kernels.available(backend))
 
 
+def default_jattn_names(backend: str) -> list[str]:
+    """What `--impls all` measures: every implementation that runs on `backend` but the test
+    oracle (`Implementation.oracle`)."""
+    from jattn import kernels
+
+    return [n for n in kernels.available(backend) if not kernels.REGISTRY[n].oracle]
+
+
 def unavailable_jattn() -> dict[str, str]:
     """Implementations the registry left out because they could not load, with the reason."""
     from jattn import kernels
@@ -403,8 +411,7 @@ def our_runners(
     absent: list[Unavailable] = []
     if names is None:
         absent += [Unavailable(f"jattn:{n}", "ours", why) for n, why in sorted(missing.items())]
-    default = [n for n in runnable if not kernels.REGISTRY[n].oracle]
-    for name in default if names is None else names:
+    for name in default_jattn_names(backend) if names is None else names:
         if name in missing and name not in kernels.REGISTRY:
             absent.append(Unavailable(f"jattn:{name}", "ours", missing[name]))
         elif name not in kernels.REGISTRY:

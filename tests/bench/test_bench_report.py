@@ -12,7 +12,7 @@ import pytest
 from bench import __main__ as cli
 from bench.records import read_records
 from bench.report import latest, markdown_report, plot, speedups
-from bench.runners import jattn_names
+from bench.runners import default_jattn_names
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "fake_gpu_records.jsonl"
 GPU = ("gpu", "FAKE GPU (test fixture)")
@@ -56,7 +56,7 @@ def test_markdown_puts_both_backends_side_by_side(tiny_run):
     assert "### cpu: " in cpu_section and "FAKE" not in cpu_section
 
     header, rows = _table(cpu_section)
-    _, ours = jattn_names(jax.default_backend())
+    ours = default_jattn_names(jax.default_backend())
     impls = [*(f"jattn:{name}" for name in sorted(ours)), "jax.nn:xla", "flax.linen"]
     assert header == ["mode", "mask", "dtype", "B", "T", "S", "N", "K", "H", *impls]
     assert [row[:9] for row in rows] == [

@@ -19,7 +19,14 @@ from bench.records import (
     validate,
 )
 from bench.report import run_table
-from bench.runners import Case, Measurement, Runner, _fits, jattn_names, unavailable_jattn
+from bench.runners import (
+    Case,
+    Measurement,
+    Runner,
+    _fits,
+    default_jattn_names,
+    unavailable_jattn,
+)
 from bench.shapes import SHAPE_SETS, Shape, parse_shape
 from bench.sweep import SweepConfig, cases, current_platform, run_case
 from bench.timing import SkipCase, TimingConfig, classify, measure
@@ -41,7 +48,7 @@ def test_tiny_sweep_writes_a_valid_record_per_implementation_and_case(tiny_run):
     records = list(read_records([tiny_run]))  # validates every line
     limits = [r for r in records if r["kind"] == "roofline"]
     records = [r for r in records if r["kind"] == "attention"]
-    _, ours = jattn_names(jax.default_backend())
+    ours = default_jattn_names(jax.default_backend())
     expected_impls = {f"jattn:{name}" for name in ours} | {"jax.nn:xla", "flax.linen"}
     measured = [r for r in records if r["status"] != "absent"]
     # absent peers (torch, tokamax) are only there when asked for: --peers names two others;
