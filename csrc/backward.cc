@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "dtypes.h"
 #include "isa.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -44,60 +45,6 @@ namespace jattn {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// ---------------------------------------------------------------------------------------
-// dtype conversions (round to nearest even).
-
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-inline float f16_to_f32(uint16_t h) {
-  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-  uint32_t x;
-  if (e == 0) {
-    float f = static_cast<float>(m) * 5.9604644775390625e-8f;  // m * 2^-24
-    std::memcpy(&x, &f, 4);
-    x |= sign;
-  } else if (e == 31) {
-    x = sign | 0x7F800000u | (m << 13);
-  } else {
-    x = sign | ((e + 112u) << 23) | (m << 13);
-  }
-  float f;
-  std::memcpy(&f, &x, 4);
-  return f;
-}
-
-inline uint16_t f32_to_f16(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  uint32_t sign = (x >> 16) & 0x8000u;
-  uint32_t ax = x & 0x7FFFFFFFu;
-  if (ax >= 0x7F800000u) return static_cast<uint16_t>(sign | 0x7C00u | (ax > 0x7F800000u ? 0x200u : 0u));
-  if (ax >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // rounds to inf
-  if (ax < 0x38800000u) {  // below the smallest normal half: a multiple of 2^-24
-    float v;
-    std::memcpy(&v, &ax, 4);
-    uint32_t m = static_cast<uint32_t>(std::nearbyint(v * 16777216.0f));
-    return static_cast<uint16_t>(sign | m);
-  }
-  uint32_t r = ax - 0x38000000u;
-  r += 0xFFFu + ((r >> 13) & 1u);
-  return static_cast<uint16_t>(sign | (r >> 13));
-}
 
 // n contiguous elements of base[idx...] -> float.
 void load_row(const void* base, int64_t idx, int64_t n, DType dt, float* dst) {
