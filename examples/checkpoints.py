@@ -153,12 +153,14 @@ class Checkpoints:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
             return None, f"it does not load: {type(e).__name__}: {reason[:200]}"
         flat = flatten(tree)
-        bad = _non_finite(flat)
-        if bad:
-            return None, f"non-finite values in {', '.join(bad[:3])}"
+        # The checksum first: damage after saving is what it names precisely (flipped bytes may
+        # also read as NaN, which would otherwise hide the cause).
         recorded = meta.get("sha256")
         if recorded is not None and checksum(flat) != recorded:
             return None, "its arrays do not match the checksum recorded when it was saved"
+        bad = _non_finite(flat)
+        if bad:
+            return None, f"non-finite values in {', '.join(bad[:3])}"
         if "args" not in meta:
             return None, "its meta has no 'args'"
         return Restored(step, tree, meta), None
