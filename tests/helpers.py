@@ -113,15 +113,25 @@ def oracle(q, k, v, bias=None, **kwargs):
     return jattn.attention(f64(q), f64(k), f64(v), f64(bias), implementation="reference", **kwargs)
 
 
+def normal(key, shape, dtype=jnp.float32):
+    """Standard normal samples drawn by numpy from ``key``'s bits.
+
+    ``jax.random.normal`` compiles once per shape (over a second under x64), and the suite
+    draws hundreds of shapes; numpy draws them at no compile cost, just as reproducibly.
+    """
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    return jnp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
+
+
 def random_qkv(key, batch, t, s, n, kh, h, hv=None, dtype=jnp.float32, bias=False):
     ks = jax.random.split(key, 4)
     hv = h if hv is None else hv
-    q = jax.random.normal(ks[0], (*batch, t, n, h), jnp.float32).astype(dtype)
-    k = jax.random.normal(ks[1], (*batch, s, kh, h), jnp.float32).astype(dtype)
-    v = jax.random.normal(ks[2], (*batch, s, kh, hv), jnp.float32).astype(dtype)
+    q = normal(ks[0], (*batch, t, n, h), dtype)
+    k = normal(ks[1], (*batch, s, kh, h), dtype)
+    v = normal(ks[2], (*batch, s, kh, hv), dtype)
     b = None
     if bias:
-        b = jax.random.normal(ks[3], (*batch, n, t, s), jnp.float32).astype(dtype)
+        b = normal(ks[3], (*batch, n, t, s), dtype)
     return q, k, v, b
 
 
@@ -173,8 +183,24 @@ def brute_force_mask(
     """The intersection of the masking arguments, written out element by element."""
     out = np.ones((*batch, n, t, s), bool)
     dense_b = None if dense is None else np.broadcast_to(dense, (*batch, n, t, s))
+    # Python values up front: the loops below test one entry at a time, the way the
+    # arguments are documented, and indexing numpy arrays per entry would dominate the suite.
+    as_list = lambda x: None if x is None else np.asarray(x).tolist()  # noqa: E731
+    q_lengths, kv_lengths, q_seg, kv_seg = map(as_list, (q_lengths, kv_lengths, q_seg, kv_seg))
+
+    def at(x, b):
+        for i in b:
+            x = x[i]
+        return x
+
     for idx in np.ndindex(*batch, n):
         b = idx[:-1]
+        d = None if dense_b is None else dense_b[idx].tolist()
+        ql = None if q_lengths is None else at(q_lengths, b)
+        kl = None if kv_lengths is None else at(kv_lengths, b)
+        qs = None if q_seg is None else at(q_seg, b)
+        ks = None if kv_seg is None else at(kv_seg, b)
+        rows = out[idx]
         for i in range(t):
             for j in range(s):
                 ok = True
@@ -182,15 +208,15 @@ def brute_force_mask(
                     ok &= j <= i
                 if window is not None:
                     ok &= i - window[0] <= j <= i + window[1]
-                if q_lengths is not None:
-                    ok &= i < np.asarray(q_lengths)[b]
-                if kv_lengths is not None:
-                    ok &= j < np.asarray(kv_lengths)[b]
-                if q_seg is not None:
-                    ok &= np.asarray(q_seg)[b][i] == np.asarray(kv_seg)[b][j]
-                if dense_b is not None:
-                    ok &= dense_b[idx][i, j]
-                out[idx][i, j] = ok
+                if ql is not None:
+                    ok &= i < ql
+                if kl is not None:
+                    ok &= j < kl
+                if qs is not None:
+                    ok &= qs[i] == ks[j]
+                if d is not None:
+                    ok &= d[i][j]
+                rows[i, j] = ok
     return out
 
 

@@ -21,9 +21,9 @@ KEY = jax.random.key(0)
 def _qkv(b, t, s, n, kh, h, hv=None, dtype=jnp.float32):
     hv = h if hv is None else hv
     k1, k2, k3 = jax.random.split(KEY, 3)
-    q = jax.random.normal(k1, (*b, t, n, h), dtype)
-    k = jax.random.normal(k2, (*b, s, kh, h), dtype)
-    v = jax.random.normal(k3, (*b, s, kh, hv), dtype)
+    q = H.normal(k1, (*b, t, n, h), dtype)
+    k = H.normal(k2, (*b, s, kh, h), dtype)
+    v = H.normal(k3, (*b, s, kh, hv), dtype)
     return q, k, v
 
 

@@ -320,7 +320,7 @@ def test_packed_window_softcap_bf16(name, cfg):
     np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
     H.assert_close(jnp.where(finite, lse, 0), jnp.where(finite, lse_ref, 0), 2e-2)
 
-    ct = jax.random.normal(jax.random.key(22), out.shape, jnp.float32)
+    ct = H.normal(jax.random.key(22), out.shape)
 
     def loss(impl, c):
         extra = {"config": cfg} if impl == name else {}

@@ -100,7 +100,7 @@ def test_gradients(impl, dtype, causal):
         key_value_seq_lengths=jnp.array([33, 20], jnp.int32),
         query_seq_lengths=jnp.array([17, 11], jnp.int32),
     )
-    ct = jax.random.normal(jax.random.key(4), q.shape, jnp.float32)
+    ct = H.normal(jax.random.key(4), q.shape)
 
     def loss(impl_name, cast):
         def f(q, k, v, b):
@@ -229,7 +229,7 @@ def test_random_masks_gradients(impl, case):
     if (case := _fit(impl, case)) is None:
         return
     call = _build_call(*case)
-    ct = jax.random.normal(jax.random.key(7), call.q.shape)
+    ct = H.normal(jax.random.key(7), call.q.shape)
 
     def grads(impl_name, cast, **kw):
         def f(q, k, v):
