@@ -1,7 +1,9 @@
 // The flash forward pass (attention.h: forward).
 //
 // Work is split over batch x KV heads x query blocks (and, when that leaves threads idle, as
-// in decoding, over key ranges too, merged afterwards through their log-sum-exp). A task packs
+// in decoding, over key ranges too, merged afterwards through their log-sum-exp). Decoding
+// calls (a few query rows per KV head) take one key range of every KV head per work item and
+// read K and V in memory order, a position's [K, H] row at a time (attend_positions). A task packs
 // the G query heads of its KV head as rows of one float32 block (K/V read once per group),
 // then per visible key block: S = Q K^T (gemm_nt) into a cache-resident block, one fused
 // vectorised sweep per row (softcap, bias, and on mixed blocks only the mask; row max), exp2 and
@@ -52,6 +54,7 @@ struct Ctx {
   float* lse;
   int64_t bq, bk, ldS, nqb, nkb, nsplit;
   bool use_prepack = false;
+  bool positions = false;  // decoding: attend_positions over every KV head of a key block
   // Pre-packed K and V blocks (prepack), or nullptr: block (b, kh, kb) at
   // Kp + ((b * K + kh) * nkb + kb) * kblk, panel stride kps (and the same for V).
   const float* Kp = nullptr;
@@ -107,7 +110,8 @@ void forward(const Problem& p, const void* q, const void* k, const void* v, void
     rows_target = 120;
     keys = 120;
   }
-  if (const char* env = std::getenv("JATTN_FWD_BLOCKS")) {
+  const char* keys_env = std::getenv("JATTN_FWD_BLOCKS");
+  if (const char* env = keys_env) {
     long r = 0, kk = 0;
     if (std::sscanf(env, "%ld,%ld", &r, &kk) == 2 && r > 0 && kk > 0) {
       rows_target = r;
@@ -128,16 +132,27 @@ void forward(const Problem& p, const void* q, const void* k, const void* v, void
   auto tasks = [&](int64_t bq_) { return p.B * p.K * ((p.T + bq_ - 1) / bq_); };
   while (bq > min_bq && tasks(bq) < 4 * threads) bq = std::max(min_bq, bq / 2);
   const int64_t nqb = (p.T + bq - 1) / bq;
+  const bool positions =
+      p.G * bq <= 8 && nqb == 1 && p.K <= 64 && !std::getenv("JATTN_FWD_NO_STREAM");
+  if (positions && keys_env == nullptr) {
+    // Up to 256 keys per block (fewer partial results to merge: at 64, S = 16k spent a
+    // third of its time on them), the score block of every head within 64 KiB, and enough
+    // blocks for every thread.
+    bk = std::max<int64_t>(16, std::min<int64_t>(256, (64 << 10) / (4 * p.K * p.G * bq)));
+    while (bk > 16 && p.B * ((p.S + bk - 1) / bk) < 8 * threads) bk /= 2;
+    bk = std::min(bk, p.S);
+  }
   const int64_t nkb = p.S > 0 ? (p.S + bk - 1) / bk : 0;
   // Decoding-like calls (few tasks, many keys): split the keys so that every thread works.
   int64_t nsplit = 1;
   if (tasks(bq) < 2 * threads && nkb > 1)
     nsplit = std::min(nkb, (4 * threads + tasks(bq) - 1) / tasks(bq));
-  // Decoding (a few query rows per KV head): one key block per work item, the KV heads of a
-  // block next to each other, so that the threads stream K and V in memory order instead of
-  // one head's strided rows at a time.
-  if (p.G * bq <= 8 && nkb > 1 && p.K > 1 && !std::getenv("JATTN_FWD_NO_STREAM")) nsplit = nkb;
+  // Decoding (a few query rows per KV head): one key block of every KV head per work item,
+  // read position by position, so that the threads stream K and V in memory order instead
+  // of one head's strided rows at a time.
+  if (positions && nkb > 1) nsplit = nkb;
   Ctx c{p, q, k, v, out, lse, bq, bk, (bk + 15) / 16 * 16, nqb, nkb, nsplit};
+  c.positions = positions && nkb > 1;
   // Pre-pack K and V when several query blocks read each (not for decoding, where the
   // small-M products stream them once), within a memory bound.
   const double packed_bytes = 4.0 * p.B * p.K * nkb * bk * (p.H + p.Hv + 64);

@@ -134,6 +134,33 @@ def test_decode_gqa_batch():
 
 
 @needs_lib
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("t", [1, 2])
+def test_decode_every_mask_feature(t, dtype):
+    """Decoding shapes (a few query rows per KV head, many keys) take the kernel's
+    position-major path: K and V read one position, every head at once, at a time. Each
+    masking feature there, against the float64 reference."""
+    b, s, n, kh, h = 2, 700, 8, 2, 32
+    q, k, v, bias = H.random_qkv(jax.random.key(11), (b,), t, s, n, kh, h, dtype=dtype, bias=True)
+    rng = np.random.default_rng(1)
+    seg_q = np.sort(rng.integers(0, 3, (b, t)), axis=-1).astype(np.int32)
+    seg_k = np.sort(rng.integers(0, 3, (b, s)), axis=-1).astype(np.int32)
+    dense = jnp.asarray(rng.random((b, 1, t, s)) < 0.8)
+    # The queries are the last t positions: causal with an offset.
+    index = jattn.masks.Causal(s - t)
+    kw = dict(
+        key_value_seq_lengths=jnp.array([650, 333], jnp.int32),
+        segment_ids=(jnp.asarray(seg_q), jnp.asarray(seg_k)),
+        softcap=4.0,
+    )
+    got = jattn.attention(
+        q, k, v, bias, mask=index & jattn.masks.Dense(dense), **kw, implementation="cpu"
+    )
+    want = H.oracle(q, k, v, bias, mask=index & jattn.masks.Dense(dense), **kw)
+    H.assert_close(got, want, H.tol(dtype)[0])
+
+
+@needs_lib
 def test_generic_isa_path():
     """The portable (SSE2) code path, forced, against the reference."""
     out = _run_python(
