@@ -86,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--repeats", type=int, default=5, help="timed samples per case (default 5)")
     run.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
     run.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure a case's implementations in turn this many times and pool each one's "
+        "samples: on a shared machine whose speed drifts, all see the same spells (default 1)",
+    )
+    run.add_argument(
         "--min-time",
         type=float,
         default=0.01,
@@ -219,6 +226,7 @@ def _config(args: argparse.Namespace):  # -> SweepConfig (imported late: it impo
     for option, value, least in (
         ("--repeats", args.repeats, 1),
         ("--warmup", args.warmup, 1),
+        ("--rounds", args.rounds, 1),
         ("--torch-threads", args.torch_threads, 1),
         ("--seed", args.seed, 0),
     ):
@@ -240,7 +248,9 @@ def _config(args: argparse.Namespace):  # -> SweepConfig (imported late: it impo
         modes=modes,  # type: ignore[arg-type]
         impls=impls,
         peers=peers,
-        timing=TimingConfig(repeats=args.repeats, warmup=args.warmup, min_time=args.min_time),
+        timing=TimingConfig(
+            repeats=args.repeats, warmup=args.warmup, min_time=args.min_time, rounds=args.rounds
+        ),
         seed=args.seed,
         torch_threads=args.torch_threads,
         roofline=None if args.no_roofline else RooflineConfig(),

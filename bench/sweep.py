@@ -20,9 +20,9 @@ from bench.records import (
     versions,
 )
 from bench.roofline import Limit, RooflineConfig, describe, measure_limits
-from bench.runners import Case, Runner, Unavailable, our_runners, peer_runners
+from bench.runners import Case, Measurement, Runner, Unavailable, our_runners, peer_runners
 from bench.shapes import Shape
-from bench.timing import TimingConfig, classify
+from bench.timing import TimingConfig, classify, pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +139,28 @@ def run_case(
     runner: Runner, case: Case, config: SweepConfig, platform: Platform, run_id: str
 ) -> Record:
     """Measure one case with one runner; a failure becomes a record, never an exception."""
+    return case_record(runner, case, [_attempt(runner, case, config)], platform, run_id)
+
+
+def _attempt(runner: Runner, case: Case, config: SweepConfig) -> Measurement | BaseException:
+    """One round of one runner on one case: its measurement or the exception it raised."""
+    try:
+        return runner.run(case, config.timing, seed=config.seed)
+    except Exception as e:
+        return e
+    finally:
+        gc.collect()  # drop the case's device buffers before the next one allocates
+
+
+def case_record(
+    runner: Runner,
+    case: Case,
+    rounds: Sequence[Measurement | BaseException],
+    platform: Platform,
+    run_id: str,
+) -> Record:
+    """The record of one runner on one case from its rounds: the first failure, else their
+    samples pooled (compile time and memory from the first round)."""
     s = case.shape
     flops = attention_flops(s.B, s.T, s.S, s.N, s.H, causal=case.causal, mode=case.mode)
     fields = {
@@ -156,14 +178,12 @@ def run_case(
         "mode": case.mode,
         "flops": flops,
     }
-    try:
-        m = runner.run(case, config.timing, seed=config.seed)
-    except Exception as e:
-        status, reason = classify(e)
-        return Record(**fields, status=status, reason=reason)  # type: ignore[arg-type]
-    finally:
-        gc.collect()  # drop the case's device buffers before the next one allocates
-    t = m.timing
+    for m in rounds:
+        if isinstance(m, BaseException):
+            status, reason = classify(m)
+            return Record(**fields, status=status, reason=reason)  # type: ignore[arg-type]
+    m = rounds[0]
+    t = pool([r.timing for r in rounds]) if len(rounds) > 1 else m.timing
     mem = m.xla_memory or {}
     return Record(
         **fields,  # type: ignore[arg-type]
@@ -236,16 +256,34 @@ def run_sweep(
                 records.append(record)
             if log is not None:
                 log(f"machine limits: {describe(limits) or 'none measured'}")
-        bar = tqdm(total=len(todo) * len(runners), unit="run", disable=not progress, desc="bench")
+        n_rounds = config.timing.rounds
+        bar = tqdm(
+            total=len(todo) * len(runners) * n_rounds,
+            unit="run",
+            disable=not progress,
+            desc="bench",
+        )
         with bar:
-            for case, runner in itertools.product(todo, runners):
-                bar.set_postfix_str(f"{runner.name} {case.label}", refresh=True)
-                record = run_case(runner, case, config, platform, run_id)
-                writer.write(record)
-                records.append(record)
-                if record.status != "ok" and log is not None:
-                    (tqdm.write if progress else log)(
-                        f"{record.status}: {runner.name} {case.label}: {record.reason}"
-                    )
-                bar.update()
+            for case in todo:
+                # Round-robin: every runner once per round, so that all see the same spells
+                # of a shared machine's drift; a runner that fails is not tried again.
+                tries: dict[int, list[Measurement | BaseException]] = {
+                    i: [] for i in range(len(runners))
+                }
+                for _ in range(n_rounds):
+                    for i, runner in enumerate(runners):
+                        if tries[i] and isinstance(tries[i][-1], BaseException):
+                            bar.update()
+                            continue
+                        bar.set_postfix_str(f"{runner.name} {case.label}", refresh=True)
+                        tries[i].append(_attempt(runner, case, config))
+                        bar.update()
+                for i, runner in enumerate(runners):
+                    record = case_record(runner, case, tries[i], platform, run_id)
+                    writer.write(record)
+                    records.append(record)
+                    if record.status != "ok" and log is not None:
+                        (tqdm.write if progress else log)(
+                            f"{record.status}: {runner.name} {case.label}: {record.reason}"
+                        )
     return records

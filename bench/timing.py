@@ -20,11 +20,16 @@ class TimingConfig:
     warmup: untimed calls first (at least 1: the first call pays for allocation and caches).
     min_time: a sample runs the call `number` times, with `number` chosen so a sample lasts
       at least this long; very fast calls are then not dominated by timer resolution.
+    rounds: the implementations of one case are measured in turn this many times, and each
+      record pools its samples from every round. On a shared machine whose speed drifts
+      from minute to minute, every implementation then sees the same slow and fast spells,
+      and their ratios hold still.
     """
 
     repeats: int = 5
     warmup: int = 1
     min_time: float = 0.01
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -33,6 +38,8 @@ class TimingConfig:
             raise ValueError(f"warmup must be >= 1, got {self.warmup}")
         if self.min_time < 0:
             raise ValueError(f"min_time must be >= 0, got {self.min_time}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +51,36 @@ class Timing:
     repeats: int
     number: int
     warmup: int
+    samples: tuple[float, ...] = ()  # seconds per call, one per sample
 
 
 _MAX_NUMBER = 1000
+
+
+def _summary(samples: list[float], number: int, warmup: int) -> Timing:
+    arr = np.asarray(samples)
+    q25, q50, q75 = np.percentile(arr, [25, 50, 75])
+    return Timing(
+        median_s=float(q50),
+        iqr_s=float(q75 - q25),
+        min_s=float(arr.min()),
+        max_s=float(arr.max()),
+        repeats=len(samples),
+        number=number,
+        warmup=warmup,
+        samples=tuple(samples),
+    )
+
+
+def pool(timings: list[Timing]) -> Timing:
+    """One timing from the samples of several rounds (TimingConfig.rounds)."""
+    if not timings:
+        raise ValueError("pool() needs at least one timing")
+    return _summary(
+        [x for t in timings for x in t.samples],
+        number=max(t.number for t in timings),
+        warmup=sum(t.warmup for t in timings),
+    )
 
 
 def measure(step: Callable[[], object], config: TimingConfig) -> Timing:
@@ -69,17 +103,7 @@ def measure(step: Callable[[], object], config: TimingConfig) -> Timing:
         for _ in range(number):
             step()
         samples.append((time.perf_counter() - start) / number)
-    arr = np.asarray(samples)
-    q25, q50, q75 = np.percentile(arr, [25, 50, 75])
-    return Timing(
-        median_s=float(q50),
-        iqr_s=float(q75 - q25),
-        min_s=float(arr.min()),
-        max_s=float(arr.max()),
-        repeats=config.repeats,
-        number=number,
-        warmup=config.warmup,
-    )
+    return _summary(samples, number, config.warmup)
 
 
 class SkipCase(Exception):

@@ -29,7 +29,7 @@ from bench.runners import (
 )
 from bench.shapes import SHAPE_SETS, Shape, parse_shape
 from bench.sweep import SweepConfig, cases, current_platform, run_case
-from bench.timing import SkipCase, TimingConfig, classify, measure
+from bench.timing import SkipCase, Timing, TimingConfig, classify, measure
 
 TINY = "1,32,32,2,2,8"  # B,T,S,N,K,H: the shape of conftest.tiny_run
 
@@ -329,3 +329,47 @@ def test_the_oracle_is_measured_only_when_named():
     assert "jattn:reference" not in {r.name for r in default}
     named, _ = our_runners("cpu", ["reference"])
     assert [r.name for r in named] == ["jattn:reference"]
+
+
+class _Timed(Runner):
+    """A runner with made-up samples that logs when it runs."""
+
+    origin = "peer"
+
+    def __init__(self, name: str, log: list[str], fail_on: int | None = None) -> None:
+        self.name, self.log, self.fail_on = name, log, fail_on
+
+    def run(self, case: Case, config: TimingConfig, *, seed: int) -> Measurement:
+        self.log.append(self.name)
+        n = sum(x == self.name for x in self.log)
+        if n == self.fail_on:
+            raise ValueError("broke in round two")
+        samples = tuple(float(n * 10 + i) for i in range(config.repeats))
+        timing = Timing(
+            median_s=0.0, iqr_s=0.0, min_s=0.0, max_s=0.0, repeats=config.repeats, number=1,
+            warmup=config.warmup, samples=samples,
+        )  # fmt: skip
+        return Measurement(timing=timing)
+
+
+def test_rounds_interleave_the_runners_and_pool_their_samples(monkeypatch, tmp_path):
+    from bench import sweep
+
+    log: list[str] = []
+    runners = [_Timed("a", log), _Timed("b", log, fail_on=2)]
+    monkeypatch.setattr(sweep, "our_runners", lambda backend, impls: ([], []))
+    monkeypatch.setattr(sweep, "peer_runners", lambda *a, **k: (runners, []))
+    config = SweepConfig(
+        shapes=[("custom", parse_shape(TINY))],
+        causal=(False,),
+        modes=("fwd",),
+        timing=TimingConfig(repeats=2, rounds=3),
+        roofline=None,
+    )
+    a, b = sweep.run_sweep(config, tmp_path / "r.jsonl", progress=False)
+    assert log == ["a", "b", "a", "b", "a"]  # in turn; b is not retried after failing
+    assert a.status == "ok" and a.repeats == 6
+    assert (a.min_s, a.median_s, a.max_s) == (10.0, 20.5, 31.0)  # samples of all three rounds
+    assert b.status == "error" and "round two" in b.reason
+    with pytest.raises(ValueError, match="rounds"):
+        TimingConfig(rounds=0)
