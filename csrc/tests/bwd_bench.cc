@@ -2,7 +2,7 @@
 // machine: time slices lost to other processes do not count). Run single-threaded
 // (JATTN_CPU_THREADS=1) for a per-core ratio.
 //   g++ -O3 -std=c++17 -pthread -Icsrc csrc/backward.cc csrc/gemm.cc csrc/threads.cc
-//       csrc/tests/bwd_bench.cc -o /tmp/bwd_bench && JATTN_CPU_THREADS=1 /tmp/bwd_bench T causal N
+//       csrc/tests/bwd_bench.cc -o /tmp/bwd_bench && JATTN_CPU_THREADS=1 /tmp/bwd_bench T causal N [G]
 #include <time.h>
 
 #include <algorithm>
@@ -29,19 +29,20 @@ static double cpu_now() {
 
 int main(int argc, char** argv) {
   const int64_t B = 1, T = argc > 1 ? atol(argv[1]) : 1024, N = argc > 3 ? atol(argv[3]) : 8;
-  const int64_t H = 64, S = T, K = N;
+  const int64_t G = argc > 4 ? atol(argv[4]) : 1;  // query heads per KV head
+  const int64_t H = 64, S = T, K = N / G;
   const bool causal = argc > 2 && atoi(argv[2]);
   std::mt19937 rng(1);
   std::normal_distribution<float> nd(0, 1);
-  std::vector<float> q(B * T * N * H), k(q.size()), v(q.size()), o(q.size()), dout(q.size()),
-      lse(B * N * T, 6.0f);
+  std::vector<float> q(B * T * N * H), k(B * S * K * H), v(k.size()), o(q.size()),
+      dout(q.size()), lse(B * N * T, 6.0f);
   for (auto* x : {&q, &k, &v, &o, &dout})
     for (auto& y : *x) y = nd(rng) * 0.5f;
   Problem p;
-  p.B = B, p.T = T, p.S = S, p.K = K, p.G = 1, p.H = H, p.Hv = H;
+  p.B = B, p.T = T, p.S = S, p.K = K, p.G = G, p.H = H, p.Hv = H;
   p.scale = 0.125f;
   p.has_right = causal;
-  std::vector<float> dq(q.size()), dk(q.size()), dv(q.size());
+  std::vector<float> dq(q.size()), dk(k.size()), dv(k.size());
   const int64_t n = 512;
   std::vector<float> a(n * n, 0.5f), b(n * n, 0.25f), c(n * n);
   double tg = 1e9, tb = 1e9, tw = 1e9;

@@ -1,10 +1,11 @@
 // Forward throughput of the native kernel on a decoding-like or prefill shape, in wall time
 // (fastest of the rounds) beside the time to read K and V once at this machine's read bandwidth.
 //   g++ -O3 -std=c++17 -pthread -Icsrc csrc/forward.cc csrc/gemm.cc csrc/threads.cc
-//       csrc/tests/fwd_bench.cc -o /tmp/fwd_bench && /tmp/fwd_bench B T S N K H [rounds]
+//       csrc/tests/fwd_bench.cc -o /tmp/fwd_bench && /tmp/fwd_bench B T S N K H [rounds [causal]]
 #include <time.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -24,6 +25,7 @@ int main(int argc, char** argv) {
   auto arg = [&](int i, long d) { return argc > i ? atol(argv[i]) : d; };
   const int64_t B = arg(1, 8), T = arg(2, 1), S = arg(3, 4096), N = arg(4, 32), K = arg(5, 8),
                 H = arg(6, 128), rounds = arg(7, 15);
+  const bool causal = arg(8, 0) != 0;
   std::mt19937 rng(1);
   std::normal_distribution<float> nd(0, 1);
   std::vector<float> q(B * T * N * H), k(B * S * K * H), v(k.size()), o(q.size()), lse(B * N * T);
@@ -47,6 +49,7 @@ int main(int argc, char** argv) {
   Problem p;
   p.B = B, p.T = T, p.S = S, p.K = K, p.G = N / K, p.H = H, p.Hv = H;
   p.scale = 1.0f / std::sqrt(static_cast<float>(H));
+  p.has_right = causal;  // j <= i
   std::vector<double> tf, tr;
   float sink = 0;
   for (int64_t r = 0; r < rounds; ++r) {
@@ -62,8 +65,9 @@ int main(int argc, char** argv) {
   // The fastest round: on a shared machine the others lost time slices to other work.
   const double f = tf[0], rd = tr[0];
   const double gb = 2.0 * B * S * K * H * 4 / 1e9;
-  std::printf("threads %d B=%ld T=%ld S=%ld N=%ld K=%ld H=%ld: forward %.2f ms (%.1f GB/s of K+V, "
-              "%.0f ns/position), read K+V %.2f ms (%.1f GB/s): %.2fx  [%g]\n",
-              num_threads(), B, T, S, N, K, H, f * 1e3, gb / f, f / (B * S) * 1e9, rd * 1e3,
-              gb / rd, f / rd, sink * 0);
+  const double flops = 4.0 * B * N * T * S * H * (causal ? 0.5 : 1.0);
+  std::printf("threads %d B=%ld T=%ld S=%ld N=%ld K=%ld H=%ld%s: forward %.2f ms (%.1f GFLOP/s; "
+              "%.1f GB/s of K+V, %.0f ns/position), read K+V %.2f ms (%.1f GB/s): %.2fx  [%g]\n",
+              num_threads(), B, T, S, N, K, H, causal ? " causal" : "", f * 1e3, flops / f * 1e-9,
+              gb / f, f / (B * S) * 1e9, rd * 1e3, gb / rd, f / rd, sink * 0);
 }
