@@ -169,7 +169,12 @@ class Checkpoints:
         return self._load(step)[1]
 
     def _reject(self, step: int, why: str) -> None:
-        target = self.directory / "rejected" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp = f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target = self.directory / "rejected" / stamp
+        n = 1
+        while target.exists() or target.with_name(f"{target.name}.txt").exists():
+            n += 1  # a second rejection of this step within the second: keep both
+            target = target.with_name(f"{stamp}-{n}")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(self.directory / str(step)), str(target))
         (target.parent / f"{target.name}.txt").write_text(why + "\n", encoding="utf-8")
