@@ -30,7 +30,7 @@ static double cpu_now() {
 int main(int argc, char** argv) {
   const int64_t B = 1, T = argc > 1 ? atol(argv[1]) : 1024, N = argc > 3 ? atol(argv[3]) : 8;
   const int64_t G = argc > 4 ? atol(argv[4]) : 1;  // query heads per KV head
-  const int64_t H = 64, S = T, K = N / G;
+  const int64_t H = argc > 5 ? atol(argv[5]) : 64, S = T, K = N / G;
   const bool causal = argc > 2 && atoi(argv[2]);
   std::mt19937 rng(1);
   std::normal_distribution<float> nd(0, 1);
@@ -60,8 +60,8 @@ int main(int argc, char** argv) {
   }
   const double fg = 2.0 * n * n * n / tg * 1e-9;
   const double fb = 10.0 * B * N * T * S * H * (causal ? 0.5 : 1) / tb * 1e-9;
-  std::printf("threads %d: gemm_nt 512^3 %.1f GFLOP/s; backward T=S=%ld N=%ld H=64 %s: %.1f ms "
+  std::printf("threads %d: gemm_nt 512^3 %.1f GFLOP/s; backward T=S=%ld N=%ld H=%ld %s: %.1f ms "
               "CPU (%.1f ms wall), %.1f GFLOP/s per CPU-second = %.2f of the GEMM rate\n",
-              num_threads(), fg, T, N, causal ? "causal" : "full", tb * 1e3, tw * 1e3, fb,
+              num_threads(), fg, T, N, H, causal ? "causal" : "full", tb * 1e3, tw * 1e3, fb,
               fb / fg);
 }
