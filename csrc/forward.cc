@@ -23,6 +23,7 @@
 #include "attention.h"
 #include "dtypes.h"
 #include "isa.h"
+#include "scratch.h"
 
 #if JATTN_X86
 #include <immintrin.h>
