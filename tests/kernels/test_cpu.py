@@ -161,6 +161,32 @@ def test_decode_every_mask_feature(t, dtype):
 
 
 @needs_lib
+@pytest.mark.parametrize("h, hv", [(64, 64), (128, 128), (64, 128)], ids=str)
+def test_wide_heads_and_banded_blocks(h, hv):
+    """Head sizes whose rows span an even number of cache lines (the backward pads the rows of
+    its copies off those strides), and a causal window across several query and key blocks
+    (the forward computes only the panels each strip of rows can see on the blocks the window
+    cuts): the output and the gradients of q, k and v against the float64 reference."""
+    q, k, v, _ = H.random_qkv(jax.random.key(12), (1,), 300, 300, 6, 2, h, hv=hv)
+    cot = H.normal(jax.random.key(13), (1, 300, 6, hv))
+    kw = dict(is_causal=True, local_window_size=(90, 0))
+
+    def loss(impl, cast):
+        def f(q, k, v):
+            o = jattn.attention(cast(q), cast(k), cast(v), implementation=impl, **kw)
+            return jnp.vdot(o, cast(cot)), o
+
+        return f
+
+    (_, got_o), got = jax.value_and_grad(loss("cpu", lambda x: x), (0, 1, 2), has_aux=True)(q, k, v)
+    f64 = lambda x: x.astype(jnp.float64)  # noqa: E731
+    (_, want_o), want = jax.value_and_grad(loss("reference", f64), (0, 1, 2), has_aux=True)(q, k, v)
+    H.assert_close(got_o, want_o, 2e-5)
+    for g, w in zip(got, want, strict=True):
+        H.assert_close(g, w, 2e-4)
+
+
+@needs_lib
 def test_generic_isa_path():
     """The portable (SSE2) code path, forced, against the reference."""
     out = _run_python(
