@@ -32,7 +32,11 @@ def _private_uses_of_masks(tree: ast.AST) -> list[str]:
         elif isinstance(node, ast.Import):
             aliases |= {a.asname for a in node.names if a.name == "jattn.masks" and a.asname}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
             base = node.value
             if isinstance(base, ast.Name) and base.id in aliases:
                 found.append(node.attr)
