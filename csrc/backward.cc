@@ -367,8 +367,15 @@ JATTN_AVX2 inline void transpose8(const float* s, int64_t ld, float* d, int64_t 
 
 // rows [0, n) of X (row stride ldx, width w, a multiple of 8) -> panels [ceil(n/16)][w][16],
 // zero padded.
+// Rows far apart (keys and values read where they lie, a page apart at K * H = 1024) are
+// prefetched a panel ahead: the hardware prefetchers do not cross pages. Prefetching past X's
+// last row is harmless (a hint, never a fault) and warms the next key block.
 JATTN_AVX2 void pack_panels(int64_t n, int64_t w, const float* X, int64_t ldx, float* dst) {
+  const bool far = ldx > 2 * w;
   for (int64_t p0 = 0; p0 < n; p0 += 16) {
+    if (far)
+      for (int64_t r = p0 + 16; r < p0 + 32; ++r)
+        for (int64_t h = 0; h < w; h += 16) __builtin_prefetch(X + r * ldx + h);
     float* d = dst + (p0 / 16) * w * 16;
     int64_t nr = std::min<int64_t>(16, n - p0);
     if (nr == 16) {
@@ -441,21 +448,39 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
   const DType dt = p.dtype;
   if (B <= 0 || N <= 0) return;
 
+  const size_t esize = dt == DType::kF32 ? 4 : 2;
+  advise_huge_pages(dq, B * T * N * H * esize);
+  advise_huge_pages(dk, B * S * K * H * esize);
+  advise_huge_pages(dv, B * S * K * Hv * esize);
+
   // Head-major float32 copies: q [B, N, T, H], k [B, K, S, H], v [B, K, S, Hv],
   // dout [B, N, T, Hv], rows ldq / ldk / ldv / ldo floats apart. These, D and the dQ
   // accumulators are kept from call to call by the calling thread, up to kKeep floats each.
   constexpr int64_t kKeep = int64_t{8} << 20;
   static thread_local Scratch qcache, kcache, vcache, docache, dcache, dqcache;
   AlignedFloats qown, kown, vown, doown, down, dqown;  // those larger than kKeep
-  const int64_t ldq = padded_ld(H), ldk = padded_ld(H), ldv = padded_ld(Hv), ldo = padded_ld(Hv);
+  // Few query rows per KV head (decoding): each key row is used by a few small products, and
+  // copying K and V (a pass over them, often into fresh pages) would cost more than those
+  // products; float32 keys and values are then read where they lie, rows K * H apart.
+  const bool kv_direct = dt == DType::kF32 && G * T <= 16;
+  const int64_t ldq = padded_ld(H), ldo = padded_ld(Hv);
+  const int64_t ldk = kv_direct ? K * H : padded_ld(H), ldv = kv_direct ? K * Hv : padded_ld(Hv);
+  // Where head (b, kh)'s key row 0 lies: head-major copies [B, K, S, ld], or the input itself.
+  const int64_t khead_b = kv_direct ? S * K * H : K * S * ldk, khead_h = kv_direct ? H : S * ldk;
+  const int64_t vhead_b = kv_direct ? S * K * Hv : K * S * ldv, vhead_h = kv_direct ? Hv : S * ldv;
   float* const qf = qcache.get(B * N * T * ldq, kKeep, qown);
-  float* const kf = kcache.get(B * K * S * ldk, kKeep, kown);
-  float* const vf = vcache.get(B * K * S * ldv, kKeep, vown);
   float* const dof = docache.get(B * N * T * ldo, kKeep, doown);
   head_major_f32(q, dt, B, T, N, H, ldq, qf);
-  head_major_f32(k, dt, B, S, K, H, ldk, kf);
-  head_major_f32(v, dt, B, S, K, Hv, ldv, vf);
   head_major_f32(dout, dt, B, T, N, Hv, ldo, dof);
+  const float* kf = static_cast<const float*>(k);
+  const float* vf = static_cast<const float*>(v);
+  if (!kv_direct) {
+    float* const kc = kcache.get(B * K * S * ldk, kKeep, kown);
+    float* const vc = vcache.get(B * K * S * ldv, kKeep, vown);
+    head_major_f32(k, dt, B, S, K, H, ldk, kc);
+    head_major_f32(v, dt, B, S, K, Hv, ldv, vc);
+    kf = kc, vf = vc;
+  }
 
   // D = rowsum(dO * O) - dlse, [B, N, T].
   float* const Dp = dcache.get(B * N * T, kKeep, down);
@@ -571,8 +596,8 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
       const int64_t j0 = kb * bk, j1 = std::min(S, j0 + bk), cols = j1 - j0;
       std::fill(dkacc.begin(), dkacc.end(), 0.0f);
       std::fill(dvacc.begin(), dvacc.end(), 0.0f);
-      const float* Kj = kf + ((b * K + kh) * S + j0) * ldk;
-      const float* Vj = vf + ((b * K + kh) * S + j0) * ldv;
+      const float* Kj = kf + b * khead_b + kh * khead_h + j0 * ldk;
+      const float* Vj = vf + b * vhead_b + kh * vhead_h + j0 * ldv;
       const int64_t npan = ceil_div(cols, 16);
 #if JATTN_BWD_X86
       if (fast && j0 < rb.kv_end) {
@@ -599,36 +624,36 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
         kseg_const = kseg_min == kseg_max;
       }
 
-      for (int64_t g = 0; g < G && i_lo < i_hi; ++g) {
-        const int64_t n = kh * G + g;
-        const float* lse_h = lse + (b * N + n) * T;
-        const float* D_h = Dv + (b * N + n) * T;
-        const uint32_t seed = has_drop ? p.dropout_seed[(b * K + kh) * G + g] : 0u;
-        const float* bias_h = has_bias ? p.bias.head(b, kh, g) : nullptr;
-        const uint8_t* mask_h = has_mask ? p.mask.head(b, kh, g) : nullptr;
-        float* dbias_h = dbias ? dbias + ((b * K + kh) * G + g) * T * S : nullptr;
-
-        for (int64_t qb = i_lo / bq; qb * bq < i_hi; ++qb) {
-          const int64_t i0 = qb * bq, i1 = std::min(T, i0 + bq);
+      // The pairs' query rows are blocks of bq rows of one query head, or all G * T rows of
+      // the group's heads in one block when they fit (decoding: one product of G * T rows
+      // instead of G of T). Rows are flat indices f = g * T + i, consecutive in the head-major
+      // copies, the log-sum-exp, D and the dQ accumulators.
+      const int64_t head0 = (b * N + kh * G) * T;  // flat row 0 of the group
+      const bool merged = G > 1 && G * T <= bq;
+      for (int64_t g = 0; g < (merged ? 1 : G) && i_lo < i_hi; ++g) {
+        for (int64_t qb = merged ? 0 : i_lo / bq; merged ? qb < 1 : qb * bq < i_hi; ++qb) {
+          const int64_t f0 = merged ? 0 : g * T + qb * bq;
+          const int64_t f1 = merged ? G * T : g * T + std::min(T, qb * bq + bq);
           // Per-row visible column range within the block; -inf lse rows see nothing.
           int64_t first = -1, last = -1;
           int32_t qseg_min = 0, qseg_max = 0;
-          for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t f = f0; f < f1; ++f) {
+            const int64_t i = f % T;
             int64_t a = std::max(rb.lo(i), j0), e = std::min(rb.hi(i), j1);
-            if (!(lse_h[i] > kNegInf) || a >= e) {
-              rlo[i - i0] = rhi[i - i0] = 0;
+            if (!(lse[head0 + f] > kNegInf) || a >= e) {
+              rlo[f - f0] = rhi[f - f0] = 0;
               continue;
             }
-            rlo[i - i0] = a - j0;
-            rhi[i - i0] = e - j0;
+            rlo[f - f0] = a - j0;
+            rhi[f - f0] = e - j0;
             if (has_seg) {
               int32_t s = p.q_seg[b * T + i];
               if (first < 0) qseg_min = qseg_max = s;
               qseg_min = std::min(qseg_min, s);
               qseg_max = std::max(qseg_max, s);
             }
-            if (first < 0) first = i;
-            last = i;
+            if (first < 0) first = f;
+            last = f;
           }
           if (first < 0) continue;
           // Index bounds are column ranges per row; only segments and the dense mask need
@@ -639,25 +664,28 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
             if (!(kseg_const && qseg_min == qseg_max)) need_entry = true;
           }
           const int64_t r0 = first, rows = last + 1 - first;
-          const float* Qi = qf + ((b * N + n) * T + r0) * ldq;
-          const float* dOi = dof + ((b * N + n) * T + r0) * ldo;
+          const float* Qi = qf + (head0 + r0) * ldq;
+          const float* dOi = dof + (head0 + r0) * ldo;
 
           // Per-row arguments (and the additive mask rows of a mixed block).
           bool any = false;
           for (int64_t r = 0; r < rows; ++r) {
-            const int64_t i = r0 + r;
+            const int64_t f = r0 + r, gr = f / T, i = f % T;
+            const uint32_t seed = has_drop ? p.dropout_seed[(b * K + kh) * G + gr] : 0u;
+            const float* bias_h = has_bias ? p.bias.head(b, kh, gr) : nullptr;
+            const uint8_t* mask_h = has_mask ? p.mask.head(b, kh, gr) : nullptr;
             RowArgs& ra = rows_args[r];
             ra.s = sbuf.data() + r * ldb;
             ra.dp = dpbuf.data() + r * ldb;
             ra.lo = 0;
             ra.n = cols;
             ra.j0 = j0;
-            ra.lse = lse_h[i];
-            ra.D = D_h[i];
+            ra.lse = lse[head0 + f];
+            ra.D = Dv[head0 + f];
             ra.row_hash = has_drop ? dropout_row_hash(seed, i) : 0u;
-            ra.db = dbias_h ? dbias_h + i * S + j0 : nullptr;
+            ra.db = dbias ? dbias + (head0 + f) * S + j0 : nullptr;
             ra.add = nullptr;
-            const int64_t a = rlo[i - i0], e = rhi[i - i0];
+            const int64_t a = rlo[f - f0], e = rhi[f - f0];
             if (a >= e) {
               ra.lo = ra.n = 0;  // an empty row: zero P and dS
               continue;
@@ -697,7 +725,7 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
           }
           if (!any) continue;
 
-          float* dqi = dqa + ((b * N + n) * T + r0) * ldq;
+          float* dqi = dqa + (head0 + r0) * ldq;
 #if JATTN_BWD_X86
           if (fast) {
             // Tile ranges of a pair whose rows do not all see all of its columns.

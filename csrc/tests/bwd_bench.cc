@@ -2,13 +2,16 @@
 // machine: time slices lost to other processes do not count). Run single-threaded
 // (JATTN_CPU_THREADS=1) for a per-core ratio.
 //   g++ -O3 -std=c++17 -pthread -Icsrc csrc/backward.cc csrc/gemm.cc csrc/threads.cc
-//       csrc/tests/bwd_bench.cc -o /tmp/bwd_bench && JATTN_CPU_THREADS=1 /tmp/bwd_bench T causal N [G]
+//       csrc/tests/bwd_bench.cc -o /tmp/bwd_bench && JATTN_CPU_THREADS=1 /tmp/bwd_bench T causal N [G [H]]
+// With JATTN_AB="bq,bk;bq,bk;..." it compares those block sizes (JATTN_BWD_BLOCKS) call by
+// call instead (6th argument: rounds), printing each one's fastest and median CPU time.
 #include <time.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "attention.h"
@@ -43,6 +46,32 @@ int main(int argc, char** argv) {
   p.scale = 0.125f;
   p.has_right = causal;
   std::vector<float> dq(q.size()), dk(k.size()), dv(k.size());
+  const double flops = 10.0 * B * N * T * S * H * (causal ? 0.5 : 1);
+  if (const char* ab = std::getenv("JATTN_AB")) {  // "bq,bk;bq,bk;...": interleaved, in CPU time
+    std::vector<std::string> cfgs;
+    for (std::string rest = ab; !rest.empty();) {
+      const size_t cut = rest.find(';');
+      cfgs.push_back(rest.substr(0, cut));
+      rest = cut == std::string::npos ? "" : rest.substr(cut + 1);
+    }
+    const int rounds = argc > 6 ? atoi(argv[6]) : 7;
+    std::vector<std::vector<double>> times(cfgs.size());
+    for (int r = 0; r < rounds + 1; ++r)
+      for (size_t i = 0; i < cfgs.size(); ++i) {
+        setenv("JATTN_BWD_BLOCKS", cfgs[i].c_str(), 1);
+        const double t0 = cpu_now();
+        backward(p, q.data(), k.data(), v.data(), o.data(), lse.data(), dout.data(), nullptr,
+                 dq.data(), dk.data(), dv.data(), nullptr);
+        if (r > 0) times[i].push_back(cpu_now() - t0);  // round 0 warms the caches up
+      }
+    for (size_t i = 0; i < cfgs.size(); ++i) {
+      std::sort(times[i].begin(), times[i].end());
+      const double lo = times[i][0], med = times[i][times[i].size() / 2];
+      std::printf("blocks %-9s fastest %8.2f ms CPU (%.1f GFLOP/s)  median %8.2f ms\n",
+                  cfgs[i].c_str(), lo * 1e3, flops / lo * 1e-9, med * 1e3);
+    }
+    return 0;
+  }
   const int64_t n = 512;
   std::vector<float> a(n * n, 0.5f), b(n * n, 0.25f), c(n * n);
   double tg = 1e9, tb = 1e9, tw = 1e9;
@@ -59,7 +88,7 @@ int main(int argc, char** argv) {
     tw = std::min(tw, wall_now() - w0);
   }
   const double fg = 2.0 * n * n * n / tg * 1e-9;
-  const double fb = 10.0 * B * N * T * S * H * (causal ? 0.5 : 1) / tb * 1e-9;
+  const double fb = flops / tb * 1e-9;
   std::printf("threads %d: gemm_nt 512^3 %.1f GFLOP/s; backward T=S=%ld N=%ld H=%ld %s: %.1f ms "
               "CPU (%.1f ms wall), %.1f GFLOP/s per CPU-second = %.2f of the GEMM rate\n",
               num_threads(), fg, T, N, H, causal ? "causal" : "full", tb * 1e3, tw * 1e3, fb,

@@ -139,7 +139,9 @@ def test_decode_gqa_batch():
 def test_decode_every_mask_feature(t, dtype):
     """Decoding shapes (a few query rows per KV head, many keys) take the kernel's
     position-major path: K and V read one position, every head at once, at a time. Each
-    masking feature there, against the float64 reference."""
+    masking feature there, against the float64 reference. Their backward pass takes the G
+    query heads of a group as the rows of one product and reads float32 K and V in place:
+    gradients of q, k, v and the per-head bias, too."""
     b, s, n, kh, h = 2, 700, 8, 2, 32
     q, k, v, bias = H.random_qkv(jax.random.key(11), (b,), t, s, n, kh, h, dtype=dtype, bias=True)
     rng = np.random.default_rng(1)
@@ -153,11 +155,27 @@ def test_decode_every_mask_feature(t, dtype):
         segment_ids=(jnp.asarray(seg_q), jnp.asarray(seg_k)),
         softcap=4.0,
     )
-    got = jattn.attention(
-        q, k, v, bias, mask=index & jattn.masks.Dense(dense), **kw, implementation="cpu"
-    )
-    want = H.oracle(q, k, v, bias, mask=index & jattn.masks.Dense(dense), **kw)
+    mask = index & jattn.masks.Dense(dense)
+    got = jattn.attention(q, k, v, bias, mask=mask, **kw, implementation="cpu")
+    want = H.oracle(q, k, v, bias, mask=mask, **kw)
     H.assert_close(got, want, H.tol(dtype)[0])
+
+    ct = H.normal(jax.random.key(12), q.shape)
+
+    def loss(impl, cast):
+        def f(q, k, v, bias):
+            args = (cast(x) for x in (q, k, v, bias))
+            out = jattn.attention(*args, mask=mask, **kw, implementation=impl)
+            return jnp.sum(out.astype(jnp.float32) * ct)
+
+        return f
+
+    got = jax.grad(loss("cpu", lambda x: x), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    want = jax.grad(loss("reference", lambda x: x.astype(jnp.float64)), argnums=(0, 1, 2, 3))(
+        q, k, v, bias
+    )
+    for name, g, w in zip("qkvb", got, want, strict=True):
+        H.assert_close(g, w, H.tol(dtype)[1], what=f"d{name}")
 
 
 @needs_lib
