@@ -179,6 +179,29 @@ def test_decode_every_mask_feature(t, dtype):
 
 
 @needs_lib
+def test_decode_gqa_dropout_gradients():
+    """Decoding's backward takes a group's G query heads as the rows of one product: each row
+    must keep its own head's dropout pattern (seeded per head), in values and gradients."""
+    q, k, v, _ = H.random_qkv(jax.random.key(21), (2,), 2, 300, 8, 2, 32)
+    key = jax.random.key(22)
+    ct = H.normal(jax.random.key(23), q.shape)
+
+    def loss(impl, cast):
+        def f(q, k, v):
+            out = jattn.attention(
+                cast(q), cast(k), cast(v), dropout_rate=0.3, dropout_rng=key, implementation=impl
+            )
+            return jnp.sum(out * ct)
+
+        return f
+
+    got = jax.grad(loss("cpu", lambda x: x), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss("reference", lambda x: x.astype(jnp.float64)), argnums=(0, 1, 2))(q, k, v)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        H.assert_close(g, w, 1e-4, what=f"d{name}")
+
+
+@needs_lib
 @pytest.mark.parametrize("h, hv", [(64, 64), (128, 128), (64, 128)], ids=str)
 def test_wide_heads_and_banded_blocks(h, hv):
     """Head sizes whose rows span an even number of cache lines (the backward pads the rows of
