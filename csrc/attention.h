@@ -12,12 +12,14 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 
 namespace jattn {
 
 enum class DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+inline size_t dtype_size(DType dt) { return dt == DType::kF32 ? 4 : 2; }  // bytes
 
 // A per-head [T, S] array broadcast over [B, K, G, T, S]: element (b, kh, g, i, j) is at
 // data[b * sb + kh * sk + g * sg + i * st + j * ss] (strides in elements; 0 = broadcast).

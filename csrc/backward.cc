@@ -366,8 +366,7 @@ JATTN_AVX2 inline void transpose8(const float* s, int64_t ld, float* d, int64_t 
 }
 
 // rows [0, n) of X (row stride ldx, width w, a multiple of 8) -> panels [ceil(n/16)][w][16],
-// zero padded.
-// Rows far apart (keys and values read where they lie, a page apart at K * H = 1024) are
+// zero padded. Rows far apart (keys and values read where they lie, a page apart at K * H = 1024) are
 // prefetched a panel ahead: the hardware prefetchers do not cross pages. Prefetching past X's
 // last row is harmless (a hint, never a fault) and warms the next key block.
 JATTN_AVX2 void pack_panels(int64_t n, int64_t w, const float* X, int64_t ldx, float* dst) {
@@ -448,7 +447,7 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
   const DType dt = p.dtype;
   if (B <= 0 || N <= 0) return;
 
-  const size_t esize = dt == DType::kF32 ? 4 : 2;
+  const size_t esize = dtype_size(dt);
   advise_huge_pages(dq, B * T * N * H * esize);
   advise_huge_pages(dk, B * S * K * H * esize);
   advise_huge_pages(dv, B * S * K * Hv * esize);

@@ -99,7 +99,7 @@ namespace isa_avx512 {
 void forward(const Problem& p, const void* q, const void* k, const void* v, void* out,
              float* lse) {
   if (p.B <= 0 || p.T <= 0 || p.K <= 0 || p.G <= 0) return;
-  advise_huge_pages(out, p.B * p.T * p.K * p.G * p.Hv * (p.dtype == DType::kF32 ? 4 : 2));
+  advise_huge_pages(out, p.B * p.T * p.K * p.G * p.Hv * dtype_size(p.dtype));
   const int64_t threads = num_threads();
   // Key blocks of 256 (a score row of 1 KiB); query blocks of about 128 rows (the G heads of
   // a group packed together), fewer when that leaves threads without work. The same for

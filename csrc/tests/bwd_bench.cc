@@ -11,9 +11,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
-#include <string>
 #include <vector>
 
+#include "ab.h"
 #include "attention.h"
 
 using namespace jattn;
@@ -47,29 +47,11 @@ int main(int argc, char** argv) {
   p.has_right = causal;
   std::vector<float> dq(q.size()), dk(k.size()), dv(k.size());
   const double flops = 10.0 * B * N * T * S * H * (causal ? 0.5 : 1);
-  if (const char* ab = std::getenv("JATTN_AB")) {  // "bq,bk;bq,bk;...": interleaved, in CPU time
-    std::vector<std::string> cfgs;
-    for (std::string rest = ab; !rest.empty();) {
-      const size_t cut = rest.find(';');
-      cfgs.push_back(rest.substr(0, cut));
-      rest = cut == std::string::npos ? "" : rest.substr(cut + 1);
-    }
-    const int rounds = argc > 6 ? atoi(argv[6]) : 7;
-    std::vector<std::vector<double>> times(cfgs.size());
-    for (int r = 0; r < rounds + 1; ++r)
-      for (size_t i = 0; i < cfgs.size(); ++i) {
-        setenv("JATTN_BWD_BLOCKS", cfgs[i].c_str(), 1);
-        const double t0 = cpu_now();
-        backward(p, q.data(), k.data(), v.data(), o.data(), lse.data(), dout.data(), nullptr,
-                 dq.data(), dk.data(), dv.data(), nullptr);
-        if (r > 0) times[i].push_back(cpu_now() - t0);  // round 0 warms the caches up
-      }
-    for (size_t i = 0; i < cfgs.size(); ++i) {
-      std::sort(times[i].begin(), times[i].end());
-      const double lo = times[i][0], med = times[i][times[i].size() / 2];
-      std::printf("blocks %-9s fastest %8.2f ms CPU (%.1f GFLOP/s)  median %8.2f ms\n",
-                  cfgs[i].c_str(), lo * 1e3, flops / lo * 1e-9, med * 1e3);
-    }
+  if (const char* ab = std::getenv("JATTN_AB")) {  // "bq,bk;bq,bk;...", in CPU time
+    ab_compare(ab, "JATTN_BWD_BLOCKS", argc > 6 ? atol(argv[6]) : 7, flops, cpu_now, [&] {
+      backward(p, q.data(), k.data(), v.data(), o.data(), lse.data(), dout.data(), nullptr,
+               dq.data(), dk.data(), dv.data(), nullptr);
+    });
     return 0;
   }
   const int64_t n = 512;

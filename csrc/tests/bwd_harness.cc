@@ -62,7 +62,7 @@ struct Buf {
   DType dt;
   std::vector<float> vals;  // the exact values (after rounding to dt)
   std::vector<uint8_t> raw;
-  Buf(int64_t n, DType d) : dt(d), vals(n), raw(n * (d == DType::kF32 ? 4 : 2)) {}
+  Buf(int64_t n, DType d) : dt(d), vals(n), raw(n * dtype_size(d)) {}
   void set(int64_t i, float x) {
     x = round_to(x, dt);
     vals[i] = x;

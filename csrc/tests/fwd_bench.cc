@@ -12,9 +12,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
-#include <string>
 #include <vector>
 
+#include "ab.h"
 #include "attention.h"
 
 using namespace jattn;
@@ -55,27 +55,8 @@ int main(int argc, char** argv) {
   p.scale = 1.0f / std::sqrt(static_cast<float>(H));
   p.has_right = causal;  // j <= i
   if (const char* ab = std::getenv("JATTN_AB")) {
-    std::vector<std::string> cfgs;
-    for (std::string rest = ab; !rest.empty();) {
-      const size_t cut = rest.find(';');
-      cfgs.push_back(rest.substr(0, cut));
-      rest = cut == std::string::npos ? "" : rest.substr(cut + 1);
-    }
-    std::vector<std::vector<double>> times(cfgs.size());
-    for (int64_t r = 0; r < rounds + 1; ++r)
-      for (size_t i = 0; i < cfgs.size(); ++i) {
-        setenv("JATTN_FWD_BLOCKS", cfgs[i].c_str(), 1);
-        const double t0 = wall_now();
-        forward(p, q.data(), k.data(), v.data(), o.data(), lse.data());
-        if (r > 0) times[i].push_back(wall_now() - t0);  // round 0 warms the caches up
-      }
-    const double flops = 4.0 * B * N * T * S * H * (causal ? 0.5 : 1.0);
-    for (size_t i = 0; i < cfgs.size(); ++i) {
-      std::sort(times[i].begin(), times[i].end());
-      const double lo = times[i][0], med = times[i][times[i].size() / 2];
-      std::printf("blocks %-9s fastest %8.2f ms (%.1f GFLOP/s)  median %8.2f ms\n",
-                  cfgs[i].c_str(), lo * 1e3, flops / lo * 1e-9, med * 1e3);
-    }
+    ab_compare(ab, "JATTN_FWD_BLOCKS", rounds, 4.0 * B * N * T * S * H * (causal ? 0.5 : 1.0),
+               wall_now, [&] { forward(p, q.data(), k.data(), v.data(), o.data(), lse.data()); });
     return 0;
   }
   std::vector<double> tf, tr;
