@@ -249,6 +249,7 @@ JATTN_AVX2 inline void mk16(int64_t L, const float* a, int64_t ars, int64_t als,
       acc1[r] = _mm256_setzero_ps();
     }
   }
+#pragma GCC unroll 2
   for (int64_t l = 0; l < L; ++l) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
 #pragma GCC unroll 8
