@@ -367,9 +367,9 @@ JATTN_AVX2 inline void transpose8(const float* s, int64_t ld, float* d, int64_t 
 }
 
 // rows [0, n) of X (row stride ldx, width w, a multiple of 8) -> panels [ceil(n/16)][w][16],
-// zero padded. Rows far apart (keys and values read where they lie, a page apart at K * H = 1024) are
-// prefetched a panel ahead: the hardware prefetchers do not cross pages. Prefetching past X's
-// last row is harmless (a hint, never a fault) and warms the next key block.
+// zero padded. Rows far apart (keys and values read where they lie, a page apart at
+// K * H = 1024) are prefetched a panel ahead: the hardware prefetchers do not cross pages.
+// Prefetching past X's last row is harmless (a hint, never a fault) and warms the next key block.
 JATTN_AVX2 void pack_panels(int64_t n, int64_t w, const float* X, int64_t ldx, float* dst) {
   const bool far = ldx > 2 * w;
   for (int64_t p0 = 0; p0 < n; p0 += 16) {
@@ -630,8 +630,10 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
       // copies, the log-sum-exp, D and the dQ accumulators.
       const int64_t head0 = (b * N + kh * G) * T;  // flat row 0 of the group
       const bool merged = G > 1 && G * T <= bq;
-      for (int64_t g = 0; g < (merged ? 1 : G) && i_lo < i_hi; ++g) {
-        for (int64_t qb = merged ? 0 : i_lo / bq; merged ? qb < 1 : qb * bq < i_hi; ++qb) {
+      const int64_t heads = merged ? 1 : G;  // query heads taken one at a time
+      const int64_t qb0 = merged ? 0 : i_lo / bq, qb1 = merged ? 1 : ceil_div(i_hi, bq);
+      for (int64_t g = 0; g < heads && i_lo < i_hi; ++g) {
+        for (int64_t qb = qb0; qb < qb1; ++qb) {
           const int64_t f0 = merged ? 0 : g * T + qb * bq;
           const int64_t f1 = merged ? G * T : g * T + std::min(T, qb * bq + bq);
           // Per-row visible column range within the block; -inf lse rows see nothing.
