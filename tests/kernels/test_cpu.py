@@ -23,6 +23,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 needs_lib = pytest.mark.skipif(not cpu.AVAILABLE, reason=f"cpu kernel: {cpu.UNAVAILABLE_REASON}")
 
 
+def _grads(loss, *args):
+    """The gradients of `loss(impl, cast)` in every argument, for the native kernel on the
+    inputs as given and for the reference on them cast to float64: (got, want)."""
+    argnums = tuple(range(len(args)))
+    got = jax.grad(loss("cpu", lambda x: x), argnums=argnums)(*args)
+    want = jax.grad(loss("reference", lambda x: x.astype(jnp.float64)), argnums=argnums)(*args)
+    return got, want
+
+
 def _run_python(code: str, **env) -> str:
     full = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
     proc = subprocess.run(
@@ -170,10 +179,7 @@ def test_decode_every_mask_feature(t, dtype):
 
         return f
 
-    got = jax.grad(loss("cpu", lambda x: x), argnums=(0, 1, 2, 3))(q, k, v, bias)
-    want = jax.grad(loss("reference", lambda x: x.astype(jnp.float64)), argnums=(0, 1, 2, 3))(
-        q, k, v, bias
-    )
+    got, want = _grads(loss, q, k, v, bias)
     for name, g, w in zip("qkvb", got, want, strict=True):
         H.assert_close(g, w, H.tol(dtype)[1], what=f"d{name}")
 
@@ -195,8 +201,7 @@ def test_decode_gqa_dropout_gradients():
 
         return f
 
-    got = jax.grad(loss("cpu", lambda x: x), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(loss("reference", lambda x: x.astype(jnp.float64)), argnums=(0, 1, 2))(q, k, v)
+    got, want = _grads(loss, q, k, v)
     for name, g, w in zip("qkv", got, want, strict=True):
         H.assert_close(g, w, 1e-4, what=f"d{name}")
 
@@ -274,10 +279,7 @@ def test_bias_gradient_broadcast(bias_shape):
 
         return f
 
-    got = jax.grad(loss("cpu", lambda x: x), argnums=(0, 1, 2, 3))(q, k, v, b)
-    want = jax.grad(loss("reference", lambda x: x.astype(jnp.float64)), argnums=(0, 1, 2, 3))(
-        q, k, v, b
-    )
+    got, want = _grads(loss, q, k, v, b)
     assert got[3].shape == bias_shape
     for g, w in zip(got, want, strict=True):
         H.assert_close(g, w, 2e-4)
@@ -296,8 +298,7 @@ def test_lse_cotangent():
 
         return f
 
-    got = jax.grad(loss("cpu", lambda x: x), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(loss("reference", lambda x: x.astype(jnp.float64)), argnums=(0, 1, 2))(q, k, v)
+    got, want = _grads(loss, q, k, v)
     for g, w in zip(got, want, strict=True):
         H.assert_close(g, w, 2e-4)
 
