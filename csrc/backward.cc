@@ -13,10 +13,12 @@
 //   P = exp(softcap(scale S) + bias - lse), dS = P (dP - D), D = rowsum(dO O) - dlse
 //                                     (one fused, vectorised sweep; dropout on P and dP)
 //   dV_j += P^T dO_i   dK_j += dS^T Q_i   dQ_i += dS K_j
-// The inputs are first copied to head-major float32 (dense rows; bf16/f16 converted). With
-// AVX2+FMA (chosen at run time) and head sizes that are multiples of 16, the five products
-// run on register-tiled micro-kernels of this file that read Q_i, dO_i, K_j and P/dS where
-// they lie and pack only K_j^T and V_j^T, once per key block; elsewhere they go through
+// The inputs are first copied to head-major float32 (dense rows; bf16/f16 converted). The
+// sweep and the five products are written once per ISA level (backward_isa.inc, instanced
+// here for AVX2 and AVX-512, chosen at run time): register tiles of 6 x 16 (AVX2) or 12 x 32
+// (AVX-512) floats that read Q_i, dO_i, K_j and P/dS where they lie and pack only K_j^T and
+// V_j^T, once per key block. They serve head sizes that are multiples of the tile width (the
+// widest level that divides both head sizes is taken); elsewhere the products go through
 // gemm_nt / gemm_tn / gemm_nn. Blocks the mask leaves empty are skipped; index masks
 // (causal, window, lengths) are per-row column ranges, and on edge blocks the register tiles
 // they leave zero are skipped; segments and the dense mask are evaluated per entry on the
@@ -141,206 +143,86 @@ void sweep_row_scalar(const RowArgs& r, const SweepConsts& c, int64_t from) {
   }
 }
 
-#if JATTN_BWD_X86
-#define JATTN_AVX2 __attribute__((target("avx2,fma")))
+using SweepFn = void (*)(const RowArgs&, const SweepConsts&);
 
-// exp(x) for x <= 88; exactly 0 below -87.3 (incl. -inf). Cephes-style: 2^n * poly(r).
-JATTN_AVX2 inline __m256 exp256(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.0f);
-  __m256 valid = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507E-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073E-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894E-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459E-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
-  __m256 r2 = _mm256_mul_ps(r, r);
-  y = _mm256_fmadd_ps(y, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), valid);
-}
-
-// tanh: an odd polynomial below |x| = 0.25, else sign(x) (1 - 2 / (exp(2|x|) + 1)).
-JATTN_AVX2 inline __m256 tanh256(__m256 x) {
-  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
-  __m256 ax = _mm256_andnot_ps(sign_mask, x);
-  __m256 e = exp256(_mm256_mul_ps(ax, _mm256_set1_ps(2.0f)));
-  __m256 big = _mm256_sub_ps(_mm256_set1_ps(1.0f),
-                             _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
-  __m256 x2 = _mm256_mul_ps(ax, ax);
-  __m256 p = _mm256_set1_ps(62.0f / 2835.0f);
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-17.0f / 315.0f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(2.0f / 15.0f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-1.0f / 3.0f));
-  __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, x2), ax, ax);
-  __m256 res = _mm256_blendv_ps(big, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.25f), _CMP_LT_OQ));
-  return _mm256_or_ps(res, _mm256_and_ps(x, sign_mask));
-}
-
-JATTN_AVX2 inline __m256i fmix256(__m256i x) {
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int32_t>(0x85EBCA6Bu)));
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 13));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int32_t>(0xC2B2AE35u)));
-  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-}
-
-template <bool kCap, bool kAdd, bool kDrop, bool kDb>
-JATTN_AVX2 void sweep_row_avx2(const RowArgs& r, const SweepConsts& c) {
-  const __m256 scale = _mm256_set1_ps(c.scale), cap = _mm256_set1_ps(c.cap),
-               inv_cap = _mm256_set1_ps(c.inv_cap), inv_keep = _mm256_set1_ps(c.inv_keep),
-               lse = _mm256_set1_ps(r.lse), D = _mm256_set1_ps(r.D), one = _mm256_set1_ps(1.0f);
-  const __m256i rh = _mm256_set1_epi32(static_cast<int32_t>(r.row_hash));
-  const __m256i thr = _mm256_set1_epi32(static_cast<int32_t>(c.threshold));
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i jmul = _mm256_set1_epi32(static_cast<int32_t>(0xC2B2AE3Du));
-  int64_t t = r.lo;
-  for (; t + 8 <= r.n; t += 8) {
-    __m256 x = _mm256_mul_ps(_mm256_loadu_ps(r.s + t), scale);
-    __m256 th;
-    if (kCap) {
-      th = tanh256(_mm256_mul_ps(x, inv_cap));
-      x = _mm256_mul_ps(cap, th);
-    }
-    if (kAdd) x = _mm256_add_ps(x, _mm256_loadu_ps(r.add + t));
-    __m256 pv = exp256(_mm256_sub_ps(x, lse));
-    __m256 d = _mm256_loadu_ps(r.dp + t);
-    __m256 pd = pv;
-    if (kDrop) {
-      __m256i j = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(r.j0 + t)), lanes);
-      __m256i h = _mm256_add_epi32(_mm256_mullo_epi32(j, jmul), _mm256_set1_epi32(1));
-      h = fmix256(_mm256_xor_si256(rh, h));
-      __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_max_epu32(h, thr), h));
-      pd = _mm256_and_ps(keep, _mm256_mul_ps(pv, inv_keep));
-      d = _mm256_and_ps(keep, _mm256_mul_ps(d, inv_keep));
-    }
-    __m256 ds = _mm256_mul_ps(pv, _mm256_sub_ps(d, D));
-    if (kDb) _mm256_storeu_ps(r.db + t, ds);
-    if (kCap) ds = _mm256_mul_ps(ds, _mm256_fnmadd_ps(th, th, one));
-    _mm256_storeu_ps(r.s + t, pd);
-    _mm256_storeu_ps(r.dp + t, _mm256_mul_ps(ds, scale));
-  }
-  if (t < r.n) sweep_row_scalar<kCap, kAdd, kDrop, kDb>(r, c, t);
-}
-
-bool have_avx2() { return cpu_isa() != Isa::kGeneric; }
-
-// Register-tiled block products for the AVX2 path. Only K_j and V_j are packed (once per
-// key block, as 16-column panels of K_j^T / V_j^T); every other operand is read where it
-// lies, broadcasting the A side element by element:
-//   C[MR x 16] (+)= sum_l A(r, l) B(l, 0:16),  A(r, l) = a[r * ars + l * als],
-//   B(l, :) = b[l * bls .. + 16].
-template <int MR, bool kAcc>
-JATTN_AVX2 inline void mk16(int64_t L, const float* a, int64_t ars, int64_t als, const float* b,
-                            int64_t bls, float* c, int64_t ldc) {
-  __m256 acc0[MR], acc1[MR];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    if (kAcc) {
-      acc0[r] = _mm256_loadu_ps(c + r * ldc);
-      acc1[r] = _mm256_loadu_ps(c + r * ldc + 8);
-    } else {
-      acc0[r] = _mm256_setzero_ps();
-      acc1[r] = _mm256_setzero_ps();
-    }
-  }
-#pragma GCC unroll 2
-  for (int64_t l = 0; l < L; ++l) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m256 av = _mm256_broadcast_ss(a + r * ars);
-      acc0[r] = _mm256_fmadd_ps(av, b0, acc0[r]);
-      acc1[r] = _mm256_fmadd_ps(av, b1, acc1[r]);
-    }
-    a += als;
-    b += bls;
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(c + r * ldc, acc0[r]);
-    _mm256_storeu_ps(c + r * ldc + 8, acc1[r]);
-  }
-}
-
-template <bool kAcc>
-JATTN_AVX2 inline void mk16_rows(int64_t mr, int64_t L, const float* a, int64_t ars, int64_t als,
-                                 const float* b, int64_t bls, float* c, int64_t ldc) {
-  switch (mr) {
-    case 6: return mk16<6, kAcc>(L, a, ars, als, b, bls, c, ldc);
-    case 5: return mk16<5, kAcc>(L, a, ars, als, b, bls, c, ldc);
-    case 4: return mk16<4, kAcc>(L, a, ars, als, b, bls, c, ldc);
-    case 3: return mk16<3, kAcc>(L, a, ars, als, b, bls, c, ldc);
-    case 2: return mk16<2, kAcc>(L, a, ars, als, b, bls, c, ldc);
-    default: return mk16<1, kAcc>(L, a, ars, als, b, bls, c, ldc);
-  }
-}
-
-constexpr int64_t kMR = 6;
-
-// Where a pair's nonzero P / dS entries can be, in register tiles: for each tile of kMR rows
-// the union [lo, hi) of their column ranges, for each tile of kMR columns the rows [lo, hi)
-// that reach it. The products below skip what lies outside (on causal / window edges,
-// about half of a diagonal block); what they skip is zero, so the results are the same.
+// Where a pair's nonzero P / dS entries can be, in register tiles: for each tile of mr rows
+// the union [lo, hi) of their column ranges, for each tile of mr columns the rows [lo, hi)
+// that reach it (mr: the tile rows of the level in use). The products skip what lies outside
+// (on causal / window edges, about half of a diagonal block); what they skip is zero, so the
+// results are the same.
 struct TileRanges {
   bool full = true;                 // every row sees every column: no skipping
   std::vector<int64_t> rlo, rhi;    // per row tile: columns
   std::vector<int64_t> clo, chi;    // per column tile: rows
 };
 
-// C[rows x 16 np] = A[rows x L] (row-major) . panels; panels p: [L][16].
-JATTN_AVX2 void avx2_nt_packed(int64_t rows, int64_t np, int64_t L, const float* A, int64_t lda,
-                               const float* panels, float* C, int64_t ldc,
-                               const TileRanges& tr) {
-  for (int64_t pn = 0; pn < np; ++pn)
-    for (int64_t m0 = 0; m0 < rows; m0 += kMR) {
-      if (!tr.full) {
-        const int64_t t = m0 / kMR;
-        if (tr.rlo[t] >= tr.rhi[t] || tr.rhi[t] <= pn * 16 || tr.rlo[t] >= pn * 16 + 16) continue;
-      }
-      mk16_rows<false>(std::min(kMR, rows - m0), L, A + m0 * lda, lda, 1, panels + pn * L * 16,
-                       16, C + m0 * ldc + pn * 16, ldc);
-    }
+// One ISA level's sweep and register-tiled block products (backward_isa.inc). Only K_j and
+// V_j are packed (once per key block, as panel-wide panels of K_j^T / V_j^T).
+struct Kernels {
+  int64_t mr;     // rows of a register tile
+  int64_t panel;  // its columns: the panel width, which the head dims must be multiples of
+  SweepFn (*pick_sweep)(bool cap, bool add, bool drop, bool db);
+  // C[rows x panel np] = A[rows x L] . panels
+  void (*nt_packed)(int64_t rows, int64_t np, int64_t L, const float* A, int64_t lda,
+                    const float* panels, float* C, int64_t ldc, const TileRanges& tr);
+  // C[M x N] += A[L x M]^T . B[L x N]
+  void (*tn)(int64_t M, int64_t N, int64_t L, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, const TileRanges& tr);
+  // C[M x N] += A[M x L] . B[L x N]
+  void (*nn)(int64_t M, int64_t N, int64_t L, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, const TileRanges& tr);
+};
+
+template <bool kCap, bool kAdd, bool kDrop, bool kDb>
+void sweep_row_generic(const RowArgs& r, const SweepConsts& c) {
+  sweep_row_scalar<kCap, kAdd, kDrop, kDb>(r, c, r.lo);
 }
 
-// C[M x N] += A[L x M]^T . B[L x N], N a multiple of 16 (M: the columns of the pair).
-JATTN_AVX2 void avx2_tn(int64_t M, int64_t N, int64_t L, const float* A, int64_t lda,
-                        const float* B, int64_t ldb, float* C, int64_t ldc,
-                        const TileRanges& tr) {
-  for (int64_t n0 = 0; n0 < N; n0 += 16)
-    for (int64_t m0 = 0; m0 < M; m0 += kMR) {
-      int64_t l0 = 0, l1 = L;
-      if (!tr.full) {
-        l0 = tr.clo[m0 / kMR];
-        l1 = tr.chi[m0 / kMR];
-        if (l0 >= l1) continue;
-      }
-      mk16_rows<true>(std::min(kMR, M - m0), l1 - l0, A + l0 * lda + m0, 1, lda, B + l0 * ldb + n0,
-                      ldb, C + m0 * ldc + n0, ldc);
-    }
+template <bool kCap, bool kAdd, bool kDrop>
+SweepFn generic3(bool db) {
+  return db ? &sweep_row_generic<kCap, kAdd, kDrop, true>
+            : &sweep_row_generic<kCap, kAdd, kDrop, false>;
+}
+template <bool kCap, bool kAdd>
+SweepFn generic2(bool drop, bool db) {
+  return drop ? generic3<kCap, kAdd, true>(db) : generic3<kCap, kAdd, false>(db);
+}
+template <bool kCap>
+SweepFn generic1(bool add, bool drop, bool db) {
+  return add ? generic2<kCap, true>(drop, db) : generic2<kCap, false>(drop, db);
+}
+SweepFn generic_sweep(bool cap, bool add, bool drop, bool db) {
+  return cap ? generic1<true>(add, drop, db) : generic1<false>(add, drop, db);
 }
 
-// C[M x N] += A[M x L] . B[L x N], N a multiple of 16 (M: the rows of the pair).
-JATTN_AVX2 void avx2_nn(int64_t M, int64_t N, int64_t L, const float* A, int64_t lda,
-                        const float* B, int64_t ldb, float* C, int64_t ldc,
-                        const TileRanges& tr) {
-  for (int64_t n0 = 0; n0 < N; n0 += 16)
-    for (int64_t m0 = 0; m0 < M; m0 += kMR) {
-      int64_t l0 = 0, l1 = L;
-      if (!tr.full) {
-        l0 = tr.rlo[m0 / kMR];
-        l1 = tr.rhi[m0 / kMR];
-        if (l0 >= l1) continue;
-      }
-      mk16_rows<true>(std::min(kMR, M - m0), l1 - l0, A + m0 * lda + l0, lda, 1, B + l0 * ldb + n0,
-                      ldb, C + m0 * ldc + n0, ldc);
-    }
-}
+#if JATTN_BWD_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+#define JATTN_W 8
+#define JATTN_MR 6
+#define JATTN_SPLAT _mm256_set1_ps
+#include "backward_isa.inc"
+#undef JATTN_W
+#undef JATTN_MR
+#undef JATTN_SPLAT
+}  // namespace isa_avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+namespace isa_avx512 {
+#define JATTN_W 16
+#define JATTN_MR 12
+#define JATTN_SPLAT _mm512_set1_ps
+#include "backward_isa.inc"
+#undef JATTN_W
+#undef JATTN_MR
+#undef JATTN_SPLAT
+}  // namespace isa_avx512
+#pragma GCC pop_options
+
+#define JATTN_AVX2 __attribute__((target("avx2,fma")))
 
 // 8 rows x 8 floats (row stride ld) -> their transpose, row i of the result at d + i * ldd.
 JATTN_AVX2 inline void transpose8(const float* s, int64_t ld, float* d, int64_t ldd) {
@@ -366,64 +248,62 @@ JATTN_AVX2 inline void transpose8(const float* s, int64_t ld, float* d, int64_t 
   _mm256_storeu_ps(d + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
 }
 
-// rows [0, n) of X (row stride ldx, width w, a multiple of 8) -> panels [ceil(n/16)][w][16],
-// zero padded. Rows far apart (keys and values read where they lie, a page apart at
-// K * H = 1024) are prefetched a panel ahead: the hardware prefetchers do not cross pages.
-// Prefetching past X's last row is harmless (a hint, never a fault) and warms the next key block.
-JATTN_AVX2 void pack_panels(int64_t n, int64_t w, const float* X, int64_t ldx, float* dst) {
+// rows [0, n) of X (row stride ldx, width w, a multiple of 8) -> panels [ceil(n/P)][w][P]
+// (P = 16 or 32, the tile width of the level in use), zero padded. Rows far apart (keys and
+// values read where they lie, a page apart at K * H = 1024) are prefetched a panel ahead: the
+// hardware prefetchers do not cross pages. Prefetching past X's last row is harmless (a hint,
+// never a fault) and warms the next key block.
+JATTN_AVX2 void pack_panels(int64_t n, int64_t w, const float* X, int64_t ldx, int64_t P,
+                            float* dst) {
   const bool far = ldx > 2 * w;
-  for (int64_t p0 = 0; p0 < n; p0 += 16) {
+  for (int64_t p0 = 0; p0 < n; p0 += P) {
     if (far)
-      for (int64_t r = p0 + 16; r < p0 + 32; ++r)
+      for (int64_t r = p0 + P; r < p0 + 2 * P; ++r)
         for (int64_t h = 0; h < w; h += 16) __builtin_prefetch(X + r * ldx + h);
-    float* d = dst + (p0 / 16) * w * 16;
-    int64_t nr = std::min<int64_t>(16, n - p0);
-    if (nr == 16) {
-      for (int64_t h0 = 0; h0 < w; h0 += 8) {
-        transpose8(X + p0 * ldx + h0, ldx, d + h0 * 16, 16);
-        transpose8(X + (p0 + 8) * ldx + h0, ldx, d + h0 * 16 + 8, 16);
-      }
+    float* d = dst + (p0 / P) * w * P;
+    int64_t nr = std::min<int64_t>(P, n - p0);
+    if (nr == P) {
+      for (int64_t h0 = 0; h0 < w; h0 += 8)
+        for (int64_t g = 0; g < P; g += 8) transpose8(X + (p0 + g) * ldx + h0, ldx, d + h0 * P + g, P);
       continue;
     }
     for (int64_t c = 0; c < nr; ++c) {
       const float* src = X + (p0 + c) * ldx;
-      for (int64_t h = 0; h < w; ++h) d[h * 16 + c] = src[h];
+      for (int64_t h = 0; h < w; ++h) d[h * P + c] = src[h];
     }
-    for (int64_t c = nr; c < 16; ++c)
-      for (int64_t h = 0; h < w; ++h) d[h * 16 + c] = 0.0f;
+    for (int64_t c = nr; c < P; ++c)
+      for (int64_t h = 0; h < w; ++h) d[h * P + c] = 0.0f;
   }
 }
 #endif
 
-using SweepFn = void (*)(const RowArgs&, const SweepConsts&);
-
-template <bool kCap, bool kAdd, bool kDrop, bool kDb>
-void sweep_row_generic(const RowArgs& r, const SweepConsts& c) {
-  sweep_row_scalar<kCap, kAdd, kDrop, kDb>(r, c, r.lo);
-}
-
-template <bool kCap, bool kAdd, bool kDrop, bool kDb>
-SweepFn pick4() {
+// The widest level the CPU has (its sweep serves any head dims), or nullptr.
+const Kernels* widest_kernels() {
 #if JATTN_BWD_X86
-  if (have_avx2()) return &sweep_row_avx2<kCap, kAdd, kDrop, kDb>;
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return &isa_avx512::kKernels;
+    case Isa::kAvx2:
+      return &isa_avx2::kKernels;
+    default:
+      break;
+  }
 #endif
-  return &sweep_row_generic<kCap, kAdd, kDrop, kDb>;
+  return nullptr;
 }
 
-template <bool kCap, bool kAdd, bool kDrop>
-SweepFn pick3(bool db) {
-  return db ? pick4<kCap, kAdd, kDrop, true>() : pick4<kCap, kAdd, kDrop, false>();
-}
-template <bool kCap, bool kAdd>
-SweepFn pick2(bool drop, bool db) {
-  return drop ? pick3<kCap, kAdd, true>(db) : pick3<kCap, kAdd, false>(db);
-}
-template <bool kCap>
-SweepFn pick1(bool add, bool drop, bool db) {
-  return add ? pick2<kCap, true>(drop, db) : pick2<kCap, false>(drop, db);
-}
-SweepFn pick_sweep(bool cap, bool add, bool drop, bool db) {
-  return cap ? pick1<true>(add, drop, db) : pick1<false>(add, drop, db);
+// The widest level whose tile width divides both head dims, or nullptr: the products then go
+// through gemm_nt / gemm_tn / gemm_nn.
+const Kernels* tile_kernels(int64_t H, int64_t Hv) {
+  for (const Kernels* k = widest_kernels(); k != nullptr;) {
+    if (H > 0 && Hv > 0 && H % k->panel == 0 && Hv % k->panel == 0) return k;
+#if JATTN_BWD_X86
+    k = k == &isa_avx512::kKernels ? &isa_avx2::kKernels : nullptr;
+#else
+    k = nullptr;
+#endif
+  }
+  return nullptr;
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -434,7 +314,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 #ifndef JATTN_BWD_BK
 #define JATTN_BWD_BK 96
 #endif
-constexpr int64_t kBlockQ = JATTN_BWD_BQ, kBlockK = JATTN_BWD_BK;  // the AVX2 path's blocks
+constexpr int64_t kBlockQ = JATTN_BWD_BQ, kBlockK = JATTN_BWD_BK;  // the tiled products' blocks
 
 }  // namespace
 
@@ -515,12 +395,13 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
     });
   }
 
+  // The register-tiled products where the head dims allow them (kt), the widest vector
+  // sweep the CPU has (kw) in any case.
+  const Kernels* const kt = tile_kernels(H, Hv);
+  const Kernels* const kw = widest_kernels();
+  const bool fast = kt != nullptr;
+  const int64_t mr = fast ? kt->mr : 1, pw = fast ? kt->panel : 16;
   // Block sizes.
-#if JATTN_BWD_X86
-  const bool fast = have_avx2() && H % 16 == 0 && Hv % 16 == 0 && H > 0 && Hv > 0;
-#else
-  const bool fast = false;
-#endif
   int64_t bq = fast ? kBlockQ : 64, bk = fast ? kBlockK : 128;
   if (fast) {
     // Keep one pair's working set (score blocks, K/V panels and copies, dK/dV accumulators,
@@ -537,7 +418,7 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
     if (std::sscanf(e, "%ld,%ld", &a, &c) == 2 && a > 0 && c > 0 && a <= 4096 && c <= 4096)
       bq = a, bk = c;
   }
-  const int64_t ldb = ceil_div(bk, 16) * 16;  // leading dimension of the score buffers
+  const int64_t ldb = ceil_div(bk, pw) * pw;  // leading dimension of the score buffers
   const int64_t nk = ceil_div(S, bk);
 
   // Key chunks per KV head: enough tasks to keep every thread busy, bounded by the memory
@@ -563,8 +444,9 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
   sc.threshold = has_drop ? dropout_threshold(p.dropout_rate) : 0u;
   // Full blocks add the bias straight from its row when it is contiguous along keys.
   const bool bias_direct = has_bias && p.bias.ss == 1;
-  const SweepFn sweep_plain = pick_sweep(has_cap, has_bias, has_drop, dbias != nullptr);
-  const SweepFn sweep_add = pick_sweep(has_cap, true, has_drop, dbias != nullptr);
+  const auto pick = kw ? kw->pick_sweep : &generic_sweep;
+  const SweepFn sweep_plain = pick(has_cap, has_bias, has_drop, dbias != nullptr);
+  const SweepFn sweep_add = pick(has_cap, true, has_drop, dbias != nullptr);
 
   const int64_t ntasks = B * K * C;
   parallel_for(ntasks, [&](int64_t task) {
@@ -576,14 +458,14 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
     std::vector<float> sbuf(bq * ldb), dpbuf(bq * ldb), addbuf(bq * ldb);
     std::vector<float> dkacc(bk * H), dvacc(bk * Hv), tmp(std::max(H, Hv));
     std::vector<int64_t> rlo(bq), rhi(bq);
-    // AVX2 path: K_j^T / V_j^T as 16-column panels.
+    // Tiled products: K_j^T / V_j^T as panels pw columns wide.
     std::vector<float> kpan(fast ? ldb * H : 0), vpan(fast ? ldb * Hv : 0);
     TileRanges tr;
     if (fast) {
-      tr.rlo.resize(ceil_div(bq, kMR));
-      tr.rhi.resize(ceil_div(bq, kMR));
-      tr.clo.resize(ceil_div(bk, kMR));
-      tr.chi.resize(ceil_div(bk, kMR));
+      tr.rlo.resize(ceil_div(bq, mr));
+      tr.rhi.resize(ceil_div(bq, mr));
+      tr.clo.resize(ceil_div(bk, mr));
+      tr.chi.resize(ceil_div(bk, mr));
     }
     std::vector<RowArgs> rows_args(bq);
 
@@ -598,11 +480,11 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
       std::fill(dvacc.begin(), dvacc.end(), 0.0f);
       const float* Kj = kf + b * khead_b + kh * khead_h + j0 * ldk;
       const float* Vj = vf + b * vhead_b + kh * vhead_h + j0 * ldv;
-      const int64_t npan = ceil_div(cols, 16);
+      const int64_t npan = ceil_div(cols, pw);
 #if JATTN_BWD_X86
       if (fast && j0 < rb.kv_end) {
-        pack_panels(cols, H, Kj, ldk, kpan.data());
-        pack_panels(cols, Hv, Vj, ldv, vpan.data());
+        pack_panels(cols, H, Kj, ldk, pw, kpan.data());
+        pack_panels(cols, Hv, Vj, ldv, pw, vpan.data());
       }
 #endif
 
@@ -735,16 +617,16 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
             for (int64_t r = 0; r < rows && tr.full; ++r)
               tr.full = rows_args[r].lo == 0 && rows_args[r].n == cols;
             if (!tr.full) {
-              const int64_t nrt = ceil_div(rows, kMR), nct = ceil_div(cols, kMR);
+              const int64_t nrt = ceil_div(rows, mr), nct = ceil_div(cols, mr);
               for (int64_t t = 0; t < nct; ++t) tr.clo[t] = rows, tr.chi[t] = 0;
               for (int64_t t = 0; t < nrt; ++t) {
                 int64_t lo_ = cols, hi_ = 0;
-                for (int64_t r = t * kMR; r < std::min(rows, t * kMR + kMR); ++r) {
+                for (int64_t r = t * mr; r < std::min(rows, t * mr + mr); ++r) {
                   const RowArgs& ra = rows_args[r];
                   if (ra.n <= ra.lo) continue;
                   lo_ = std::min(lo_, ra.lo);
                   hi_ = std::max(hi_, ra.n);
-                  for (int64_t ct = ra.lo / kMR; ct * kMR < ra.n; ++ct) {
+                  for (int64_t ct = ra.lo / mr; ct * mr < ra.n; ++ct) {
                     tr.clo[ct] = std::min(tr.clo[ct], r);
                     tr.chi[ct] = std::max(tr.chi[ct], r + 1);
                   }
@@ -753,8 +635,8 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
                 tr.rhi[t] = hi_;
               }
             }
-            avx2_nt_packed(rows, npan, H, Qi, ldq, kpan.data(), sbuf.data(), ldb, tr);
-            avx2_nt_packed(rows, npan, Hv, dOi, ldo, vpan.data(), dpbuf.data(), ldb, tr);
+            kt->nt_packed(rows, npan, H, Qi, ldq, kpan.data(), sbuf.data(), ldb, tr);
+            kt->nt_packed(rows, npan, Hv, dOi, ldo, vpan.data(), dpbuf.data(), ldb, tr);
           } else
 #endif
           {
@@ -783,9 +665,9 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
           }
 #if JATTN_BWD_X86
           if (fast) {
-            avx2_tn(cols, Hv, rows, sbuf.data(), ldb, dOi, ldo, dvacc.data(), Hv, tr);
-            avx2_tn(cols, H, rows, dpbuf.data(), ldb, Qi, ldq, dkacc.data(), H, tr);
-            avx2_nn(rows, H, cols, dpbuf.data(), ldb, Kj, ldk, dqi, ldq, tr);
+            kt->tn(cols, Hv, rows, sbuf.data(), ldb, dOi, ldo, dvacc.data(), Hv, tr);
+            kt->tn(cols, H, rows, dpbuf.data(), ldb, Qi, ldq, dkacc.data(), H, tr);
+            kt->nn(rows, H, cols, dpbuf.data(), ldb, Kj, ldk, dqi, ldq, tr);
           } else
 #endif
           {

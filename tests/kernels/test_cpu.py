@@ -232,36 +232,59 @@ def test_wide_heads_and_banded_blocks(h, hv):
         H.assert_close(g, w, 2e-4)
 
 
+def _cpu_has(level: str) -> bool:
+    """Whether this CPU reports the ISA level (Linux /proc/cpuinfo)."""
+    if level == "generic":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read().split()
+    except OSError:
+        return False
+    return {"avx2": "avx2", "avx512": "avx512f"}[level] in flags
+
+
 @needs_lib
-def test_generic_isa_path():
-    """The portable (SSE2) code path, forced, against the reference."""
+@pytest.mark.parametrize("level", ["generic", "avx2", "avx512"])
+def test_isa_levels(level):
+    """Each code path, forced with JATTN_CPU_ISA, against the float64 reference, values and
+    gradients of q, k, v and the bias, with every sweep feature at once (causal, window,
+    softcap, bias, dropout): head dims that take the widest register tiles (64, and 32 for
+    the values), only the 16-wide ones (16: AVX2 tiles under AVX-512) and none (24: the
+    generic products); 37 query rows and 300 keys leave partial tiles on both sides."""
+    if not _cpu_has(level):
+        pytest.skip(f"this CPU has no {level}")
     out = _run_python(
-        """
+        f"""
         import jax, jax.numpy as jnp, numpy as np
         import jattn
         from jattn.kernels import cpu
-        assert cpu.isa() == "generic", cpu.isa()
-        ks = jax.random.split(jax.random.key(0), 4)
-        q = jax.random.normal(ks[0], (2, 37, 4, 24))
-        k = jax.random.normal(ks[1], (2, 300, 2, 24))
-        v = jax.random.normal(ks[2], (2, 300, 2, 24))
-        b = jax.random.normal(ks[3], (2, 4, 37, 300))
-        kw = dict(is_causal=True, softcap=3.0, local_window_size=(40, 2))
-        f = lambda impl: (lambda q, k, v, b: jnp.sum(
-            jattn.attention(q, k, v, b, implementation=impl, **kw) ** 2))
-        f64 = lambda x: x.astype(jnp.float64)
+        assert cpu.isa() == "{level}", cpu.isa()
         jax.config.update("jax_enable_x64", True)
-        got = jax.value_and_grad(f("cpu"), argnums=(0, 1, 2, 3))(q, k, v, b)
-        want = jax.value_and_grad(f("reference"), argnums=(0, 1, 2, 3))(
-            f64(q), f64(k), f64(v), f64(b))
-        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            w = np.asarray(w)
-            assert np.abs(np.asarray(g) - w).max() <= 2e-4 * (np.abs(w).max() + 1), "mismatch"
-        print("generic ok")
+        f64 = lambda x: x.astype(jnp.float64)
+        drop = jax.random.key(7)
+        kw = dict(is_causal=True, softcap=3.0, local_window_size=(40, 2), dropout_rate=0.2,
+                  dropout_rng=drop)
+        f = lambda impl: (lambda q, k, v, b: jnp.sum(
+            jnp.sin(jattn.attention(q, k, v, b, implementation=impl, **kw))))
+        for h, hv in [(24, 24), (16, 16), (64, 32)]:
+            ks = jax.random.split(jax.random.key(h + hv), 4)
+            q = jax.random.normal(ks[0], (2, 37, 4, h), jnp.float32)
+            k = jax.random.normal(ks[1], (2, 300, 2, h), jnp.float32)
+            v = jax.random.normal(ks[2], (2, 300, 2, hv), jnp.float32)
+            b = jax.random.normal(ks[3], (2, 4, 37, 300), jnp.float32)
+            got = jax.value_and_grad(f("cpu"), argnums=(0, 1, 2, 3))(q, k, v, b)
+            want = jax.value_and_grad(f("reference"), argnums=(0, 1, 2, 3))(
+                f64(q), f64(k), f64(v), f64(b))
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                w = np.asarray(w)
+                err = np.abs(np.asarray(g) - w).max()
+                assert err <= 2e-4 * (np.abs(w).max() + 1), (h, hv, g.shape, err)
+        print("{level} ok")
         """,
-        JATTN_CPU_ISA="generic",
+        JATTN_CPU_ISA=level,
     )
-    assert "generic ok" in out
+    assert f"{level} ok" in out
 
 
 @needs_lib
