@@ -157,7 +157,7 @@ struct TileRanges {
 };
 
 // One ISA level's sweep and register-tiled block products (backward_isa.inc). Only K_j and
-// V_j are packed (once per key block, as panel-wide panels of K_j^T / V_j^T).
+// V_j are packed (once per key block, as panels of K_j^T / V_j^T a tile wide).
 struct Kernels {
   int64_t mr;     // rows of a register tile
   int64_t panel;  // its columns: the panel width, which the head dims must be multiples of
@@ -173,26 +173,25 @@ struct Kernels {
              int64_t ldb, float* C, int64_t ldc, const TileRanges& tr);
 };
 
-template <bool kCap, bool kAdd, bool kDrop, bool kDb>
-void sweep_row_generic(const RowArgs& r, const SweepConsts& c) {
-  sweep_row_scalar<kCap, kAdd, kDrop, kDb>(r, c, r.lo);
+// F::row<kCap, kAdd, kDrop, kDb> for the four flags given at run time (a sweep family F:
+// the scalar one below, or one ISA level's in backward_isa.inc).
+template <class F, bool... kSet, class... Rest>
+SweepFn pick_row(bool flag, Rest... rest) {
+  if constexpr (sizeof...(Rest) == 0)
+    return flag ? &F::template row<kSet..., true> : &F::template row<kSet..., false>;
+  else
+    return flag ? pick_row<F, kSet..., true>(rest...) : pick_row<F, kSet..., false>(rest...);
 }
 
-template <bool kCap, bool kAdd, bool kDrop>
-SweepFn generic3(bool db) {
-  return db ? &sweep_row_generic<kCap, kAdd, kDrop, true>
-            : &sweep_row_generic<kCap, kAdd, kDrop, false>;
-}
-template <bool kCap, bool kAdd>
-SweepFn generic2(bool drop, bool db) {
-  return drop ? generic3<kCap, kAdd, true>(db) : generic3<kCap, kAdd, false>(db);
-}
-template <bool kCap>
-SweepFn generic1(bool add, bool drop, bool db) {
-  return add ? generic2<kCap, true>(drop, db) : generic2<kCap, false>(drop, db);
-}
+struct ScalarSweep {
+  template <bool kCap, bool kAdd, bool kDrop, bool kDb>
+  static void row(const RowArgs& r, const SweepConsts& c) {
+    sweep_row_scalar<kCap, kAdd, kDrop, kDb>(r, c, r.lo);
+  }
+};
+
 SweepFn generic_sweep(bool cap, bool add, bool drop, bool db) {
-  return cap ? generic1<true>(add, drop, db) : generic1<false>(add, drop, db);
+  return pick_row<ScalarSweep>(cap, add, drop, db);
 }
 
 #if JATTN_BWD_X86
@@ -264,7 +263,8 @@ JATTN_AVX2 void pack_panels(int64_t n, int64_t w, const float* X, int64_t ldx, i
     int64_t nr = std::min<int64_t>(P, n - p0);
     if (nr == P) {
       for (int64_t h0 = 0; h0 < w; h0 += 8)
-        for (int64_t g = 0; g < P; g += 8) transpose8(X + (p0 + g) * ldx + h0, ldx, d + h0 * P + g, P);
+        for (int64_t g = 0; g < P; g += 8)
+          transpose8(X + (p0 + g) * ldx + h0, ldx, d + h0 * P + g, P);
       continue;
     }
     for (int64_t c = 0; c < nr; ++c) {
@@ -295,14 +295,14 @@ const Kernels* widest_kernels() {
 // The widest level whose tile width divides both head dims, or nullptr: the products then go
 // through gemm_nt / gemm_tn / gemm_nn.
 const Kernels* tile_kernels(int64_t H, int64_t Hv) {
-  for (const Kernels* k = widest_kernels(); k != nullptr;) {
-    if (H > 0 && Hv > 0 && H % k->panel == 0 && Hv % k->panel == 0) return k;
 #if JATTN_BWD_X86
-    k = k == &isa_avx512::kKernels ? &isa_avx2::kKernels : nullptr;
-#else
-    k = nullptr;
+  auto fits = [&](const Kernels& k) {
+    return H > 0 && Hv > 0 && H % k.panel == 0 && Hv % k.panel == 0;
+  };
+  const Isa isa = cpu_isa();
+  if (isa == Isa::kAvx512 && fits(isa_avx512::kKernels)) return &isa_avx512::kKernels;
+  if (isa != Isa::kGeneric && fits(isa_avx2::kKernels)) return &isa_avx2::kKernels;
 #endif
-  }
   return nullptr;
 }
 
