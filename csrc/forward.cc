@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "attention.h"
@@ -78,9 +79,11 @@ namespace isa_generic {
 namespace isa_avx2 {
 #define JATTN_W 8
 #define JATTN_CVTPH(p) _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
+#define JATTN_MAXPS(a, b) _mm256_max_ps(a, b)
 #include "forward_isa.inc"
 #undef JATTN_W
 #undef JATTN_CVTPH
+#undef JATTN_MAXPS
 }  // namespace isa_avx2
 #pragma GCC pop_options
 
@@ -89,9 +92,13 @@ namespace isa_avx2 {
 namespace isa_avx512 {
 #define JATTN_W 16
 #define JATTN_CVTPH(p) _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
+#define JATTN_SCALEF(p, n) _mm512_scalef_ps(p, n)
+#define JATTN_MAXPS(a, b) _mm512_max_ps(a, b)
 #include "forward_isa.inc"
 #undef JATTN_W
 #undef JATTN_CVTPH
+#undef JATTN_SCALEF
+#undef JATTN_MAXPS
 }  // namespace isa_avx512
 #pragma GCC pop_options
 #endif
