@@ -214,10 +214,18 @@ namespace isa_avx512 {
 #define JATTN_W 16
 #define JATTN_MR 12
 #define JATTN_SPLAT _mm512_set1_ps
+#define JATTN_SCALEF(p, n) _mm512_scalef_ps(p, n)
+#define JATTN_MAXPS(a, b) _mm512_max_ps(a, b)
+#define JATTN_MINPS(a, b) _mm512_min_ps(a, b)
+#define JATTN_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)  // a b + c, rounded once
 #include "backward_isa.inc"
 #undef JATTN_W
 #undef JATTN_MR
 #undef JATTN_SPLAT
+#undef JATTN_SCALEF
+#undef JATTN_MAXPS
+#undef JATTN_MINPS
+#undef JATTN_FMA
 }  // namespace isa_avx512
 #pragma GCC pop_options
 
