@@ -12,6 +12,7 @@
 
 #include "attention.h"
 #include "isa.h"
+#include "transpose.h"
 
 #if JATTN_X86
 #include <immintrin.h>
