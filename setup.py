@@ -88,6 +88,10 @@ setup(
                 "-fPIC",
                 "-pthread",
                 "-ffp-contract=fast",
+                # Python's CFLAGS (which setuptools passes first) carry -fwrapv, for CPython's
+                # own C; this code relies on standard signed arithmetic, and the harnesses in
+                # csrc/tests measure it built without -fwrapv.
+                "-fno-wrapv",
                 "-fvisibility=hidden",
                 "-Wno-return-type",
                 "-Wno-sign-compare",

@@ -243,7 +243,7 @@ JATTN_AVX2 void pack_panels(int64_t n, int64_t w, const float* X, int64_t ldx, i
   for (int64_t p0 = 0; p0 < n; p0 += P) {
     if (far)
       for (int64_t r = p0 + P; r < p0 + 2 * P; ++r)
-        for (int64_t h = 0; h < w; h += 16) __builtin_prefetch(X + r * ldx + h);
+        for (int64_t h = 0; h < w; h += 16) prefetch(X + r * ldx + h);
     float* d = dst + (p0 / P) * w * P;
     int64_t nr = std::min<int64_t>(P, n - p0);
     if (nr == P) {
