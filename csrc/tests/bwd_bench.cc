@@ -1,8 +1,8 @@
 // Backward throughput against the GEMM rate, in process CPU time (robust on a shared
 // machine: time slices lost to other processes do not count). Run single-threaded
 // (JATTN_CPU_THREADS=1) for a per-core ratio.
-//   g++ -O3 -std=c++17 -pthread -Icsrc csrc/backward.cc csrc/gemm.cc csrc/threads.cc
-//       csrc/tests/bwd_bench.cc -o /tmp/bwd_bench && JATTN_CPU_THREADS=1 /tmp/bwd_bench T causal N [G [H]]
+//   g++ -O3 -ffp-contract=fast -std=c++17 -pthread -Icsrc csrc/backward.cc csrc/gemm.cc
+//       csrc/threads.cc csrc/tests/bwd_bench.cc -o /tmp/bwd_bench && JATTN_CPU_THREADS=1 /tmp/bwd_bench T causal N [G [H]]
 // With JATTN_AB="bq,bk;bq,bk;..." it compares those block sizes (JATTN_BWD_BLOCKS) call by
 // call instead (6th argument: rounds), printing each one's fastest and median CPU time.
 #include <time.h>

@@ -1,7 +1,7 @@
 // Forward throughput of the native kernel on a decoding-like or prefill shape, in wall time
 // (fastest of the rounds) beside the time to read K and V once at this machine's read bandwidth.
-//   g++ -O3 -std=c++17 -pthread -Icsrc csrc/forward.cc csrc/gemm.cc csrc/threads.cc
-//       csrc/tests/fwd_bench.cc -o /tmp/fwd_bench && /tmp/fwd_bench B T S N K H [rounds [causal]]
+//   g++ -O3 -ffp-contract=fast -std=c++17 -pthread -Icsrc csrc/forward.cc csrc/gemm.cc
+//       csrc/threads.cc csrc/tests/fwd_bench.cc -o /tmp/fwd_bench && /tmp/fwd_bench B T S N K H [rounds [causal]]
 // With JATTN_AB="rows,keys;rows,keys;..." it instead compares those block sizes
 // (JATTN_FWD_BLOCKS), taking turns call by call so that a slow spell of a shared machine
 // falls on every one of them alike, and prints each one's fastest and median call.
