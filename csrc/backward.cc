@@ -38,11 +38,8 @@
 #include "scratch.h"
 #include "transpose.h"
 
-#if defined(__x86_64__) || defined(__i386__)
+#if JATTN_X86
 #include <immintrin.h>
-#define JATTN_BWD_X86 1
-#else
-#define JATTN_BWD_X86 0
 #endif
 
 namespace jattn {
@@ -195,7 +192,7 @@ SweepFn generic_sweep(bool cap, bool add, bool drop, bool db) {
   return pick_row<ScalarSweep>(cap, add, drop, db);
 }
 
-#if JATTN_BWD_X86
+#if JATTN_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace isa_avx2 {
@@ -264,7 +261,7 @@ JATTN_AVX2 void pack_panels(int64_t n, int64_t w, const float* X, int64_t ldx, i
 
 // The widest level the CPU has (its sweep serves any head dims), or nullptr.
 const Kernels* widest_kernels() {
-#if JATTN_BWD_X86
+#if JATTN_X86
   switch (cpu_isa()) {
     case Isa::kAvx512:
       return &isa_avx512::kKernels;
@@ -280,7 +277,7 @@ const Kernels* widest_kernels() {
 // The widest level whose tile width divides both head dims, or nullptr: the products then go
 // through gemm_nt / gemm_tn / gemm_nn.
 const Kernels* tile_kernels(int64_t H, int64_t Hv) {
-#if JATTN_BWD_X86
+#if JATTN_X86
   auto fits = [&](const Kernels& k) {
     return H > 0 && Hv > 0 && H % k.panel == 0 && Hv % k.panel == 0;
   };
@@ -466,7 +463,7 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
       const float* Kj = kf + b * khead_b + kh * khead_h + j0 * ldk;
       const float* Vj = vf + b * vhead_b + kh * vhead_h + j0 * ldv;
       const int64_t npan = ceil_div(cols, pw);
-#if JATTN_BWD_X86
+#if JATTN_X86
       if (fast && j0 < rb.kv_end) {
         pack_panels(cols, H, Kj, ldk, pw, kpan.data());
         pack_panels(cols, Hv, Vj, ldv, pw, vpan.data());
@@ -595,7 +592,7 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
           if (!any) continue;
 
           float* dqi = dqa + (head0 + r0) * ldq;
-#if JATTN_BWD_X86
+#if JATTN_X86
           if (fast) {
             // Tile ranges of a pair whose rows do not all see all of its columns.
             tr.full = true;
@@ -648,7 +645,7 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
             }
             fn(ra, sc);
           }
-#if JATTN_BWD_X86
+#if JATTN_X86
           if (fast) {
             kt->tn(cols, Hv, rows, sbuf.data(), ldb, dOi, ldo, dvacc.data(), Hv, tr);
             kt->tn(cols, H, rows, dpbuf.data(), ldb, Qi, ldq, dkacc.data(), H, tr);
