@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jattn import _intmath as im
+
 # The static-or-traced helpers, under the names this module's code uses.
 from jattn._intmath import Flag
 from jattn._intmath import and_ as _and
@@ -37,6 +39,7 @@ __all__ = [
     "Mask",
     "Causal",
     "LocalWindow",
+    "Chunked",
     "Lengths",
     "Segments",
     "Dense",
@@ -46,7 +49,9 @@ __all__ = [
     "CallShape",
     "MaskPlan",
     "MaskArrays",
-    "plan_mask",
+    "MaskScalars",
+    "lower",
+    "pad_ids",
 ]
 
 Array = jax.Array
@@ -117,8 +122,8 @@ class Mask:
         """The registry features (``jattn.kernels.FEATURES``) a kernel needs for this mask."""
         raise NotImplementedError
 
-    def _lower(self, parts: _PlanParts) -> None:
-        """Adds this mask's constraints to ``parts`` (see :func:`plan_mask`)."""
+    def _lower(self, parts: _LowerParts) -> None:
+        """Adds this mask's constraints to ``parts`` (see :func:`lower`)."""
         parts.general = True
 
 
@@ -309,6 +314,59 @@ class LocalWindow(Mask):
             parts.tighten("right", self.right, min)
 
 
+class Chunked(Mask):
+    """Chunked attention (Llama 4's local layers): query ``i`` sees key ``j`` iff
+    ``i // size == j // size``. Combine it with :class:`Causal` by ``&``.
+
+    Examples:
+      >>> from jattn import masks
+      >>> masks.Chunked(2).materialize(4, 4).astype(int).tolist()
+      [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+      >>> (masks.Chunked(2) & masks.Causal()).materialize(4, 4).astype(int).tolist()
+      [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+      >>> masks.Chunked(256).classify(0, 256, 128, 128)  # another chunk: skipped
+      (False, False)
+    """
+
+    size: int
+
+    def __post_init__(self):
+        if not _is_static_int(self.size) or self.size < 1:
+            raise ValueError(f"Chunked size must be a positive int, got {self.size!r}")
+
+    def __call__(self, q_idx, kv_idx):
+        return q_idx[:, None] // self.size == kv_idx[None, :] // self.size
+
+    def classify(self, q0, k0, bq, bk):
+        c = self.size
+        q_first, q_last = im.fdiv(q0, c), im.fdiv(q0 + bq - 1, c)
+        k_first, k_last = im.fdiv(k0, c), im.fdiv(k0 + bk - 1, c)
+        any_ = _and(im.le(q_first, k_last), im.le(k_first, q_last))
+        all_ = _and(_and(im.le(q_last, q_first), im.le(k_last, k_first)), _eq(q_first, k_first))
+        return any_, all_
+
+    def kv_range(self, q0, q1, kv_len):
+        c = self.size
+        lo = im.fdiv(q0, c) * c
+        return lo, _min(kv_len, _max(lo, (im.fdiv(_max(q1, 1) - 1, c) + 1) * c))
+
+    @property
+    def features(self):
+        return frozenset({"chunked"})
+
+    def _lower(self, parts):
+        old = parts.values.get("chunk")
+        if old is None or old % self.size == 0 or self.size % old == 0:
+            # One chunking refines the other: their intersection is the finer one.
+            parts.values["chunk"] = self.size if old is None else min(old, self.size)
+        else:
+            parts.general = True
+
+
+def _eq(a, b) -> Flag:
+    return _and(im.le(a, b), im.le(b, a))
+
+
 # --------------------------------------------------------------------------------------------
 # Data masks: hold arrays that vary per batch element (and head).
 
@@ -408,10 +466,7 @@ class Segments(Mask):
         return qb[:, None] == kb[None, :]
 
     def pad(self, q_len, kv_len):
-        # Distinct negative ids: padded queries and keys never match anything.
-        q = jnp.pad(self.q_ids, (0, q_len - self.q_ids.shape[0]), constant_values=-1)
-        kv = jnp.pad(self.kv_ids, (0, kv_len - self.kv_ids.shape[0]), constant_values=-2)
-        return Segments(q, kv)
+        return Segments(*pad_ids(self.q_ids, self.kv_ids, q_len, kv_len))
 
     def classify(self, q0, k0, bq, bk):
         # Conservative: compare id ranges. Packed ids are usually sorted, where this is exact.
@@ -616,6 +671,7 @@ jax.tree_util.register_pytree_node(
     lambda aux, ch: Causal(aux) if not ch else Causal(ch[0]),
 )
 LocalWindow = _register(LocalWindow, [], ["left", "right"])
+Chunked = _register(Chunked, [], ["size"])
 Lengths = _register(Lengths, ["q", "kv"])
 Segments = _register(Segments, ["q_ids", "kv_ids"])
 Dense = _register(Dense, ["mask"])
@@ -635,23 +691,52 @@ def block_kind(mask: Mask | None, q0: Any, k0: Any, bq: int, bk: int) -> tuple[F
 # The mask as a kernel reads it.
 
 
+def pad_ids(q_ids: Array, kv_ids: Array, q_len: int, kv_len: int) -> tuple[Array, Array]:
+    """Segment ids ``[..., T]`` / ``[..., S]`` padded on their last axis to ``q_len`` /
+    ``kv_len`` with distinct negative ids, so that padded queries and keys match nothing."""
+
+    def pad(x, n, fill):
+        widths = [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])]
+        return jnp.pad(x, widths, constant_values=fill)
+
+    return pad(q_ids, q_len, -1), pad(kv_ids, kv_len, -2)
+
+
+class MaskScalars(NamedTuple):
+    """One batch element's per-batch mask scalars (ints or traced int32, or None when the plan
+    has none): what :class:`MaskPlan`'s questions read besides the plan itself. Inside a
+    kernel they are scalars; outside, ``[B, 1]`` columns broadcast against ``[1, T]`` rows."""
+
+    q_len: Any = None
+    kv_len: Any = None
+    offset: Any = None
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskPlan:
     """The static structure of a call's mask, for kernels that do not evaluate mask objects
-    (Pallas, the native CPU kernel, cuDNN). Key ``j`` is visible from query ``i`` iff every
-    part that is present holds:
+    (Pallas, the native CPU kernel, cuDNN), and the one place in Python that says what such a
+    lowered mask means. Key ``j`` is visible from query ``i`` iff every part that is present
+    holds:
 
-    ``j >= i - left``; ``j <= i + right``; ``j < kv_bound``; and, per batch element ``b`` (and
-    head ``h`` for ``dense``): ``j <= i + offset[b]``, ``i < q_len[b]``, ``j < kv_len[b]``,
-    ``q_seg[b, i] == kv_seg[b, j]``, ``dense[b, h, i, j]``.
+    ``j >= i - left``; ``j <= i + right``; ``i // chunk == j // chunk``; ``j < kv_bound``;
+    and, per batch element ``b`` (and head ``h`` for ``dense``): ``j <= i + offset[b]``,
+    ``i < q_len[b]``, ``j < kv_len[b]``, ``q_seg[b, i] == kv_seg[b, j]``, ``dense[b, h, i, j]``.
+
+    The index parts (all but segments and dense) leave each row ``i`` one interval of keys
+    ``[lo(i), hi(i))`` whose ends never decrease with ``i``: :meth:`row_bounds`. Kernels ask
+    the plan which blocks to visit and which to run unmasked (:meth:`kv_blocks`,
+    :meth:`q_blocks`) and which entries of a block are visible (:meth:`visible`).
 
     ``general`` is True when the mask is not such an intersection (``|``, ``~``, two pairs of
-    segment ids): a kernel then needs the mask object itself (feature ``mask_algebra``).
-    ``kv_bound`` is never set by :func:`plan_mask`; a kernel that pads keys sets it.
+    segment ids, two chunk sizes that do not divide one another): a kernel then needs the
+    mask object itself (feature ``mask_algebra``). ``kv_bound`` is never set by
+    :func:`lower`; a kernel that pads keys sets it.
     """
 
     left: int | None = None
     right: int | None = None
+    chunk: int | None = None
     kv_bound: int | None = None
     q_len: bool = False
     kv_len: bool = False
@@ -666,6 +751,7 @@ class MaskPlan:
         return (
             self.left is not None
             or self.right is not None
+            or self.chunk is not None
             or self.kv_bound is not None
             or self.kv_len
             or self.offset
@@ -678,6 +764,148 @@ class MaskPlan:
     def scalar_names(self) -> tuple[str, ...]:
         """The per-batch scalars present, in order."""
         return tuple(n for n in ("q_len", "kv_len", "offset") if getattr(self, n))
+
+    # -- what one row sees --------------------------------------------------------------------
+
+    def _kv_end(self, sc: MaskScalars, kv_len: int) -> Any:
+        """One past the last key any row may see, from the key-side bounds."""
+        end: Any = kv_len if self.kv_bound is None else self.kv_bound
+        if self.kv_len:
+            end = im.imin(end, im.imax(sc.kv_len, 0))
+        return end
+
+    def _right(self, sc: MaskScalars) -> Any:
+        """The tightest ``j <= i + right`` bound, or None."""
+        if self.offset:
+            return sc.offset if self.right is None else im.imin(sc.offset, self.right)
+        return self.right
+
+    def _lo(self, i: Any) -> Any:
+        """The first key row ``i`` may see from the left-side parts."""
+        lo: Any = 0 if self.left is None else im.imax(0, i - self.left)
+        if self.chunk is not None:
+            lo = im.imax(lo, im.fdiv(i, self.chunk) * self.chunk)
+        return lo
+
+    def _hi(self, sc: MaskScalars, i: Any, kv_len: int) -> Any:
+        """One past the last key row ``i`` may see from the right-side parts (q_len aside)."""
+        right = self._right(sc)
+        hi = self._kv_end(sc, kv_len)
+        if right is not None:
+            hi = im.imin(hi, im.imax(0, i + right + 1))
+        if self.chunk is not None:
+            hi = im.imin(hi, (im.fdiv(i, self.chunk) + 1) * self.chunk)
+        return hi
+
+    def row_bounds(self, sc: MaskScalars, rows: Any, kv_len: int) -> tuple[Any, Any]:
+        """``(lo, hi)``: the keys ``[lo, hi)`` that query positions ``rows`` may see by the
+        index parts (segments and dense masks may hide more); ``lo >= hi`` for a row that
+        sees nothing, rows past ``q_len`` included."""
+        lo, hi = self._lo(rows), self._hi(sc, rows, kv_len)
+        if self.q_len:
+            hi = im.where(im.lt(rows, sc.q_len), hi, 0)
+        return lo, hi
+
+    # -- blocks -------------------------------------------------------------------------------
+
+    def kv_blocks(self, sc: MaskScalars, q0: Any, bq: int, bk: int, sp: int):
+        """Key blocks of size ``bk`` (of ``sp`` keys) for the query rows ``[q0, q0 + bq)``:
+        ``(lo, full_lo, full_hi, hi)``.
+
+        Blocks ``[lo, hi)`` hold every visible key; of those, ``[full_lo, full_hi)`` have no
+        masked entry (rows past ``q_len`` aside: their results are zeroed afterwards, and their
+        ``lse`` of ``-inf`` zeroes their gradients). ``lo <= full_lo <= full_hi <= hi <= sp //
+        bk``. Row bounds never decrease, so the first row's ``lo`` and the last row's ``hi``
+        bound the block, and the last row's ``lo`` and the first row's ``hi`` its full part.
+        """
+        nk = sp // bk
+        q_last = q0 + bq - 1
+        hi = self._hi(sc, q_last, sp)
+        if self.q_len:
+            hi = im.select(q0 < sc.q_len, hi, 0)
+        lo_b = im.imin(im.fdiv(self._lo(q0), bk), nk)
+        hi_b = im.imax(lo_b, im.cdiv(hi, bk))
+        if self.segments:  # ids are only known block by block: every block is masked
+            return lo_b, lo_b, lo_b, hi_b
+        f_lo = im.cdiv(self._lo(q_last), bk)
+        f_hi: Any = nk
+        right = self._right(sc)
+        if right is not None:
+            f_hi = im.fdiv(im.imax(0, q0 + right + 1), bk)
+        if self.chunk is not None:
+            f_hi = im.imin(f_hi, im.fdiv((im.fdiv(q0, self.chunk) + 1) * self.chunk, bk))
+        if self.kv_bound is not None or self.kv_len:
+            f_hi = im.imin(f_hi, im.fdiv(self._kv_end(sc, sp), bk))
+        f_lo = im.clip(f_lo, lo_b, hi_b)
+        f_hi = im.clip(f_hi, f_lo, hi_b)
+        return lo_b, f_lo, f_hi, hi_b
+
+    def q_blocks(self, sc: MaskScalars, k0: Any, bk: int, bq: int, tp: int, sp: int):
+        """Query blocks (of size ``bq``, of ``tp`` rows) whose rows see keys ``[k0, k0 +
+        bk)``: ``(lo, full_lo, full_hi, hi)``, as in :meth:`kv_blocks` with the roles of rows
+        and columns swapped."""
+        nq = tp // bq
+        right = self._right(sc)
+        k_last = k0 + bk - 1
+        lo: Any = 0 if right is None else im.imax(0, k0 - right)
+        hi: Any = tp
+        if self.q_len:
+            hi = im.imin(hi, im.imax(sc.q_len, 0))
+        if self.left is not None:
+            hi = im.imin(hi, k0 + bk + self.left)
+        if self.chunk is not None:
+            c = self.chunk
+            lo = im.imax(lo, im.fdiv(k0, c) * c)
+            hi = im.imin(hi, (im.fdiv(k_last, c) + 1) * c)
+        bounded = self.kv_bound is not None or self.kv_len
+        end = self._kv_end(sc, sp)
+        if bounded:
+            hi = im.select(k0 < end, hi, 0)
+        lo_b = im.imin(im.fdiv(lo, bq), nq)
+        hi_b = im.imax(lo_b, im.cdiv(hi, bq))
+        if self.segments:
+            return lo_b, lo_b, lo_b, hi_b
+        f_lo: Any = lo_b if right is None else im.cdiv(im.imax(0, k_last - right), bq)
+        f_hi: Any = hi_b if self.left is None else im.fdiv(k0 + self.left + 1, bq)
+        if self.chunk is not None:
+            c = self.chunk
+            f_lo = im.imax(f_lo, im.cdiv(im.fdiv(k_last, c) * c, bq))
+            f_hi = im.imin(f_hi, im.fdiv((im.fdiv(k0, c) + 1) * c, bq))
+        if bounded:  # a key block that straddles the end is masked for every row
+            f_hi = im.select(k0 + bk <= end, f_hi, 0)
+        f_lo = im.clip(f_lo, lo_b, hi_b)
+        f_hi = im.clip(f_hi, f_lo, hi_b)
+        return lo_b, f_lo, f_hi, hi_b
+
+    def visible(
+        self, sc: MaskScalars, rows: Array, cols: Array, q_ids=None, kv_ids=None
+    ) -> Array | None:
+        """The visibility of query positions ``rows`` and key positions ``cols``
+        (broadcastable int32 arrays; the result has their broadcast shape), or None when
+        nothing is masked. ``q_len`` and ``dense`` are left out: rows past ``q_len`` are
+        zeroed after the loop instead, and kernels that read a dense mask apply it themselves.
+        """
+        ok = None
+
+        def add(c):
+            nonlocal ok
+            ok = c if ok is None else jnp.logical_and(ok, c)
+
+        if self.left is not None:
+            add(cols >= rows - self.left)
+        if self.right is not None:
+            add(cols <= rows + self.right)
+        if self.chunk is not None:
+            add(rows // self.chunk == cols // self.chunk)
+        if self.offset:
+            add(cols <= rows + sc.offset)
+        if self.kv_bound is not None:
+            add(cols < self.kv_bound)
+        if self.kv_len:
+            add(cols < sc.kv_len)
+        if self.segments:
+            add(q_ids == kv_ids)
+        return ok
 
 
 class MaskArrays(NamedTuple):
@@ -695,9 +923,22 @@ class MaskArrays(NamedTuple):
     def scalars(self, plan: MaskPlan) -> list[Array]:
         return [getattr(self, n) for n in plan.scalar_names]
 
+    def columns(self) -> MaskScalars:
+        """The per-batch scalars as ``[B, 1]`` columns, for questions over ``[1, T]`` rows."""
+        col = lambda x: None if x is None else x[:, None]  # noqa: E731
+        return MaskScalars(col(self.q_len), col(self.kv_len), col(self.offset))
 
-class _PlanParts:
-    """What :func:`plan_mask` collects while each mask lowers itself."""
+    def pad(self, q_len: int, kv_len: int) -> MaskArrays:
+        """The arrays for sequences padded to ``q_len`` / ``kv_len`` (segment ids padded so
+        that padded positions match nothing; the caller bounds the keys in its plan)."""
+        if self.q_seg is None:
+            return self
+        q_seg, kv_seg = pad_ids(self.q_seg, self.kv_seg, q_len, kv_len)
+        return self._replace(q_seg=q_seg, kv_seg=kv_seg)
+
+
+class _LowerParts:
+    """What :func:`lower` collects while each mask lowers itself."""
 
     def __init__(self, batch_shape: tuple[int, ...]):
         self.batch_shape = batch_shape
@@ -718,24 +959,31 @@ class _PlanParts:
         return x.reshape((nbatch, *tail)).astype(jnp.int32)
 
     def per_head(self, x: Any) -> Array:
-        """A canonical leaf ``[*B', K', G', ...]`` with its batch dims flattened to one."""
-        nb = len(self.batch_shape)
-        x = jnp.asarray(x)
-        if all(d == 1 for d in x.shape[:nb]):
-            return x.reshape((1,) + x.shape[nb:])
-        x = jnp.broadcast_to(x, self.batch_shape + x.shape[nb:])
-        return x.reshape((math.prod(self.batch_shape),) + x.shape[nb:])
+        return flatten_batch(x, self.batch_shape)
 
 
-def plan_mask(mask: Mask | None, batch_shape: tuple[int, ...]) -> tuple[MaskPlan, MaskArrays]:
-    """Reduces a canonical mask (from :meth:`Mask.canonicalize`) to a plan and its arrays."""
-    parts = _PlanParts(tuple(batch_shape))
+def flatten_batch(x: Any, batch_shape: tuple[int, ...]) -> Array:
+    """A canonical leaf ``[*B', K', G', ...]`` with its batch dims flattened to one: ``[B or 1,
+    K', G', ...]`` (1 when it is broadcast over the whole batch)."""
+    nb = len(batch_shape)
+    x = jnp.asarray(x)
+    if all(d == 1 for d in x.shape[:nb]):
+        return x.reshape((1,) + x.shape[nb:])
+    x = jnp.broadcast_to(x, tuple(batch_shape) + x.shape[nb:])
+    return x.reshape((math.prod(batch_shape),) + x.shape[nb:])
+
+
+def lower(mask: Mask | None, batch_shape: tuple[int, ...]) -> tuple[MaskPlan, MaskArrays]:
+    """Lowers a canonical mask (from :meth:`Mask.canonicalize`) to a :class:`MaskPlan` and
+    its arrays."""
+    parts = _LowerParts(tuple(batch_shape))
     if mask is not None:
         mask._lower(parts)
     v = parts.values
     plan = MaskPlan(
         left=v.get("left"),
         right=v.get("right"),
+        chunk=v.get("chunk"),
         q_len="q_len" in v,
         kv_len="kv_len" in v,
         offset="offset" in v,

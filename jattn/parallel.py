@@ -433,22 +433,13 @@ def _pair_mask(r: _Ring, q0, k0, cq: int, ck: int, q_len, kv_len, q_ids, kv_ids)
 
 def _pair_visible(r: _Ring, q0, k0, cq: int, ck: int, q_len, kv_len):
     """False when the pair's positional mask hides everything (the pair is skipped); a traced
-    bool, or Python True when there is nothing to decide."""
-    conds = []
-    q_last, k_last = q0 + cq - 1, k0 + ck - 1
-    if r.causal:
-        conds.append(k0 <= q_last)
-    if r.window is not None:
-        left, right = r.window
-        if right is not None:
-            conds.append(k0 <= q_last + right)
-        if left is not None:
-            conds.append(k_last >= q0 - left)
-    if q_len is not None:
-        conds.append(jnp.any(q_len > q0))
-    if kv_len is not None:
-        conds.append(jnp.any(kv_len > k0))
-    return functools.reduce(jnp.logical_and, conds) if conds else True
+    bool, or Python True when there is nothing to decide. The mask objects answer it: a pair
+    is one block of rows and keys."""
+    mask = _pair_mask(r, q0, k0, cq, ck, q_len, kv_len, None, None)
+    if mask is None:
+        return True
+    any_, _ = mask.classify(0, 0, cq, ck)
+    return any_ if isinstance(any_, bool) else jnp.any(any_)
 
 
 def _attend(r: _Ring, q, k, v, mask):

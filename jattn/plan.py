@@ -55,6 +55,7 @@ FEATURES = frozenset(
         "bias",
         "causal",
         "local_window",
+        "chunked",  # masks.Chunked
         "lengths",
         "segments",
         "dense_mask",
@@ -122,7 +123,7 @@ class Plan:
 
     def mask_plan(self) -> tuple[masks.MaskPlan, masks.MaskArrays]:
         """The mask as static bounds plus per-batch arrays (batch flattened to one axis)."""
-        return masks.plan_mask(self.mask, self.batch_shape)
+        return masks.lower(self.mask, self.batch_shape)
 
     def with_config(self, config: Any) -> Plan:
         return dataclasses.replace(self, config=config)
@@ -230,6 +231,10 @@ def make_plan(
         h = 1
 
     features = set() if mask_obj is None else set(mask_obj.features)
+    if mask_obj is not None and masks.lower(mask_obj, batch_shape)[0].general:
+        # An intersection that does not reduce to one of each part (two pairs of segment ids,
+        # two chunk sizes that do not divide one another) needs the mask object itself.
+        features.add("mask_algebra")
     features |= {
         name
         for name, on in [

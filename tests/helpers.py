@@ -174,6 +174,7 @@ def brute_force_mask(
     *,
     is_causal=False,
     window=None,
+    chunk=None,
     q_lengths=None,
     kv_lengths=None,
     q_seg=None,
@@ -206,6 +207,8 @@ def brute_force_mask(
                 ok = True
                 if is_causal:
                     ok &= j <= i
+                if chunk is not None:
+                    ok &= i // chunk == j // chunk
                 if window is not None:
                     ok &= i - window[0] <= j <= i + window[1]
                 if ql is not None:
@@ -246,6 +249,10 @@ def mask_kwargs(draw_np: np.random.Generator, batch, n, t, s, choices: dict) -> 
         d = draw_np.random((*batch, heads, t, s)) < 0.7
         kw["mask"] = jnp.asarray(d)
         bf["dense"] = d
+    if choices.get("chunk") is not None:
+        c = masks.Chunked(choices["chunk"])
+        kw["mask"] = c if "mask" not in kw else masks.Dense(kw["mask"]) & c
+        bf["chunk"] = choices["chunk"]
     return kw, bf
 
 
@@ -268,4 +275,17 @@ def cases_mask_objects():
         ),
         "not_causal": (~masks.Causal(0), lambda i, j: j > i),
         "left_only": (masks.LocalWindow(2, None), lambda i, j: j >= i - 2),
+        "chunked_causal": (
+            masks.Chunked(4) & masks.Causal(),
+            lambda i, j: i // 4 == j // 4 and j <= i,
+        ),
+        "chunked_window": (
+            masks.Chunked(6) & masks.LocalWindow(2, 1),
+            lambda i, j: i // 6 == j // 6 and i - 2 <= j <= i + 1,
+        ),
+        "two_chunkings": (masks.Chunked(6) & masks.Chunked(3), lambda i, j: i // 3 == j // 3),
+        "chunks_or_first": (
+            masks.Chunked(5) | masks.LocalWindow(None, 0) & ~masks.LocalWindow(0, None),
+            lambda i, j: i // 5 == j // 5 or j < i,
+        ),
     }

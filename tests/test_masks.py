@@ -17,7 +17,7 @@ T, S = 13, 17
 def random_masks(draw, depth=2):
     """A random mask tree over one head of size T x S, with its brute-force value."""
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
-    kind = draw(st.sampled_from(["causal", "window", "lengths", "segments", "dense"]))
+    kind = draw(st.sampled_from(["causal", "window", "chunked", "lengths", "segments", "dense"]))
     if depth > 0 and draw(st.booleans()):
         op = draw(st.sampled_from(["and", "or", "not"]))
         a, av = draw(random_masks(depth - 1))
@@ -38,6 +38,9 @@ def random_masks(draw, depth=2):
         if right is not None:
             val &= j <= i + right
         return masks.LocalWindow(left, right), val
+    if kind == "chunked":
+        c = draw(st.integers(1, 8))
+        return masks.Chunked(c), i // c == j // c
     if kind == "lengths":
         ql, kl = int(rng.integers(0, T + 1)), int(rng.integers(0, S + 1))
         return masks.Lengths(jnp.int32(ql), jnp.int32(kl)), (i < ql) & (j < kl)
@@ -101,3 +104,13 @@ def test_pad_keeps_values_and_hides_padding():
 def test_window_validation():
     with pytest.raises(ValueError, match="left must be a non-negative int"):
         masks.LocalWindow(-1, 0)
+
+
+def test_chunked_validation_and_lowering():
+    with pytest.raises(ValueError, match="Chunked size must be a positive int"):
+        masks.Chunked(0)
+    plan, _ = masks.lower(masks.Chunked(8) & masks.Chunked(4) & masks.Causal(), ())
+    assert (plan.chunk, plan.right, plan.general) == (4, 0, False)
+    plan, _ = masks.lower(masks.Chunked(6) & masks.Chunked(4), ())
+    assert plan.general  # 6 and 4: no single chunk size says it
+    assert masks.Chunked(4).features == {"chunked"}

@@ -16,8 +16,8 @@ offset) and the segment ids. The registry only sends the Pallas kernels masks of
 
 The same plan gives, for one block of queries, the range of key blocks any of its rows can see
 and the sub-range of key blocks where no entry is masked (and the same for one block of keys,
-for the dK/dV pass), so the kernels loop only over visible blocks and apply the mask only on
-the blocks at the edges.
+for the dK/dV pass: :meth:`MaskPlan.kv_blocks`, :meth:`MaskPlan.q_blocks`), so the kernels
+loop only over visible blocks and apply the mask only on the blocks at the edges.
 
 Numerics, as in :mod:`jattn.kernels.flash`: base-2 logits (``log2 e`` folded into the scale),
 softcap before masking, ``-inf`` for masked entries with a guard for empty rows (zeros,
@@ -30,14 +30,14 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jattn import _intmath as im
 from jattn.kernels.common import KernelOutput
 from jattn.masks import MaskArrays, MaskPlan
+from jattn.masks import MaskScalars as Scalars
 from jattn.plan import Plan
 
 __all__ = [
@@ -54,19 +54,16 @@ __all__ = [
     "dlogits",
     "flash_vjp",
     "ids_overlap",
-    "kv_blocks",
     "launch",
     "mask_logits",
     "normalize",
     "pad_to",
-    "plan_mask",
+    "padded_mask",
     "next_pow2",
-    "q_blocks",
     "rescale",
     "round_up",
     "scalars",
     "split_refs",
-    "visible",
 ]
 
 # What both Pallas kernels serve; the registry refuses the other features before a kernel runs.
@@ -74,6 +71,7 @@ SUPPORTS = frozenset(
     {
         "causal",
         "local_window",
+        "chunked",
         "lengths",
         "segments",
         "softcap",
@@ -148,7 +146,7 @@ def launch(q: Array, k: Array, v: Array, plan: Plan, kernel: Kernel, *, interpre
     b = {f: kernel.fit(cfg, f, t if f.startswith("block_q") else s, interpret) for f in BLOCKS}
     tp = round_up(t, math.lcm(b["block_q"], b["block_q_dkv"], b["block_q_dq"]))
     sp = round_up(s, math.lcm(b["block_k"], b["block_k_dkv"], b["block_k_dq"]))
-    mask_plan, arrays = plan_mask(plan, tp, sp)
+    mask_plan, arrays = padded_mask(plan, tp, sp)
     st = Static(
         scale=plan.scale,
         softcap=plan.softcap,
@@ -174,19 +172,12 @@ def launch(q: Array, k: Array, v: Array, plan: Plan, kernel: Kernel, *, interpre
     return KernelOutput(out, lse, None)
 
 
-def plan_mask(plan: Plan, tp: int, sp: int) -> tuple[MaskPlan, MaskArrays]:
+def padded_mask(plan: Plan, tp: int, sp: int) -> tuple[MaskPlan, MaskArrays]:
     """:meth:`Plan.mask_plan` for a kernel that runs on lengths padded to ``tp``/``sp``:
     keys past the true count are never visible, padded segment ids never match."""
     mask_plan, arrays = plan.mask_plan()
-    if arrays.q_seg is not None:
-        # Distinct negative ids: padded queries and keys never match anything.
-        q_seg, kv_seg = arrays.q_seg, arrays.kv_seg
-        arrays = arrays._replace(
-            q_seg=jnp.pad(q_seg, ((0, 0), (0, tp - q_seg.shape[1])), constant_values=-1),
-            kv_seg=jnp.pad(kv_seg, ((0, 0), (0, sp - kv_seg.shape[1])), constant_values=-2),
-        )
     s = plan.kv_seq_len
-    return dataclasses.replace(mask_plan, kv_bound=s if sp != s else None), arrays
+    return dataclasses.replace(mask_plan, kv_bound=s if sp != s else None), arrays.pad(tp, sp)
 
 
 def flash_vjp(forward: Callable, backward: Callable, rows: str) -> Callable:
@@ -233,14 +224,6 @@ def flash_vjp(forward: Callable, backward: Callable, rows: str) -> Callable:
 # Inside a kernel.
 
 
-class Scalars(NamedTuple):
-    """One batch element's scalars inside a kernel (traced int32 scalars, or None)."""
-
-    q_len: Any = None
-    kv_len: Any = None
-    offset: Any = None
-
-
 def scalars(plan: MaskPlan, values) -> Scalars:
     """The plan's per-batch scalars (read from their refs, in ``plan.scalar_names`` order)."""
     return Scalars(**dict(zip(plan.scalar_names, values, strict=True)))
@@ -279,7 +262,7 @@ def mask_logits(
 ) -> Array:
     """``s`` with ``-inf`` where the query positions ``rows`` may not see the key positions
     ``cols`` (both broadcastable to ``s``, as are the segment ids)."""
-    ok = visible(plan, sc, rows, cols, q_ids, kv_ids)
+    ok = plan.visible(sc, rows, cols, q_ids, kv_ids)
     return s if ok is None else jnp.where(ok, s, -jnp.inf)
 
 
@@ -319,109 +302,6 @@ def ids_overlap(q_ids: Array, kv_ids: Array) -> Array:
     """Whether the id ranges of a block of queries and one of keys meet (else no entry of the
     block is visible)."""
     return (q_ids.min() <= kv_ids.max()) & (kv_ids.min() <= q_ids.max())
-
-
-# ---------------------------------------------------------------------------------------------
-# Block ranges.
-
-
-def _kv_end(plan: MaskPlan, sc: Scalars, sp: int) -> Any:
-    """One past the last key any row may see, from the key-side bounds."""
-    end: Any = sp if plan.kv_bound is None else plan.kv_bound
-    if plan.kv_len:
-        end = im.imin(end, im.imax(sc.kv_len, 0))
-    return end
-
-
-def _right(plan: MaskPlan, sc: Scalars) -> Any:
-    """The tightest ``j <= i + right`` bound, or None."""
-    if plan.offset:
-        return sc.offset if plan.right is None else im.imin(sc.offset, plan.right)
-    return plan.right
-
-
-def kv_blocks(plan: MaskPlan, sc: Scalars, q0: Any, bq: int, bk: int, sp: int):
-    """Key blocks for the query rows ``[q0, q0 + bq)``: ``(lo, full_lo, full_hi, hi)``.
-
-    Blocks ``[lo, hi)`` hold every visible key; of those, ``[full_lo, full_hi)`` have no masked
-    entry (rows past ``q_len`` aside: their results are zeroed afterwards, and their ``lse`` of
-    ``-inf`` zeroes their gradients). ``lo <= full_lo <= full_hi <= hi <= sp // bk``.
-    """
-    nk = sp // bk
-    right = _right(plan, sc)
-    end = _kv_end(plan, sc, sp)
-    lo: Any = 0 if plan.left is None else im.imax(0, q0 - plan.left)
-    hi: Any = end if right is None else im.imin(end, im.imax(0, q0 + bq + right))
-    if plan.q_len:
-        hi = im.select(q0 < sc.q_len, hi, 0)
-    lo_b = im.imin(im.fdiv(lo, bk), nk)
-    hi_b = im.imax(lo_b, im.cdiv(hi, bk))
-    if plan.segments:  # ids are only known block by block: every block is masked
-        return lo_b, lo_b, lo_b, hi_b
-    f_lo: Any = lo_b if plan.left is None else im.cdiv(im.imax(0, q0 + bq - 1 - plan.left), bk)
-    f_hi: Any = nk if right is None else im.fdiv(im.imax(0, q0 + right + 1), bk)
-    if plan.kv_bound is not None or plan.kv_len:
-        f_hi = im.imin(f_hi, im.fdiv(end, bk))
-    f_lo = im.clip(f_lo, lo_b, hi_b)
-    f_hi = im.clip(f_hi, f_lo, hi_b)
-    return lo_b, f_lo, f_hi, hi_b
-
-
-def q_blocks(plan: MaskPlan, sc: Scalars, k0: Any, bk: int, bq: int, tp: int, sp: int):
-    """Query blocks whose rows see keys ``[k0, k0 + bk)``: ``(lo, full_lo, full_hi, hi)``,
-    as in :func:`kv_blocks` with the roles of rows and columns swapped."""
-    nq = tp // bq
-    right = _right(plan, sc)
-    lo: Any = 0 if right is None else im.imax(0, k0 - right)
-    hi: Any = tp
-    if plan.q_len:
-        hi = im.imin(hi, im.imax(sc.q_len, 0))
-    if plan.left is not None:
-        hi = im.imin(hi, k0 + bk + plan.left)
-    bounded = plan.kv_bound is not None or plan.kv_len
-    end = _kv_end(plan, sc, sp)
-    if bounded:
-        hi = im.select(k0 < end, hi, 0)
-    lo_b = im.imin(im.fdiv(lo, bq), nq)
-    hi_b = im.imax(lo_b, im.cdiv(hi, bq))
-    if plan.segments:
-        return lo_b, lo_b, lo_b, hi_b
-    f_lo: Any = lo_b if right is None else im.cdiv(im.imax(0, k0 + bk - 1 - right), bq)
-    f_hi: Any = hi_b if plan.left is None else im.fdiv(k0 + plan.left + 1, bq)
-    if bounded:  # a key block that straddles the end is masked for every row
-        f_hi = im.select(k0 + bk <= end, f_hi, 0)
-    f_lo = im.clip(f_lo, lo_b, hi_b)
-    f_hi = im.clip(f_hi, f_lo, hi_b)
-    return lo_b, f_lo, f_hi, hi_b
-
-
-def visible(
-    plan: MaskPlan, sc: Scalars, rows: Array, cols: Array, q_ids=None, kv_ids=None
-) -> Array | None:
-    """The visibility of query positions ``rows`` and key positions ``cols`` (broadcastable
-    int32 arrays; the result has their broadcast shape), or None when nothing is masked.
-
-    ``q_len`` is left out: rows past it are zeroed after the loop instead.
-    """
-    ok = None
-
-    def add(c):
-        nonlocal ok
-        ok = c if ok is None else jnp.logical_and(ok, c)
-
-    if plan.left is not None:
-        add(cols >= rows - plan.left)
-    if plan.right is not None:
-        add(cols <= rows + plan.right)
-    if plan.offset:
-        add(cols <= rows + sc.offset)
-    if plan.kv_bound is not None:
-        add(cols < plan.kv_bound)
-    if plan.kv_len:
-        add(cols < sc.kv_len)
-    if plan.segments:
-        add(q_ids == kv_ids)
-    return ok
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ __all__ = ["AVAILABLE", "LIBRARY", "SUPPORTS", "UNAVAILABLE_REASON", "cpu_attent
 Array = jax.Array
 
 # Everything but unions/complements of masks, float64 and the weights.
-SUPPORTS = FEATURES - {"mask_algebra", "float64", "return_weights"}
+SUPPORTS = FEATURES - {"mask_algebra", "float64", "return_weights", "chunked"}
 
 _FWD = "jattn_cpu_forward"
 _BWD = "jattn_cpu_backward"

@@ -75,23 +75,13 @@ def jax_nn_kwargs(plan: Plan) -> dict:
     return kw
 
 
-def _empty_rows(kw: dict, nb: int, t: int, s: int) -> Array | None:
-    """``[B, T]``: True for the query rows that see no key, or None when none can."""
-    rows = jnp.arange(t, dtype=jnp.int32)[None, :]
-    lo = jnp.zeros((1, t), jnp.int32)
-    hi = jnp.full((nb, t), s, jnp.int32)
-    if "key_value_seq_lengths" in kw:
-        hi = jnp.minimum(hi, kw["key_value_seq_lengths"][:, None])
-    if kw["is_causal"]:
-        hi = jnp.minimum(hi, rows + 1)
-    if "local_window_size" in kw:
-        lo = jnp.maximum(lo, rows - kw["local_window_size"][0])
-    empty = lo >= hi
-    if "query_seq_lengths" in kw:
-        empty = empty | (rows >= kw["query_seq_lengths"][:, None])
-    if not ("key_value_seq_lengths" in kw or "query_seq_lengths" in kw or t > s):
+def _empty_rows(plan: Plan, t: int, s: int) -> Array | None:
+    """``[B or 1, T]``: True for the query rows that see no key, or None when none can."""
+    mask_plan, arrays = plan.mask_plan()
+    if not (mask_plan.kv_len or mask_plan.q_len or t > s):
         return None  # causal rows always see key 0, windows always see the diagonal
-    return empty
+    lo, hi = mask_plan.row_bounds(arrays.columns(), jnp.arange(t, dtype=jnp.int32)[None, :], s)
+    return lo >= hi
 
 
 def cudnn_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
@@ -109,7 +99,7 @@ def cudnn_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput
         implementation="cudnn",
         **kw,
     )
-    empty = _empty_rows(kw, nb, t, s)
+    empty = _empty_rows(plan, t, s)
     if empty is not None:
         out = jnp.where(empty[:, :, None, None], jnp.zeros((), out.dtype), out)
     return KernelOutput(out.reshape(*batch, t, n, h), None, None)

@@ -3,7 +3,7 @@
 One launch covers the whole call: the grid is ``(query blocks, batch, heads)`` and each program
 keeps one ``[block_q, D]`` query tile in registers while it loops (``lax.fori_loop``, pipelined
 by Triton over ``num_stages``) over the key/value blocks its mask can see, with the online
-softmax in float32. The loop is split in three by :func:`_pallas_common.kv_blocks`: masked
+softmax in float32. The loop is split in three by :meth:`jattn.masks.MaskPlan.kv_blocks`: masked
 blocks on the left edge, unmasked blocks in the middle, masked blocks on the right edge, so a
 causal or windowed call neither visits empty blocks nor evaluates the mask on full ones.
 
@@ -294,7 +294,7 @@ def _fwd_kernel(*refs, st: pc.Static):
         jnp.zeros((bq,), jnp.float32),
         jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
     )
-    bounds = pc.kv_blocks(st.plan, sc, q0, bq, bk, st.sp)
+    bounds = st.plan.kv_blocks(sc, q0, bq, bk, st.sp)
     m, l, acc = _run_blocks(st, bounds, step, init, overlap)
     valid = (rows < sc.q_len) if st.plan.q_len else None
     out, lse2 = pc.normalize(acc, m, l, lambda x: x[:, None], valid)
@@ -372,7 +372,7 @@ def _dkv_kernel(*refs, st: pc.Static):
         def overlap(i):
             return pc.ids_overlap(qseg_ref[pl.ds(pl.multiple_of(i * bq, bq), bq)], kv_ids)
 
-        bounds = pc.q_blocks(st.plan, sc, k0, bk, bq, st.tp, st.sp)
+        bounds = st.plan.q_blocks(sc, k0, bk, bq, st.tp, st.sp)
         return _run_blocks(st, bounds, step, carry, overlap)
 
     init = (
@@ -411,7 +411,7 @@ def _dq_kernel(*refs, st: pc.Static):
     def overlap(j):
         return pc.ids_overlap(q_ids, kvseg_ref[pl.ds(pl.multiple_of(j * bk, bk), bk)])
 
-    bounds = pc.kv_blocks(st.plan, sc, q0, bq, bk, st.sp)
+    bounds = st.plan.kv_blocks(sc, q0, bq, bk, st.sp)
     dq = _run_blocks(st, bounds, step, jnp.zeros((bq, q_ref.shape[-1]), jnp.float32), overlap)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 

@@ -216,7 +216,7 @@ def _kv_map(st: pc.Static, bq: int, bk: int):
     plan, nk = st.plan, st.sp // bk
 
     def kv_map(b, hh, i, j, *sc_refs):
-        lo, _, _, hi = pc.kv_blocks(plan, _scalars(plan, sc_refs, b), i * bq, bq, bk, st.sp)
+        lo, _, _, hi = plan.kv_blocks(_scalars(plan, sc_refs, b), i * bq, bq, bk, st.sp)
         return (b, im.fdiv(hh, st.groups), _clamp_block(j, lo, hi, nk), 0)
 
     return kv_map
@@ -260,7 +260,7 @@ def _fwd_kernel(*refs, st: pc.Static):
     nk = st.sp // bk
     sc = _scalars(plan, sc_refs, b)
     q0, k0 = i * bq, j * bk
-    lo, f_lo, f_hi, hi = pc.kv_blocks(plan, sc, q0, bq, bk, st.sp)
+    lo, f_lo, f_hi, hi = plan.kv_blocks(sc, q0, bq, bk, st.sp)
     dv = acc_ref.shape[-1]
 
     @pl.when(j == 0)
@@ -343,7 +343,7 @@ def _dkv_kernel(*refs, st: pc.Static):
     i = lax.rem(r, jnp.int32(nq))  # the sequential axis walks (group head, query block)
     sc = _scalars(plan, sc_refs, b)
     q0, k0 = i * bq, j * bk
-    lo, f_lo, f_hi, hi = pc.q_blocks(plan, sc, k0, bk, bq, st.tp, st.sp)
+    lo, f_lo, f_hi, hi = plan.q_blocks(sc, k0, bk, bq, st.tp, st.sp)
 
     @pl.when(r == 0)
     def _init():
@@ -380,7 +380,7 @@ def _dq_kernel(*refs, st: pc.Static):
     nk = st.sp // bk
     sc = _scalars(plan, sc_refs, b)
     q0, k0 = i * bq, j * bk
-    lo, f_lo, f_hi, hi = pc.kv_blocks(plan, sc, q0, bq, bk, st.sp)
+    lo, f_lo, f_hi, hi = plan.kv_blocks(sc, q0, bq, bk, st.sp)
 
     @pl.when(j == 0)
     def _init():
@@ -420,7 +420,7 @@ def _backward(st: pc.Static, q, k, v, arrays, g_out, lse, delta):
     nq, nk = tp // bq, sp // bk
 
     def q_of(b, hh, j, r, sc_refs):
-        lo, _, _, hi = pc.q_blocks(plan, _scalars(plan, sc_refs, b), j * bk, bk, bq, tp, sp)
+        lo, _, _, hi = plan.q_blocks(_scalars(plan, sc_refs, b), j * bk, bk, bq, tp, sp)
         head = hh * g + im.fdiv(r, nq)
         return head, _clamp_block(lax.rem(r, jnp.int32(nq)), lo, hi, nq)
 

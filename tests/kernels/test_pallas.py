@@ -208,6 +208,8 @@ def _brute(plan: pc.MaskPlan, sc: pc.Scalars, tp: int, sp: int, seg=None) -> np.
         ok &= j >= i - plan.left
     if plan.right is not None:
         ok &= j <= i + plan.right
+    if plan.chunk is not None:
+        ok &= i // plan.chunk == j // plan.chunk
     if plan.offset:
         ok &= j <= i + sc.offset
     if plan.kv_bound is not None:
@@ -221,12 +223,13 @@ def _brute(plan: pc.MaskPlan, sc: pc.Scalars, tp: int, sp: int, seg=None) -> np.
 
 def test_block_ranges_are_sound_and_tight():
     rng = np.random.default_rng(0)
-    for _ in range(300):
+    for _ in range(600):
         bq, bk = int(rng.choice([1, 2, 4, 8])), int(rng.choice([1, 2, 4, 8]))
         tp, sp = bq * int(rng.integers(1, 6)), bk * int(rng.integers(1, 6))
         plan = pc.MaskPlan(
             left=None if rng.random() < 0.5 else int(rng.integers(0, 6)),
             right=None if rng.random() < 0.4 else int(rng.integers(-3, 6)),
+            chunk=None if rng.random() < 0.6 else int(rng.integers(1, 9)),
             kv_bound=None if rng.random() < 0.5 else int(rng.integers(1, sp + 1)),
             q_len=bool(rng.random() < 0.5),
             kv_len=bool(rng.random() < 0.5),
@@ -241,7 +244,7 @@ def test_block_ranges_are_sound_and_tight():
         # Masked-entry check without q_len: rows past it are zeroed afterwards instead.
         vis_rows = _brute(dataclasses.replace(plan, q_len=False), sc, tp, sp)
         for qb in range(tp // bq):
-            lo, f_lo, f_hi, hi = pc.kv_blocks(plan, sc, qb * bq, bq, bk, sp)
+            lo, f_lo, f_hi, hi = plan.kv_blocks(sc, qb * bq, bq, bk, sp)
             assert 0 <= lo <= f_lo <= f_hi <= hi <= sp // bk, (plan, sc, qb)
             rows = slice(qb * bq, qb * bq + bq)
             for kb in range(sp // bk):
@@ -251,7 +254,7 @@ def test_block_ranges_are_sound_and_tight():
                 if f_lo <= kb < f_hi:
                     assert vis_rows[rows, blk].all(), (plan, sc, qb, kb)
         for kb in range(sp // bk):
-            lo, f_lo, f_hi, hi = pc.q_blocks(plan, sc, kb * bk, bk, bq, tp, sp)
+            lo, f_lo, f_hi, hi = plan.q_blocks(sc, kb * bk, bk, bq, tp, sp)
             assert 0 <= lo <= f_lo <= f_hi <= hi <= tp // bq, (plan, sc, kb)
             blk = slice(kb * bk, kb * bk + bk)
             for qb in range(tp // bq):
@@ -267,9 +270,43 @@ def test_causal_blocks_are_skipped():
     diagonal block is masked."""
     plan = pc.MaskPlan(right=0)
     sc = pc.Scalars()
-    assert pc.kv_blocks(plan, sc, 0, 16, 16, 64) == (0, 0, 0, 1)
-    assert pc.kv_blocks(plan, sc, 32, 16, 16, 64) == (0, 0, 2, 3)
-    assert pc.q_blocks(plan, sc, 32, 16, 16, 64, 64) == (2, 3, 4, 4)
+    assert plan.kv_blocks(sc, 0, 16, 16, 64) == (0, 0, 0, 1)
+    assert plan.kv_blocks(sc, 32, 16, 16, 64) == (0, 0, 2, 3)
+    assert plan.q_blocks(sc, 32, 16, 16, 64, 64) == (2, 3, 4, 4)
+
+
+def test_chunked_blocks_are_skipped_and_full():
+    """Chunked & causal: a query block sees only its own chunk, and the blocks of that chunk
+    below the diagonal run unmasked; another chunk's blocks are never visited."""
+    plan = pc.MaskPlan(right=0, chunk=64)
+    sc = pc.Scalars()
+    assert plan.kv_blocks(sc, 64 + 32, 16, 16, 256) == (4, 4, 6, 7)
+    assert plan.q_blocks(sc, 64, 16, 16, 256, 256) == (4, 5, 8, 8)
+
+
+def test_row_bounds_match_brute_force():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        t, s = int(rng.integers(1, 30)), int(rng.integers(1, 30))
+        plan = pc.MaskPlan(
+            left=None if rng.random() < 0.5 else int(rng.integers(0, 6)),
+            right=None if rng.random() < 0.4 else int(rng.integers(-3, 6)),
+            chunk=None if rng.random() < 0.5 else int(rng.integers(1, 9)),
+            q_len=bool(rng.random() < 0.5),
+            kv_len=bool(rng.random() < 0.5),
+            offset=bool(rng.random() < 0.3),
+        )
+        sc = pc.Scalars(
+            q_len=int(rng.integers(0, t + 1)),
+            kv_len=int(rng.integers(0, s + 1)),
+            offset=int(rng.integers(-3, 6)),
+        )
+        vis = _brute(plan, sc, t, s)
+        lo, hi = plan.row_bounds(sc, jnp.arange(t), s)
+        lo, hi = np.broadcast_to(lo, (t,)), np.broadcast_to(hi, (t,))
+        j = np.arange(s)[None, :]
+        want = (j >= lo[:, None]) & (j < hi[:, None])
+        np.testing.assert_array_equal(want, vis, err_msg=str((plan, sc)))
 
 
 # ---------------------------------------------------------------------------------------------

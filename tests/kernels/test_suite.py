@@ -158,6 +158,7 @@ def mask_calls(draw):
         window=draw(
             st.none() | st.integers(0, 4) | st.tuples(st.integers(0, 4), st.integers(0, 4))
         ),
+        chunk=draw(st.none() | st.integers(1, 8)),
         lengths=draw(st.booleans()),
         segments=draw(st.booleans()) and (self_attn or draw(st.booleans())),
         dense=draw(st.booleans()),
@@ -172,6 +173,7 @@ def mask_calls(draw):
 _CHOICE_FEATURES = {
     "causal": "causal",
     "window": "local_window",
+    "chunk": "chunked",
     "lengths": "lengths",
     "segments": "segments",
     "dense": "dense_mask",
@@ -180,7 +182,11 @@ _CHOICE_FEATURES = {
 }
 
 
-_OFF = {"window": None, "softcap": None}  # the value of a choice left out (else False)
+_OFF = {
+    "window": None,
+    "chunk": None,
+    "softcap": None,
+}  # the value of a choice left out (else False)
 
 
 def _fit(impl, case):
