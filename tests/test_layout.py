@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,33 @@ def test_default_order_follows_the_literal_order():
     # Every name in the orders is an implementation the project has, registered or not.
     names = {n for sizes in jattn.kernels.DEFAULT_ORDER.values() for o in sizes.values() for n in o}
     assert names <= set(jattn.kernels.REGISTRY) | set(jattn.kernels.UNAVAILABLE)
+
+
+def test_public_names_are_pinned():
+    assert sorted(jattn.__all__) == [
+        "attention",
+        "kernels",
+        "masked_softmax",
+        "masks",
+        "nn",
+        "optim",
+        "parallel",
+        "plan",
+    ]
+    for name in jattn.__all__:
+        assert getattr(jattn, name) is not None
+
+
+def test_import_loads_neither_flax_nor_optax():
+    """A user who only calls the kernels does not import Flax or optax; jattn.nn and
+    jattn.optim bring them in when first used."""
+    code = (
+        "import sys, jattn\n"
+        "print(sorted(m for m in ('flax', 'optax') if m in sys.modules))\n"
+        "jattn.optim, jattn.nn\n"
+        "print(sorted(m for m in ('flax', 'optax') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    ).stdout.split("\n")
+    assert out[:2] == ["[]", "['flax', 'optax']"]
