@@ -30,6 +30,11 @@ def _warn(msg: str) -> None:
     print(f"warning: jattn native CPU kernel not built: {msg}", file=sys.stderr)
 
 
+# Written next to the library when it was not built, with the reason: jattn/kernels/cpu.py
+# reports it (jattn.kernels.UNAVAILABLE["cpu"]) instead of a bare "missing".
+BUILD_ERROR = "_jattn_cpu.build-error.txt"
+
+
 def _ffi_include_dir() -> str | None:
     """jaxlib's include/ (what jax.ffi.include_dir() returns), found without importing jax."""
     spec = importlib.util.find_spec("jaxlib")
@@ -55,23 +60,47 @@ class BuildNative(build_ext):
     def get_export_symbols(self, ext):  # no PyInit_ function to export
         return [] if ext.name == LIB else super().get_export_symbols(ext)
 
+    def run(self):
+        # setuptools clears `inplace` while it builds and copies the results afterwards.
+        self._to_source = bool(self.inplace or getattr(self, "editable_mode", False))
+        super().run()
+
     def build_extension(self, ext):
         if ext.name != LIB:
             return super().build_extension(ext)
+        # The build folder's copy, and the source tree's for in-place and editable builds
+        # (where the library itself is copied next to the sources).
+        notes = [Path(self.get_ext_fullpath(ext.name)).with_name(BUILD_ERROR)]
+        if self._to_source:
+            notes.append(Path(__file__).resolve().parent / "jattn" / "kernels" / BUILD_ERROR)
+        for note in notes:
+            note.unlink(missing_ok=True)
+        reason = self._build_native(ext)
+        if reason is not None:
+            _warn(reason)
+            for note in notes:
+                note.parent.mkdir(parents=True, exist_ok=True)
+                note.write_text(reason + "\n")
+
+    def _build_native(self, ext) -> str | None:
+        """Builds the library; returns why it was not built, or None."""
         want = os.environ.get("JATTN_BUILD_NATIVE", "")
         if want == "0":
-            return _warn("JATTN_BUILD_NATIVE=0")
+            return "skipped: JATTN_BUILD_NATIVE=0"
         supported = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
         if not supported and want != "1":
-            return _warn(f"unsupported platform {sys.platform}/{platform.machine()}")
+            return f"unsupported platform {sys.platform}/{platform.machine()}"
         inc = _ffi_include_dir()
         if inc is None:
-            return _warn("the XLA FFI headers (jaxlib/include) were not found")
+            return "the XLA FFI headers (jaxlib/include) were not found at build time"
         ext.include_dirs = [*ext.include_dirs, inc]
         try:
             super().build_extension(ext)
-        except Exception as e:  # a missing or failing compiler must not fail the install
-            _warn(f"{type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - a failing compiler must not fail the install
+            # setuptools' CompileError carries the compiler's exit only; its output went to
+            # the build log above.
+            return f"the build failed: {type(e).__name__}: {e}"
+        return None
 
 
 setup(

@@ -44,6 +44,7 @@ Array = jax.Array
 # Everything but unions/complements of masks, float64 and the weights.
 SUPPORTS = FEATURES - {"mask_algebra", "float64", "return_weights", "chunked"}
 
+_BUILD_ERROR = "_jattn_cpu.build-error.txt"  # setup.py writes why it did not build the library
 _FWD = "jattn_cpu_forward"
 _BWD = "jattn_cpu_backward"
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -57,6 +58,9 @@ def _library_path() -> Path:
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
     path = _library_path()
     if not path.is_file():
+        why = path.with_name(_BUILD_ERROR)
+        if why.is_file():
+            return None, f"native library not built: {why.read_text().strip()}"
         return None, f"native library not built: {path} missing"
     try:
         lib = ctypes.CDLL(str(path))

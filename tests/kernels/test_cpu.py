@@ -5,9 +5,11 @@ with jit / vmap / grad / checkpoint / shard_map."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +86,40 @@ def test_unloadable_library_is_reported(tmp_path):
         JATTN_CPU_LIBRARY=str(bad),
     )
     assert "failed to load" in out
+
+
+def test_why_the_build_failed_is_reported(tmp_path):
+    """setup.py leaves the reason next to where the library would be; the registry says it."""
+    (tmp_path / "_jattn_cpu.build-error.txt").write_text("the build failed: CompileError\n")
+    out = _run_python(
+        """
+        from jattn import kernels
+        print(kernels.UNAVAILABLE["cpu"])
+        """,
+        JATTN_CPU_LIBRARY=str(tmp_path / "_jattn_cpu.so"),
+    )
+    assert "native library not built: the build failed: CompileError" in out
+
+
+def test_setup_records_why_it_did_not_build(tmp_path):
+    """A build that is skipped writes its reason where cpu.py looks for it."""
+    root = Path(__file__).resolve().parents[2]
+    shutil.copy(root / "setup.py", tmp_path / "setup.py")
+    shutil.copytree(root / "csrc", tmp_path / "csrc")
+    (tmp_path / "jattn" / "kernels").mkdir(parents=True)
+    (tmp_path / "jattn" / "__init__.py").write_text("")
+    (tmp_path / "jattn" / "kernels" / "__init__.py").write_text("")
+    env = dict(os.environ, JATTN_BUILD_NATIVE="0")
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    note = tmp_path / "jattn" / "kernels" / "_jattn_cpu.build-error.txt"
+    assert note.read_text().strip() == "skipped: JATTN_BUILD_NATIVE=0"
 
 
 @needs_lib
