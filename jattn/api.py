@@ -13,6 +13,7 @@ import numpy as np
 from jattn import kernels, masks
 from jattn.kernels.common import KernelOutput
 from jattn.plan import Plan, make_plan
+from jattn.softmax import merge_sinks
 
 __all__ = ["attention"]
 
@@ -34,6 +35,7 @@ def attention(
     local_window_size: int | tuple[int, int] | None = None,
     segment_ids: ArrayLike | tuple[ArrayLike, ArrayLike] | None = None,
     softcap: float | None = None,
+    sinks: ArrayLike | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     implementation: str | Sequence[str] | None = None,
@@ -63,6 +65,11 @@ def attention(
       segment_ids: int ``[*B, T]`` (self attention, T == S) or a pair ``(q_ids [*B, T],
         kv_ids [*B, S])``: attend only within equal ids (sequence packing).
       softcap: ``c`` applies ``c · tanh(logits / c)`` to the scaled logits, before bias and mask.
+      sinks: float broadcastable to ``[*B, N]``: one learned logit ``s`` per query head that
+        joins each row's softmax denominator without a value (gpt-oss attention sinks):
+        ``out_i = sum_j exp(l_ij) v_j / (exp(s) + sum_j exp(l_ij))``. Differentiable; the
+        returned ``lse`` includes it, the returned weights do not (their rows sum to less than
+        one); ``-inf`` is no sink. Every implementation takes it except ``cudnn``.
       dropout_rate: probability of dropping an attention weight; needs ``dropout_rng``.
       dropout_rng: a PRNG key. The dropout pattern depends only on the key and positions, so
         every implementation draws the same one.
@@ -107,6 +114,7 @@ def attention(
         local_window_size=local_window_size,
         segment_ids=segment_ids,
         softcap=softcap,
+        sinks=sinks,
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
         return_weights=return_weights,
@@ -115,6 +123,8 @@ def attention(
     candidates, reasons = kernels.select(plan, implementation, config)
     if _is_empty(plan):
         out, lse, weights = _empty_result(plan, q.dtype)
+        if plan.sinks is not None and lse is not None:
+            lse = merge_sinks(out, lse, _sinks_per_head(plan))[1]
     else:
         for impl, impl_plan in candidates:
             try:
@@ -177,7 +187,7 @@ def _run(impl_name: str, q: Array, k: Array, v: Array, plan: Plan):
         # the user's layout and the plan's leaves in their canonical [*B', K', G', ...] form,
         # and index heads themselves.
         res = impl.fn(q, k, v, plan=plan)
-        return res.out, res.lse, res.weights
+        return _with_sinks(plan, res.out, res.lse, res.weights)
     nb = q.ndim - 3
     *batch, t, n, h = q.shape
     s, kh, hv = k.shape[-3], k.shape[-2], v.shape[-1]
@@ -196,7 +206,21 @@ def _run(impl_name: str, q: Array, k: Array, v: Array, plan: Plan):
     out = jnp.moveaxis(out, nb, nb + 1)
     lse = None if res.lse is None else res.lse.reshape(*batch, n, t)
     weights = None if res.weights is None else res.weights.reshape(*batch, n, t, s)
-    return out, lse, weights
+    return _with_sinks(plan, out, lse, weights)
+
+
+def _with_sinks(plan: Plan, out: Array, lse: Array | None, weights: Array | None):
+    """The kernel's results with the plan's sinks merged in (as they are without sinks)."""
+    if plan.sinks is None:
+        return out, lse, weights
+    return merge_sinks(out, lse, _sinks_per_head(plan), weights)
+
+
+def _sinks_per_head(plan: Plan) -> Array:
+    """The canonical ``[*B', K', G']`` sinks as ``[*B, N]``."""
+    nb = len(plan.batch_shape)
+    s = jnp.broadcast_to(plan.sinks, (*plan.sinks.shape[:nb], plan.num_kv_heads, plan.group_size))
+    return s.reshape(*s.shape[:nb], plan.num_heads)
 
 
 def _vmap_leading(fn, args: tuple, sizes: tuple[int, ...]):

@@ -47,6 +47,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jattn import masks
 from jattn.api import attention
 from jattn.plan import make_plan, parse_segment_ids, parse_window
+from jattn.softmax import merge_sinks
 
 __all__ = [
     "LAYOUTS",
@@ -157,6 +158,7 @@ def ring_attention(
     local_window_size: int | tuple[int, int] | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    sinks: ArrayLike | None = None,
     implementation: str | Sequence[str] | None = None,
     config: Any = None,
     layout: str = "contiguous",
@@ -187,6 +189,8 @@ def ring_attention(
       scale, softcap, implementation, config: as for :func:`jattn.attention`, used by the
         kernel on each device. For long sequences pick a kernel whose memory is linear in the
         block (``implementation="flash"`` or a Pallas kernel).
+      sinks: as for :func:`jattn.attention` (broadcastable to ``[*B, N]``): merged once per
+        row, after the partial results of every device are.
       layout: ``"contiguous"`` (natural order) or ``"zigzag"`` (see :func:`to_layout`; balances
         causal work across devices).
       batch_axis: mesh axis (or axes) the first batch dim is split over (data parallelism).
@@ -219,6 +223,7 @@ def ring_attention(
         local_window_size=local_window_size,
         segment_ids=segment_ids,
         softcap=softcap,
+        sinks=sinks,
     )
     batch = q.shape[:-3]
     t, s = q.shape[-3], k.shape[-3]
@@ -255,8 +260,11 @@ def ring_attention(
         q_ids = jnp.broadcast_to(jnp.asarray(q_ids), (*batch, t))
         kv_ids = jnp.broadcast_to(jnp.asarray(kv_ids), (*batch, s))
 
-    args = (q, k, v, q_len, kv_len, q_ids, kv_ids)
-    specs = (qkv_spec, qkv_spec, qkv_spec, len_spec, len_spec, ids_spec, ids_spec)
+    if sinks is not None:
+        sinks = jnp.broadcast_to(jnp.asarray(sinks), (*batch, q.shape[-2]))
+    args = (q, k, v, q_len, kv_len, q_ids, kv_ids, sinks)
+    sink_spec = PartitionSpec(*b_spec, head_axis)
+    specs = (qkv_spec, qkv_spec, qkv_spec, len_spec, len_spec, ids_spec, ids_spec, sink_spec)
     in_specs = tuple(None if a is None else sp for a, sp in zip(args, specs, strict=True))
 
     local = functools.partial(
@@ -289,7 +297,7 @@ def ring_attention(
     return (out, lse) if return_lse else out
 
 
-def _local_from_args(q, k, v, q_len, kv_len, q_ids, kv_ids, **kw):
+def _local_from_args(q, k, v, q_len, kv_len, q_ids, kv_ids, sinks, **kw):
     seg = None if q_ids is None else (q_ids, kv_ids)
     return ring_attention_local(
         q,
@@ -298,6 +306,7 @@ def _local_from_args(q, k, v, q_len, kv_len, q_ids, kv_ids, **kw):
         query_seq_lengths=q_len,
         key_value_seq_lengths=kv_len,
         segment_ids=seg,
+        sinks=sinks,
         return_lse=True,
         **kw,
     )
@@ -336,6 +345,7 @@ def ring_attention_local(
     local_window_size: int | tuple[int, int] | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    sinks: Array | None = None,
     implementation: str | Sequence[str] | None = None,
     config: Any = None,
     layout: str = "contiguous",
@@ -349,7 +359,8 @@ def ring_attention_local(
       query [*b, T/P, N, H]   key [*b, S/P, K, H]   value [*b, S/P, K, Hv]   ->   [*b, T/P, N, Hv]
 
     ``query_seq_lengths``/``key_value_seq_lengths`` are the *global* lengths ``[*b]`` (natural
-    positions); ``segment_ids`` are the local shards ``[*b, T/P]`` (or a pair with ``[*b, S/P]``).
+    positions); ``segment_ids`` are the local shards ``[*b, T/P]`` (or a pair with ``[*b, S/P]``);
+    ``sinks`` the local heads' sink logits, broadcastable to ``[*b, N]``.
     Other arguments as for :func:`ring_attention`. Returns ``out`` (the query's dtype) or
     ``(out, lse [*b, N, T/P])``.
 
@@ -392,6 +403,8 @@ def ring_attention_local(
     )
     q_ids, kv_ids = parse_segment_ids(segment_ids) or (None, None)
     out, lse = _ring(r, query, key, value, query_seq_lengths, key_value_seq_lengths, q_ids, kv_ids)
+    if sinks is not None:  # once per row, after every device's partial result is merged
+        out, lse, _ = merge_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
 
 

@@ -61,6 +61,9 @@ FEATURES = frozenset(
         "dense_mask",
         "mask_algebra",  # `|` and `~` of masks
         "softcap",
+        # A learned logit per head in each row's softmax, without a value; jattn.api merges
+        # it through the log-sum-exp, so an implementation with "sinks" returns the lse.
+        "sinks",
         "dropout",
         "return_weights",
         "return_lse",
@@ -90,6 +93,9 @@ class Plan:
       mask: a canonical :mod:`jattn.masks` object, or None.
       bias: float ``[*B', K', G', T', S']`` (each dim full or 1), or None.
       dropout_seed: uint32 ``[*B, K, G]``, one per head, or None.
+      sinks: float ``[*B', K', G']`` (each dim full or 1), one sink logit per query head, or
+        None. Kernels never read it: :func:`jattn.attention` merges it into the kernel's
+        output through the log-sum-exp (``return_lse`` is then True for the kernel).
     """
 
     batch_shape: tuple[int, ...]
@@ -110,6 +116,7 @@ class Plan:
     mask: masks.Mask | None = None
     bias: Array | None = None
     dropout_seed: Array | None = None
+    sinks: Array | None = None
 
     @property
     def group_size(self) -> int:
@@ -131,9 +138,11 @@ class Plan:
 
 jax.tree_util.register_dataclass(
     Plan,
-    data_fields=["mask", "bias", "dropout_seed"],
+    data_fields=["mask", "bias", "dropout_seed", "sinks"],
     meta_fields=[
-        f.name for f in dataclasses.fields(Plan) if f.name not in ("mask", "bias", "dropout_seed")
+        f.name
+        for f in dataclasses.fields(Plan)
+        if f.name not in ("mask", "bias", "dropout_seed", "sinks")
     ],
 )
 
@@ -152,6 +161,7 @@ def make_plan(
     local_window_size: int | tuple[int, int] | None = None,
     segment_ids: ArrayLike | tuple[ArrayLike, ArrayLike] | None = None,
     softcap: float | None = None,
+    sinks: ArrayLike | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     return_weights: bool = False,
@@ -190,6 +200,12 @@ def make_plan(
         if not jnp.issubdtype(bias.dtype, jnp.floating):
             raise TypeError(f"bias must be floating point, got dtype {bias.dtype}")
         bias = shape.canonical_leaf(bias, "bias", (t, s), heads=True, broadcast_tail=True)
+
+    if sinks is not None:
+        sinks = _as_array(sinks, "sinks")
+        if not jnp.issubdtype(sinks.dtype, jnp.floating):
+            raise TypeError(f"sinks must be floating point (one logit per head), got {sinks.dtype}")
+        sinks = shape.canonical_leaf(sinks, "sinks", (), heads=True, broadcast_tail=False)
 
     softcap = _static_number(softcap, "softcap", positive=True)
     dropout_rate = _static_number(dropout_rate, "dropout_rate")
@@ -240,6 +256,7 @@ def make_plan(
         for name, on in [
             ("bias", bias is not None),
             ("softcap", softcap is not None),
+            ("sinks", sinks is not None),
             ("dropout", dropout_rate > 0.0),
             ("return_weights", return_weights),
             ("return_lse", return_lse),
@@ -262,11 +279,12 @@ def make_plan(
         softcap=softcap,
         dropout_rate=dropout_rate,
         return_weights=bool(return_weights),
-        return_lse=bool(return_lse),
+        return_lse=bool(return_lse) or sinks is not None,
         features=frozenset(features),
         mask=mask_obj,
         bias=bias,
         dropout_seed=seeds,
+        sinks=sinks,
     )
     return plan, q, k, v
 

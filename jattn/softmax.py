@@ -82,3 +82,31 @@ def _bwd(axis, res, g):
 
 
 _masked_softmax.defvjp(_fwd, _bwd)
+
+
+def merge_sinks(
+    out: Array, lse: Array, sinks: Array, weights: Array | None = None
+) -> tuple[Array, Array, Array | None]:
+    """Adds one sink logit per row to finished softmax results: ``exp(sink)`` joins each
+    row's denominator without a value (gpt-oss, StreamingLLM), so a row may put weight on
+    nothing.
+
+    ``out [*B, T, N, Hv]``, ``lse [*B, N, T]`` (rows with no visible key: ``-inf``),
+    ``sinks`` broadcastable to ``[*B, N]``, ``weights [*B, N, T, S]`` or None. Returns the
+    results with the sink counted once: ``lse' = logaddexp(lse, sink)``; ``out`` and
+    ``weights`` scaled by ``exp(lse - lse')`` (rows then sum to less than one). This is the
+    merge of two partial softmaxes, one of them the sink alone; it is exact: a sink of
+    ``-inf`` leaves every result bit for bit as it was, and a row with no visible key stays
+    zero, with ``lse' = sink``. The factor is computed in ``lse``'s dtype (float32, float64
+    for float64 calls).
+    """
+    s = jnp.asarray(sinks).astype(lse.dtype)[..., None]  # [*B, N, 1]
+    new_lse = jnp.logaddexp(lse, s)
+    empty = jnp.isneginf(lse)
+    # exp(lse - lse') without a NaN (or a NaN gradient) where both are -inf.
+    share = jnp.where(empty, 0.0, jnp.exp(jnp.where(empty, 0.0, lse - new_lse)))
+    rows = jnp.moveaxis(share, -1, -2)[..., None]  # [*B, T, N, 1]
+    out = (out.astype(share.dtype) * rows).astype(out.dtype)
+    if weights is not None:
+        weights = (weights.astype(share.dtype) * share[..., None]).astype(weights.dtype)
+    return out, new_lse, weights

@@ -135,10 +135,12 @@ def random_qkv(key, batch, t, s, n, kh, h, hv=None, dtype=jnp.float32, bias=Fals
     return q, k, v, b
 
 
-def numpy_attention(q, k, v, bias, dense, scale, softcap=None):
+def numpy_attention(q, k, v, bias, dense, scale, softcap=None, sinks=None):
     """Attention written with numpy loops over heads, in float64. Independent of jattn.
 
     ``dense`` is a boolean ``[*B, N, T, S]`` mask (or None). Empty rows give zeros.
+    ``sinks`` (broadcastable to ``[*B, N]``): one logit per head in each row's denominator,
+    ``out_i = sum_j exp(l_ij) v_j / (exp(s) + sum_j exp(l_ij))``.
     """
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     *batch, t, n, h = q.shape
@@ -157,12 +159,16 @@ def numpy_attention(q, k, v, bias, dense, scale, softcap=None):
                     + np.broadcast_to(np.asarray(bias, np.float64), (*batch, n, t, s))[idx][head]
                 )
             vis = np.ones((t, s), bool) if dense is None else dense[idx][head]
+            sink = -np.inf
+            if sinks is not None:
+                sink = np.broadcast_to(np.asarray(sinks, np.float64), (*batch, n))[idx][head]
             for row in range(t):
                 if not vis[row].any():
                     continue
                 x = np.where(vis[row], logits[row], -np.inf)
-                p = np.exp(x - x.max())
-                out[idx][row, head] = (p / p.sum()) @ vi
+                top = max(x.max(), sink)
+                p = np.exp(x - top)
+                out[idx][row, head] = (p / (p.sum() + np.exp(sink - top))) @ vi
     return out
 
 

@@ -157,6 +157,8 @@ Q, K, V, _ = H.random_qkv(jax.random.key(1), (2,), 4, 6, 4, 2, 8)
         ((Q, K, V), {"dropout_rate": 0.1}, ValueError, "dropout_rng"),
         ((Q, K, V), {"dropout_rate": 1.0}, ValueError, r"dropout_rate must be in \[0, 1\)"),
         ((Q, K, V), {"softcap": -1.0}, ValueError, "softcap"),
+        ((Q, K, V), {"sinks": jnp.zeros((3,))}, ValueError, r"sinks of shape \(3,\) is not"),
+        ((Q, K, V), {"sinks": jnp.zeros((4,), jnp.int32)}, TypeError, "sinks must be floating"),
         ((Q, K, V), {"implementation": "nope"}, ValueError, "unknown implementation 'nope'"),
         ((Q, K, V), {"implementation": []}, ValueError, "non-empty"),
         (

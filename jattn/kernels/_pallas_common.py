@@ -70,6 +70,7 @@ __all__ = [
 SUPPORTS = frozenset(
     {
         "causal",
+        "sinks",  # merged by jattn.api from the returned log-sum-exp
         "local_window",
         "chunked",
         "lengths",

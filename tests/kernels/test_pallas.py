@@ -554,3 +554,16 @@ def test_cudnn_unsupported_features_are_named(fake_gpu, feature, kwargs):
     q, k, v, _ = H.random_qkv(jax.random.key(0), (1,), 4, 4, 2, 2, 16, dtype=jnp.bfloat16)
     with pytest.raises(NotImplementedError, match=f"'cudnn' does not support {feature}"):
         jattn.attention(q, k, v, implementation="cudnn", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, feature",
+    [
+        (dict(sinks=jnp.zeros((4,))), "sinks"),
+        (dict(mask=M.Chunked(4)), "chunked"),
+    ],
+)
+def test_cudnn_refuses_by_name(fake_gpu, kwargs, feature):
+    q, k, v, _ = H.random_qkv(jax.random.key(26), (2,), 8, 8, 4, 2, 16, dtype=jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match=f"'cudnn' does not support {feature}"):
+        jattn.attention(q, k, v, implementation="cudnn", **kwargs)

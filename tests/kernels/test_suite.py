@@ -400,6 +400,181 @@ def test_dropout(impl):
     _check_or_raises(impl, ["dropout"], run)
 
 
+# ---------------------------------------------------------------------------------------------
+# Attention sinks: one logit per head in each row's denominator, without a value.
+
+
+def test_reference_sinks_match_numpy():
+    q, k, v, b = H.random_qkv(jax.random.key(30), (2,), 5, 7, 4, 2, 8, bias=True)
+    q, k, v, b = (x.astype(jnp.float64) for x in (q, k, v, b))
+    sinks = jnp.array([[0.3, -1.0, 2.5, -jnp.inf], [1.0, 0.0, -0.5, 4.0]], jnp.float64)
+    kvl = jnp.array([7, 0])
+    out = jattn.attention(
+        q,
+        k,
+        v,
+        b,
+        is_causal=True,
+        key_value_seq_lengths=kvl,
+        sinks=sinks,
+        implementation="reference",
+    )
+    dense = H.brute_force_mask((2,), 4, 5, 7, is_causal=True, kv_lengths=np.array([7, 0]))
+    want = H.numpy_attention(q, k, v, b, dense, 1 / np.sqrt(8), sinks=sinks)
+    H.assert_close(out, want, 1e-12)
+
+
+_SINK_CASES = {
+    # name: (batch, T, S, N, K, H, attention keywords); sinks drawn per head
+    "gqa_causal_lengths": ((2,), 9, 12, 4, 2, 8, dict(is_causal=True, lengths=True)),
+    "window_segments": ((1,), 13, 13, 2, 1, 16, dict(local_window_size=(3, 1), segments=True)),
+    "bias_softcap": ((2,), 6, 10, 2, 2, 8, dict(bias=True, softcap=2.0)),
+    "chunked": ((1,), 16, 16, 2, 2, 8, dict(chunk=4)),
+}
+
+
+def _sink_call(name: str, dtype=jnp.float32):
+    batch, t, s, n, kh, h, opts = _SINK_CASES[name]
+    opts = dict(opts)
+    q, k, v, b = H.random_qkv(
+        jax.random.key(31), batch, t, s, n, kh, h, dtype=dtype, bias=opts.pop("bias", False)
+    )
+    rng = np.random.default_rng(3)
+    sinks = jnp.asarray(rng.normal(size=(*batch, n)) * 2, jnp.float32)
+    kw, bf = {}, {}
+    if opts.pop("lengths", False):
+        kvl = np.array([s, 0] if batch == (2,) else [s // 2])  # an empty batch element
+        kw["key_value_seq_lengths"], bf["kv_lengths"] = jnp.asarray(kvl), kvl
+    if opts.pop("segments", False):
+        ids = np.sort(rng.integers(0, 3, size=(*batch, t))).astype(np.int32)
+        kw["segment_ids"], bf["q_seg"], bf["kv_seg"] = jnp.asarray(ids), ids, ids
+    if (c := opts.pop("chunk", None)) is not None:
+        kw["mask"], bf["chunk"] = jattn.masks.Chunked(c), c
+    if opts.get("is_causal"):
+        bf["is_causal"] = True
+    if "local_window_size" in opts:
+        bf["window"] = opts["local_window_size"]
+    kw.update(opts)
+    dense = H.brute_force_mask(batch, n, t, s, **bf)
+    return q, k, v, b, sinks, kw, dense
+
+
+@pytest.mark.parametrize("name", list(_SINK_CASES))
+def test_sinks(impl, name):
+    """Forward against the float64 formula, gradients of q, k, v, bias and the sinks against
+    the float64 reference, and a sink of -inf gives the no-sink result bit for bit."""
+    q, k, v, b, sinks, kw, dense = _sink_call(name)
+    features = ["sinks"] + (["bias"] if b is not None else [])
+    features += ["softcap"] if "softcap" in kw else []
+    features += ["chunked"] if "mask" in kw else []
+
+    def run():
+        out = jattn.attention(q, k, v, b, sinks=sinks, **kw, **impl.kw)
+        want = H.numpy_attention(
+            q, k, v, b, dense, 1 / np.sqrt(q.shape[-1]), kw.get("softcap"), sinks=sinks
+        )
+        H.assert_close(out, want, H.tol(jnp.float32)[0], what=f"{impl} {name}")
+
+        ct = H.normal(jax.random.key(32), out.shape)
+        argnums = (0, 1, 2, 3, 4) if b is not None else (0, 1, 2, 4)
+
+        def grads(impl_kw, cast):
+            def f(q, k, v, b, s):
+                o, lse = jattn.attention(
+                    cast(q),
+                    cast(k),
+                    cast(v),
+                    None if b is None else cast(b),
+                    sinks=cast(s),
+                    return_lse=True,
+                    **kw,
+                    **impl_kw,
+                )
+                # Both results reach the loss: the lse cotangent is part of the contract.
+                return jnp.sum(o * ct) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * 0.1)
+
+            return jax.grad(f, argnums=argnums)(q, k, v, b, sinks)
+
+        got = grads(impl.kw, lambda x: x)
+        ref = grads({"implementation": "reference"}, lambda x: x.astype(jnp.float64))
+        for g, r in zip(got, ref, strict=True):
+            H.assert_close(g, r, 1e-4, what=f"{impl} {name} grad")
+
+        off = jnp.full_like(sinks, -jnp.inf)
+        np.testing.assert_array_equal(
+            jattn.attention(q, k, v, b, sinks=off, **kw, **impl.kw),
+            jattn.attention(q, k, v, b, **kw, **impl.kw),
+        )
+
+    _check_or_raises(impl, features, run)
+
+
+def test_sinks_low_precision_and_weights(impl):
+    q, k, v, b, sinks, kw, dense = _sink_call("gqa_causal_lengths", jnp.bfloat16)
+
+    def run():
+        out = jattn.attention(q, k, v, sinks=sinks, **kw, **impl.kw)
+        assert out.dtype == jnp.bfloat16
+        want = H.numpy_attention(q, k, v, None, dense, 1 / np.sqrt(8), sinks=sinks)
+        H.assert_close(out, want, H.tol(jnp.bfloat16)[0], what=str(impl))
+
+    _check_or_raises(impl, ["sinks"], run)
+    if not _supports(impl, "return_weights"):
+        return
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    _, w = jattn.attention(q, k, v, sinks=sinks, return_weights=True, **kw, **impl.kw)
+    _, w0 = jattn.attention(q, k, v, return_weights=True, **kw, **impl.kw)
+    rows = np.asarray(w.sum(-1))
+    assert (rows < 1.0).all()  # the sink takes a share of every row
+    # Each row is the no-sink row scaled by 1 / (1 + exp(s - lse)).
+    _, lse0 = jattn.attention(q, k, v, return_lse=True, **kw, **impl.kw)
+    share = 1.0 / (1.0 + np.exp(np.asarray(sinks)[..., None] - np.asarray(lse0)))
+    H.assert_close(w, np.asarray(w0) * np.nan_to_num(share)[..., None], 1e-5)
+
+
+def test_sinks_fully_masked_rows_and_dropout(impl):
+    """A row with no visible key stays zero with lse = sink, zero gradients for its q and the
+    values; dropout draws the same pattern with and without sinks."""
+    q, k, v, _ = H.random_qkv(jax.random.key(33), (2,), 6, 8, 2, 2, 8)
+    sinks = jnp.array([[0.5, -2.0], [1.5, 0.0]])
+    kvl = jnp.array([8, 0])
+
+    def run():
+        out, lse = jattn.attention(
+            q, k, v, key_value_seq_lengths=kvl, sinks=sinks, return_lse=True, **impl.kw
+        )
+        assert not np.asarray(out[1]).any()
+        np.testing.assert_allclose(lse[1], np.broadcast_to(sinks[1][:, None], (2, 6)))
+
+        def loss(q, v, s):
+            return jnp.sum(
+                jattn.attention(q, k, v, key_value_seq_lengths=kvl, sinks=s, **impl.kw) ** 2
+            )
+
+        gq, gv, gs = jax.grad(loss, argnums=(0, 1, 2))(q, v, sinks)
+        assert not np.asarray(gq[1]).any() and not np.asarray(gv[1]).any()
+        assert not np.asarray(gs[1]).any() and np.asarray(gs[0]).all()
+
+    _check_or_raises(impl, ["sinks", "lengths"], run)
+
+    def run_dropout():
+        key = jax.random.key(34)
+        f = lambda impl_kw, cast: jattn.attention(  # noqa: E731
+            cast(q),
+            cast(k),
+            cast(v),
+            sinks=cast(sinks),
+            is_causal=True,
+            dropout_rate=0.25,
+            dropout_rng=key,
+            **impl_kw,
+        )
+        ref = f({"implementation": "reference"}, lambda x: x.astype(jnp.float64))
+        H.assert_close(f(impl.kw, lambda x: x), ref, 1e-5)
+
+    _check_or_raises(impl, ["sinks", "dropout"], run_dropout)
+
+
 def test_dropout_keeps_expected_fraction():
     from jattn import _dropout
 

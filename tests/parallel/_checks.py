@@ -177,6 +177,12 @@ RING_CASES = {
         use_set_mesh=True,
         explicit=True,
     ),
+    # one sink logit per head, counted once per row after the devices' partial results merge
+    "zigzag_causal_lengths_sinks": dict(
+        is_causal=True,
+        lengths=LENGTHS,
+        sinks=jnp.array([[0.5, -1.0, 2.0, 0.0], [1.0, -jnp.inf, 0.3, 3.0]]),
+    ),
     "ring_of_8": dict(mesh_shape=(1, 8), b=1, t=16, is_causal=True, lengths=([13], [15])),
     "flash_float32": dict(
         dtype=jnp.float32,

@@ -38,6 +38,7 @@ RING_CASES = [
     "zigzag_causal_window_softcap",
     "cross_causal_t_ne_s",
     "head_axis_explicit_set_mesh",
+    "zigzag_causal_lengths_sinks",
     "ring_of_8",
     "flash_float32",
     "fused_float32",
