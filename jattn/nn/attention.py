@@ -93,6 +93,9 @@ class MultiHeadAttention(nnx.Module):
       rotary: a :class:`~jattn.nn.RotaryEmbedding` to rotate queries and keys by position.
       scale: logit scale; ``None`` is ``head_dim ** -0.5``.
       softcap: ``softcap * tanh(logits / softcap)`` before masking.
+      sinks: learn one attention-sink logit per query head (gpt-oss), initialised to 0: it
+        joins each row's softmax without a value, so a head may attend to nothing (see
+        :func:`jattn.attention`'s ``sinks``). Stored as the parameter ``sink_logits [N]``.
       implementation: passed to :func:`jattn.attention` (a name, a list of names, or None).
       sow_weights: also store each call's attention weights ``[*B, N, T, S]`` with
         ``self.sow(nnx.Intermediate, "attention_weights", weights)`` (needs a materialising
@@ -130,6 +133,7 @@ class MultiHeadAttention(nnx.Module):
         rotary: nnx.Module | None = None,
         scale: float | None = None,
         softcap: float | None = None,
+        sinks: bool = False,
         implementation: ImplementationChoice = None,
         sow_weights: bool = False,
         kernel_init: nnx.Initializer = _default_kernel_init,
@@ -189,6 +193,9 @@ class MultiHeadAttention(nnx.Module):
         self.value = linear(kv_features, kv_dim)
         self.out = linear(num_heads * self.head_dim, out_features)
         self.rngs = rngs["dropout"].fork() if dropout_rate > 0 else nnx.data(None)
+        self.sink_logits = (
+            nnx.Param(jnp.zeros((num_heads,), param_dtype)) if sinks else nnx.data(None)
+        )
 
         # KV cache: absent until init_cache / init_cross_cache. cache_index is None for a
         # cross-attention cache (fixed keys) and a scalar int for a self-attention cache.
@@ -392,6 +399,7 @@ class MultiHeadAttention(nnx.Module):
             key_value_seq_lengths=key_value_seq_lengths,
             segment_ids=segment_ids,
             softcap=self.softcap,
+            sinks=None if self.sink_logits is None else self.sink_logits[...],
             dropout_rate=rate,
             dropout_rng=dropout_rng,
             implementation=self.implementation,

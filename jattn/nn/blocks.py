@@ -98,6 +98,7 @@ def _mha(
     dropout_rate: float,
     rotary: nnx.Module | None,
     implementation: ImplementationChoice,
+    sinks: bool,
     dtype: Dtype | None,
     param_dtype: Dtype,
     rngs: nnx.Rngs,
@@ -109,6 +110,7 @@ def _mha(
         dropout_rate=dropout_rate,
         rotary=rotary,
         implementation=implementation,
+        sinks=sinks,
         dtype=dtype,
         param_dtype=param_dtype,
         rngs=rngs,
@@ -129,6 +131,8 @@ class EncoderLayer(nnx.Module):
       norm_first: pre-norm if True, post-norm (the paper) if False.
       rotary: a :class:`~jattn.nn.RotaryEmbedding` for the self-attention, or None.
       implementation: passed to :func:`jattn.attention`.
+      sinks: learned attention-sink logits in the self-attention (one per head; see
+        :class:`~jattn.nn.MultiHeadAttention`).
       layer_norm_epsilon: LayerNorm epsilon.
 
     Examples:
@@ -153,6 +157,7 @@ class EncoderLayer(nnx.Module):
         norm_first: bool = False,
         rotary: nnx.Module | None = None,
         implementation: ImplementationChoice = None,
+        sinks: bool = False,
         layer_norm_epsilon: float = 1e-6,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
@@ -166,6 +171,7 @@ class EncoderLayer(nnx.Module):
             dropout_rate=attention_dropout_rate,
             rotary=rotary,
             implementation=implementation,
+            sinks=sinks,
             **common,
         )
         self.ffn = FeedForward(d_model, d_ff, activation=activation, **common)
@@ -234,6 +240,7 @@ class DecoderLayer(nnx.Module):
         norm_first: bool = False,
         rotary: nnx.Module | None = None,
         implementation: ImplementationChoice = None,
+        sinks: bool = False,
         layer_norm_epsilon: float = 1e-6,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
@@ -249,11 +256,11 @@ class DecoderLayer(nnx.Module):
         res = dict(
             norm_first=norm_first, dropout_rate=dropout_rate, epsilon=layer_norm_epsilon, **common
         )
-        self.self_attn = _mha(d_model, num_heads, rotary=rotary, **attn)
+        self.self_attn = _mha(d_model, num_heads, rotary=rotary, sinks=sinks, **attn)
         self.self_attn_block = _Residual(d_model, **res)
         if cross_attention:
             # Positions of source and target are unrelated, so no rotary embedding here.
-            self.cross_attn = _mha(d_model, num_heads, rotary=None, **attn)
+            self.cross_attn = _mha(d_model, num_heads, rotary=None, sinks=False, **attn)
             self.cross_attn_block = _Residual(d_model, **res)
         else:
             self.cross_attn = nnx.data(None)

@@ -111,6 +111,7 @@ class Transformer(nnx.Module):
       tie_output: the output projection is the transposed target embedding (the paper ties
         both embeddings and the pre-softmax projection: set both flags).
       implementation: passed to :func:`jattn.attention` by every attention layer.
+      sinks: learned attention-sink logits (one per head) in every self-attention.
       layer_norm_epsilon: LayerNorm epsilon.
       dtype, param_dtype: computation and parameter dtypes.
       rngs: initialisation and dropout streams.
@@ -146,6 +147,7 @@ class Transformer(nnx.Module):
         share_embeddings: bool = False,
         tie_output: bool = False,
         implementation: ImplementationChoice = None,
+        sinks: bool = False,
         layer_norm_epsilon: float = 1e-6,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
@@ -193,6 +195,7 @@ class Transformer(nnx.Module):
             norm_first=norm_first,
             rotary=RotaryEmbedding() if position_encoding == "rope" else None,
             implementation=implementation,
+            sinks=sinks,
             layer_norm_epsilon=layer_norm_epsilon,
             **common,
         )
@@ -304,6 +307,7 @@ class DecoderLM(nnx.Module):
       scale_embeddings: multiply token embeddings by sqrt(d_model).
       tie_output: the output projection is the transposed token embedding.
       implementation: passed to :func:`jattn.attention`.
+      sinks: learned attention-sink logits (one per head) in every layer (gpt-oss).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -335,6 +339,7 @@ class DecoderLM(nnx.Module):
         scale_embeddings: bool = True,
         tie_output: bool = False,
         implementation: ImplementationChoice = None,
+        sinks: bool = False,
         layer_norm_epsilon: float = 1e-6,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
@@ -377,6 +382,7 @@ class DecoderLM(nnx.Module):
                     norm_first=norm_first,
                     rotary=RotaryEmbedding() if position_encoding == "rope" else None,
                     implementation=implementation,
+                    sinks=sinks,
                     layer_norm_epsilon=layer_norm_epsilon,
                     **common,
                 )

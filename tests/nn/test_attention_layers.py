@@ -348,3 +348,26 @@ def test_additive_attention_formula(spy):
         layer(x_(0, (B, D - 1)), h)
     with pytest.raises(ValueError, match="key_features"):
         layer(s, x_(1))
+
+
+def test_sinks_are_learned_per_head_and_used_when_decoding():
+    """sinks=True adds a zero-initialised logit per head; the layer's output equals the
+    kernel call with those sinks, decoding with the cache equals the full pass, and the
+    sink logits receive gradients."""
+    layer = mha(sinks=True, num_kv_heads=2, rotary=RotaryEmbedding())
+    assert layer.sink_logits.shape == (4,) and not np.asarray(layer.sink_logits[...]).any()
+    layer.sink_logits[...] = jnp.array([0.5, -1.0, 2.0, 0.0], jnp.float32)
+    x = x_()
+    full = layer(x, is_causal=True)
+    plain = mha(num_kv_heads=2, rotary=RotaryEmbedding())
+    assert not np.allclose(full, plain(x, is_causal=True))  # same init, the sinks differ
+    layer.init_cache(B, T)
+    outs = [layer(x[:, t : t + 1], decode=True) for t in range(T)]
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
+    layer.clear_cache()
+
+    def loss(m):
+        return jnp.sum(m(x, is_causal=True) ** 2)
+
+    grads = nnx.grad(loss)(layer)
+    assert np.asarray(grads.sink_logits[...]).all()

@@ -355,3 +355,28 @@ def test_generation_does_not_touch_the_model():
     assert lm.layers[0].self_attn.cached_key is None
     assert lm.embedder.dropout.deterministic is False
     jax.tree.map(np.testing.assert_array_equal, before, snapshot())
+
+
+def test_lm_with_sinks_decodes_like_its_full_pass():
+    lm = tiny_lm(sinks=True, num_kv_heads=2)
+    for layer in lm.layers:
+        assert layer.self_attn.sink_logits.shape == (4,)
+        layer.self_attn.sink_logits[...] = jnp.linspace(-1.0, 2.0, 4, dtype=jnp.float32)
+    x = tokens(0, (2, 6))
+    full = lm(x)
+    lm.init_cache(2, 6)
+    steps = [lm(x[:, t : t + 1], decode=True)[:, 0] for t in range(6)]
+    np.testing.assert_allclose(jnp.stack(steps, 1), full, rtol=1e-4, atol=1e-5)
+    model = Transformer(
+        V,
+        d_model=D,
+        num_heads=2,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        d_ff=32,
+        dropout_rate=0.0,
+        sinks=True,
+        rngs=nnx.Rngs(0),
+    )
+    assert model.encoder_layers[0].self_attn.sink_logits.shape == (2,)
+    assert model.decoder_layers[0].cross_attn.sink_logits is None
