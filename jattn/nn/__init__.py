@@ -6,6 +6,7 @@ from jattn.nn.attention import AdditiveAttention, DotProductAttention, MultiHead
 from jattn.nn.blocks import DecoderLayer, EncoderLayer, FeedForward
 from jattn.nn.decoding import generate, generate_seq2seq, sample_logits
 from jattn.nn.losses import cross_entropy
+from jattn.nn.mla import MLAConfig, MLAttention
 from jattn.nn.models import DecoderLM, Transformer
 from jattn.nn.positions import (
     LearnedPositionalEmbedding,
@@ -23,6 +24,8 @@ __all__ = [
     "EncoderLayer",
     "FeedForward",
     "LearnedPositionalEmbedding",
+    "MLAConfig",
+    "MLAttention",
     "MultiHeadAttention",
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",

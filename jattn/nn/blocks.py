@@ -18,6 +18,7 @@ from flax.typing import Dtype
 
 from jattn.kernels import ImplementationChoice
 from jattn.nn.attention import MultiHeadAttention
+from jattn.nn.mla import MLAConfig, MLAttention
 
 __all__ = ["DecoderLayer", "EncoderLayer", "FeedForward"]
 
@@ -214,7 +215,8 @@ class DecoderLayer(nnx.Module):
     """Masked self-attention, cross-attention over encoder outputs, and feed-forward.
 
     With ``cross_attention=False`` it is the block of a decoder-only language model. Arguments
-    as for :class:`EncoderLayer`.
+    as for :class:`EncoderLayer`, and ``attention="mla"`` for multi-head latent attention
+    (:class:`~jattn.nn.MLAttention` with the sizes of ``mla``) in the self-attention.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -241,6 +243,8 @@ class DecoderLayer(nnx.Module):
         rotary: nnx.Module | None = None,
         implementation: ImplementationChoice = None,
         sinks: bool = False,
+        attention: str = "mha",
+        mla: MLAConfig | None = None,
         layer_norm_epsilon: float = 1e-6,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
@@ -256,7 +260,20 @@ class DecoderLayer(nnx.Module):
         res = dict(
             norm_first=norm_first, dropout_rate=dropout_rate, epsilon=layer_norm_epsilon, **common
         )
-        self.self_attn = _mha(d_model, num_heads, rotary=rotary, sinks=sinks, **attn)
+        if attention == "mha":
+            self.self_attn = _mha(d_model, num_heads, rotary=rotary, sinks=sinks, **attn)
+        elif attention == "mla":  # its own decoupled rotary keys: `rotary` is not used
+            self.self_attn = MLAttention(
+                num_heads,
+                d_model,
+                config=MLAConfig() if mla is None else mla,
+                sinks=sinks,
+                implementation=implementation,
+                dropout_rate=attention_dropout_rate,
+                **common,
+            )
+        else:
+            raise ValueError(f"attention must be 'mha' or 'mla', got {attention!r}")
         self.self_attn_block = _Residual(d_model, **res)
         if cross_attention:
             # Positions of source and target are unrelated, so no rotary embedding here.

@@ -17,6 +17,7 @@ from flax.typing import Dtype
 
 from jattn.kernels import ImplementationChoice
 from jattn.nn.blocks import DecoderLayer, EncoderLayer
+from jattn.nn.mla import MLAConfig
 from jattn.nn.positions import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
@@ -308,6 +309,9 @@ class DecoderLM(nnx.Module):
       tie_output: the output projection is the transposed token embedding.
       implementation: passed to :func:`jattn.attention`.
       sinks: learned attention-sink logits (one per head) in every layer (gpt-oss).
+      attention: "mha" (multi-head, GQA with ``num_kv_heads``) or "mla" (multi-head latent
+        attention, DeepSeek-V2/V3, with the sizes of ``mla``; it brings its own rotary keys).
+      mla: the :class:`~jattn.nn.MLAConfig` of ``attention="mla"`` (default: DeepSeek-V3's).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -340,6 +344,8 @@ class DecoderLM(nnx.Module):
         tie_output: bool = False,
         implementation: ImplementationChoice = None,
         sinks: bool = False,
+        attention: str = "mha",
+        mla: MLAConfig | None = None,
         layer_norm_epsilon: float = 1e-6,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
@@ -383,6 +389,8 @@ class DecoderLM(nnx.Module):
                     rotary=RotaryEmbedding() if position_encoding == "rope" else None,
                     implementation=implementation,
                     sinks=sinks,
+                    attention=attention,
+                    mla=mla,
                     layer_norm_epsilon=layer_norm_epsilon,
                     **common,
                 )
