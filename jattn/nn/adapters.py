@@ -21,10 +21,18 @@ values), dropout masks are drawn by jattn (same rate, different random bits; no
 ``broadcast_dropout``), and ``precision`` is not used (jattn accumulates in float32). The
 softmax is float32 whatever the dtype, so ``force_fp32_for_softmax`` only changes the sown
 weights, which are then float32 as in Flax.
+
+Custom products (linen's ``qk_attn_weights_einsum`` / ``attn_weights_value_einsum``, e.g. AQT
+quantisation, and ``einsum_dot_general``) cannot run inside a fused kernel: with any of them
+the function computes the logits and the weighted sum with those products and only the
+softmax with jattn's (:func:`jattn.masked_softmax`), so the products are exactly the ones the
+user chose. Complex inputs are refused (jattn's kernels are real): keep Flax's own
+``dot_product_attention`` for them.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +41,7 @@ import jax.numpy as jnp
 from flax import linen, nnx
 
 from jattn.api import attention as _attention
+from jattn.softmax import masked_softmax
 
 __all__ = ["attention_fn", "make_attention_fn"]
 
@@ -75,18 +84,39 @@ def make_attention_fn(
         module: Any = None,
         is_causal: bool = False,
         force_fp32_for_softmax: bool = False,
+        einsum_dot_general: Any = None,
         qk_attn_weights_einsum: Any = None,
         attn_weights_value_einsum: Any = None,
         promote_dtype: Any = None,
     ) -> jax.Array:
-        del broadcast_dropout, precision, promote_dtype
-        if qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
-            raise NotImplementedError(
-                "custom einsums (qk_attn_weights_einsum / attn_weights_value_einsum, e.g. AQT "
-                "quantisation) cannot run on jattn kernels"
-            )
+        del broadcast_dropout, promote_dtype
         if dtype is None:
             dtype = jnp.result_type(query, key, value)
+        for name, x in (("query", query), ("key", key), ("value", value), ("dtype", dtype)):
+            if jnp.issubdtype(getattr(x, "dtype", x), jnp.complexfloating):
+                raise TypeError(
+                    f"jattn's attention_fn takes real inputs, got {name} of dtype "
+                    f"{jnp.dtype(getattr(x, 'dtype', x))}; for complex attention keep Flax's "
+                    "own dot_product_attention (leave attention_fn unset)"
+                )
+        custom = (qk_attn_weights_einsum, attn_weights_value_einsum, einsum_dot_general)
+        if any(c is not None for c in custom):
+            return _custom_products(
+                query,
+                key,
+                value,
+                bias,
+                mask,
+                dropout_rng,
+                dropout_rate,
+                deterministic,
+                dtype,
+                precision,
+                module,
+                is_causal,
+                *custom,
+                attention_kwargs,
+            )
         query, key, value = (x.astype(dtype) for x in (query, key, value))
         rate = 0.0 if deterministic else dropout_rate
         if rate > 0 and dropout_rng is None:
@@ -120,6 +150,63 @@ def make_attention_fn(
         return out.astype(dtype)
 
     return fn
+
+
+def _custom_products(
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    dropout_rng,
+    dropout_rate,
+    deterministic,
+    dtype,
+    precision,
+    module,
+    is_causal,
+    qk_einsum,
+    av_einsum,
+    dot_general,
+    attention_kwargs,
+) -> jax.Array:
+    """Flax's materialised attention with the user's products and jattn's masked softmax."""
+    unsupported = sorted(set(attention_kwargs) - {"scale"})
+    if unsupported:
+        raise NotImplementedError(
+            f"with custom einsums the adapter computes attention itself and cannot apply "
+            f"{unsupported}; drop them or the custom einsums"
+        )
+    if query.shape[-2] != key.shape[-2]:
+        raise NotImplementedError(
+            "custom einsums need as many key/value heads as query heads (no GQA), got "
+            f"query {query.shape} and key {key.shape}"
+        )
+    query, key, value = (x.astype(dtype) for x in (query, key, value))
+    einsum_kw = {"precision": precision}
+    if dot_general is not None:
+        einsum_kw["_dot_general"] = dot_general
+    qk = qk_einsum or functools.partial(jnp.einsum, **einsum_kw)
+    av = av_einsum or functools.partial(jnp.einsum, **einsum_kw)
+    scale = attention_kwargs.get("scale")
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    logits = qk("...qhd,...khd->...hqk", query * jnp.asarray(scale, dtype), key)
+    if bias is not None:
+        logits = logits + bias
+    if is_causal:
+        t, s = logits.shape[-2:]
+        causal = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]
+        mask = causal if mask is None else jnp.logical_and(mask, causal)
+    weights = masked_softmax(logits, None if mask is None else jnp.asarray(mask, bool))
+    if module is not None:
+        _sow(module, weights)
+    weights = weights.astype(dtype)
+    if dropout_rate > 0 and not deterministic:
+        if dropout_rng is None:
+            raise ValueError("dropout_rate > 0 and deterministic=False but dropout_rng is None")
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / jnp.asarray(1.0 - dropout_rate, dtype), 0)
+    return av("...hqk,...khd->...qhd", weights, value)
 
 
 def _sow(module: Any, weights: jax.Array) -> None:

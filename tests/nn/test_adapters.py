@@ -130,10 +130,60 @@ def test_nnx_adapter_dropout_and_errors():
     q = jnp.ones((B, T, N, 4))
     with pytest.raises(ValueError, match="dropout_rng"):
         attention_fn(q, q, q, dropout_rate=0.1, deterministic=False)
-    with pytest.raises(NotImplementedError, match="einsum"):
-        attention_fn(q, q, q, qk_attn_weights_einsum=jnp.einsum)
+    with pytest.raises(TypeError, match="complex64.*dot_product_attention"):
+        attention_fn(q.astype(jnp.complex64), q, q)
     with pytest.raises(ValueError, match="set per call"):
         make_attention_fn(is_causal=True)
     # Fixed options reach the kernel.
     capped = make_attention_fn(softcap=0.01)(q, q * 100, q)
     np.testing.assert_allclose(capped, attention_fn(q, q, q), rtol=1e-5)
+
+
+def test_linen_custom_einsums_are_honoured():
+    """linen passes qk_attn_weights_einsum / attn_weights_value_einsum (AQT); the adapter uses
+    exactly those products and gives Flax's numbers."""
+    calls = []
+
+    def counting(name):
+        def make():
+            def einsum(spec, a, b):
+                calls.append(name)
+                return jnp.einsum(spec, a, b)
+
+            return einsum
+
+        return make
+
+    x, y = inputs()
+    _, padding = masks()
+    kw = dict(
+        num_heads=N,
+        qkv_features=D,
+        qk_attn_weights_einsum_cls=counting("qk"),
+        attn_weights_value_einsum_cls=counting("av"),
+    )
+    flax_layer = linen.MultiHeadDotProductAttention(**kw)
+    ours_layer = linen.MultiHeadDotProductAttention(**kw, attention_fn=attention_fn)
+    params = flax_layer.init(jax.random.key(1), x, y)
+    want = flax_layer.apply(params, x, y, mask=padding)
+    calls.clear()
+    got = ours_layer.apply(params, x, y, mask=padding)
+    assert calls == ["qk", "av"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_einsum_dot_general_is_honoured():
+    q = jax.random.normal(jax.random.key(4), (B, T, N, 8))
+    k = jax.random.normal(jax.random.key(5), (B, S, N, 8))
+    used = []
+
+    def dot_general(*args, **kw):
+        used.append(1)
+        return jax.lax.dot_general(*args, **kw)
+
+    got = attention_fn(q, k, k, is_causal=False, einsum_dot_general=dot_general)
+    assert len(used) == 2  # both products (traced once; jnp.einsum caches the trace)
+    want = linen.dot_product_attention(q, k, k, einsum_dot_general=dot_general)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="softcap"):
+        make_attention_fn(softcap=2.0)(q, k, k, einsum_dot_general=dot_general)
