@@ -229,9 +229,15 @@ class Causal(Mask):
         off = jnp.asarray(self.offset)
         if not jnp.issubdtype(off.dtype, jnp.integer):
             raise TypeError(f"Causal offset must be an integer, got dtype {off.dtype}")
-        return Causal(
-            ctx.canonical_leaf(off, "Causal offset", (), heads=False, broadcast_tail=False)
-        )
+        off = ctx.canonical_leaf(off, "Causal offset", (), heads=False, broadcast_tail=False)
+        # The same clamp for a traced offset, in its own dtype before int32: `i + offset`
+        # then never overflows (2**31 - 1 would wrap and hide every key), and an int64
+        # offset is never cut to its low 32 bits.
+        if jnp.issubdtype(off.dtype, jnp.unsignedinteger):
+            off = jnp.minimum(off, jnp.asarray(ctx.kv_len, off.dtype))
+        else:
+            off = jnp.clip(off, -ctx.q_len, ctx.kv_len)
+        return Causal(off.astype(jnp.int32))
 
     @property
     def features(self):
@@ -484,10 +490,11 @@ class Segments(Mask):
                 raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}")
             return ctx.canonical_leaf(x, name, (n,), heads=False, broadcast_tail=False)
 
-        return Segments(
-            one(self.q_ids, "segment_ids (query)", ctx.q_len),
-            one(self.kv_ids, "segment_ids (key/value)", ctx.kv_len),
-        )
+        q_ids = one(self.q_ids, "segment_ids (query)", ctx.q_len)
+        kv_ids = one(self.kv_ids, "segment_ids (key/value)", ctx.kv_len)
+        if q_ids.dtype.itemsize > 4 or kv_ids.dtype.itemsize > 4:
+            q_ids, kv_ids = _rank_ids(q_ids, kv_ids)
+        return Segments(q_ids, kv_ids)
 
     @property
     def features(self):
@@ -499,6 +506,22 @@ class Segments(Mask):
             return
         parts.values["q_seg"] = parts.per_batch(self.q_ids, self.q_ids.shape[-1:])
         parts.values["kv_seg"] = parts.per_batch(self.kv_ids, self.kv_ids.shape[-1:])
+
+
+def _rank_ids(q_ids: Array, kv_ids: Array) -> tuple[Array, Array]:
+    """64-bit ids as int32 ranks with the same equalities: kernels compare ids in int32, where
+    ``2**32 + 1`` and ``1`` would be equal. Each id becomes its position among the sorted ids of
+    its batch element (query and key ids together), which is below ``T + S``."""
+    lead = jnp.broadcast_shapes(q_ids.shape[:-1], kv_ids.shape[:-1])
+    q = jnp.broadcast_to(q_ids, lead + q_ids.shape[-1:])
+    kv = jnp.broadcast_to(kv_ids, lead + kv_ids.shape[-1:])
+    dtype = jnp.promote_types(q.dtype, kv.dtype)
+    both = jnp.concatenate([q.astype(dtype), kv.astype(dtype)], axis=-1)
+    ranked = jnp.sort(both, axis=-1)
+    rank = jnp.vectorize(lambda row, x: jnp.searchsorted(row, x), signature="(n),(m)->(m)")
+    n = q.shape[-1]
+    ranks = rank(ranked, both).astype(jnp.int32)
+    return ranks[..., :n], ranks[..., n:]
 
 
 class Dense(Mask):

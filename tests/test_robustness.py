@@ -126,6 +126,26 @@ def test_huge_windows_and_offsets_mean_no_bound(impl):
     )
 
 
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "reference"])
+def test_64_bit_ids_and_offsets_keep_their_meaning(impl):
+    """With x64 on, int64 segment ids that differ only above bit 31 stay different, and traced
+    causal offsets at the top of int32 (or past it, in int64) mean "no bound": nothing wraps."""
+    q, k, v = _qkv((2,), 8, 8, 2, 2, 8)
+    big = jnp.array([[2**32 + 1] * 4 + [1] * 4, [5] * 8], jnp.int64)
+    small = jnp.array([[2] * 4 + [1] * 4, [5] * 8], jnp.int32)
+    got = jattn.attention(q, k, v, segment_ids=big, implementation=impl)
+    want = jattn.attention(q, k, v, segment_ids=small, implementation="reference")
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    f = jax.jit(
+        lambda off: jattn.attention(q, k, v, mask=jattn.masks.Causal(off), **H.impl_kw(impl))
+    )
+    plain = jattn.attention(q, k, v, implementation="reference")
+    for off in (jnp.int32(2**31 - 1), jnp.int64(2**32 - 1), jnp.int64(2**40)):
+        np.testing.assert_allclose(f(off), plain, atol=2e-5, err_msg=str(off))
+    hidden = f(jnp.int64(-(2**32) - 1))  # before every key: every row empty, zeros
+    assert not np.asarray(hidden).any()
+
+
 def test_numpy_dropout_rate_is_a_number():
     q, k, v = _qkv((1,), 8, 8, 2, 2, 8)
     rng = jax.random.key(3)
