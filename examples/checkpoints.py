@@ -86,7 +86,11 @@ class Checkpoints:
         # Rotation is ours (see the module doc), and saves are synchronous so that each one
         # can be verified before an older one goes. Orbax still writes into a temporary
         # folder and renames it when complete, so a run killed mid-save leaves no half
-        # checkpoint behind.
+        # checkpoint behind, only that temporary folder: the run holds the folder's lock
+        # (examples.rundir) when it gets here, so any such folder is a dead run's, and goes.
+        for stale in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            print(f"removing {stale}, left by a run that stopped while saving", flush=True)
+            shutil.rmtree(stale, ignore_errors=True)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(

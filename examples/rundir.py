@@ -1,9 +1,11 @@
 """One run per output folder: a lock file that a live run holds and a dead one does not.
 
-The lock is ``fcntl.flock`` on ``.run.lock`` in the output folder (and in the checkpoint
-folder when that lies elsewhere). The kernel releases it when the process ends, however it
-ends (``kill -9`` included), so a lock file left behind by a dead run never blocks the next
-one; the file records the holder's pid and command line for the message a second run gets.
+The lock is ``fcntl.flock`` on ``.run.lock`` in the output folder and in the checkpoint folder,
+wherever that lies: a second run that names the first one's checkpoint folder as its own
+``--ckpt-dir`` (inside the first run's output folder or not) is refused. The kernel releases
+the lock when the process ends, however it ends (``kill -9`` included), so a lock file left
+behind by a dead run never blocks the next one; the file records the holder's pid and command
+line for the message a second run gets.
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ def hold(out_dir: Path, ckpt_dir: Path) -> Iterator[None]:
     :class:`RunLocked` when another live run holds one of them."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(_lock(out_dir))
-        ckpt = ckpt_dir.absolute()
-        if not ckpt.is_relative_to(out_dir.absolute()):
-            stack.enter_context(_lock(ckpt))
+        if ckpt_dir.absolute() != out_dir.absolute():
+            stack.enter_context(_lock(ckpt_dir))
         yield

@@ -171,6 +171,27 @@ def test_a_live_run_holds_its_folder_and_a_finished_one_does_not(book, tmp_path,
         rundir.hold(tmp_path / "other", elsewhere),
     ):
         pass
+    # A second run that takes the first one's checkpoint folder (inside its output folder)
+    # as its own --ckpt-dir is refused too.
+    with (
+        rundir.hold(out, out / "ckpt"),
+        pytest.raises(rundir.RunLocked, match="ckpt is in use"),
+        rundir.hold(tmp_path / "second", out / "ckpt"),
+    ):
+        pass
+
+
+def test_a_dead_runs_half_save_is_cleared(tmp_path, capsys):
+    from examples.checkpoints import Checkpoints
+
+    ckpt = tmp_path / "ckpt"
+    stale = ckpt / "3.orbax-checkpoint-tmp-1733150000"
+    (stale / "state").mkdir(parents=True)
+    checkpoints = Checkpoints(ckpt)
+    checkpoints.close()
+    assert (
+        not stale.exists() and "left by a run that stopped while saving" in capsys.readouterr().out
+    )
 
 
 # -- diverging runs and damaged checkpoints ------------------------------------------------------
