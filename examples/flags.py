@@ -176,7 +176,7 @@ def add_training_args(
     lr: float,
     warmup: int,
     eval_every: int,
-    implementation: str = "fused",
+    implementation: str = "auto",
     needs: Collection[str] = (),
     lr_help: str = "peak learning rate",
 ) -> None:
