@@ -5,8 +5,11 @@ rated by its fastest sample (a limit is the best the machine does; on a shared m
 mixes in the other users' load):
 
 - the matmul rate: one `a @ b` of square `n x n` matrices (2·n³ FLOPs) in each dtype, at XLA's
-  default precision (what the attention kernels get). n is 2048 on a CPU (about 0.1-0.3 s a call
-  on two cores), 8192 on an accelerator.
+  default precision (what the attention kernels get). Inputs narrower than float32 (bfloat16,
+  float16) are multiplied with float32 accumulation and a float32 result
+  (`lax.dot(..., preferred_element_type=float32)`), as attention kernels multiply them: a
+  bfloat16 result would let the backend accumulate in bfloat16, or round where a kernel does
+  not. n is 2048 on a CPU (about 0.1-0.3 s a call on two cores), 8192 on an accelerator.
 - the memory bandwidth: the row sums of a float32 array far larger than the caches (512 MiB by
   default), which reads every byte once and writes almost nothing; row sums rather than one total
   so XLA can spread the reduction over every core. Memory-bound attention (decode: one query row
@@ -68,7 +71,8 @@ class Limit:
 
 
 def default_dtypes(backend: str, sweep_dtypes: Sequence[str]) -> list[str]:
-    """float32 always, bfloat16 on accelerators, and every dtype the sweep measures."""
+    """float32 always, bfloat16 on accelerators, and every dtype the sweep measures (so on a
+    CPU bfloat16 is measured whenever the sweep has bfloat16 cases)."""
     wanted = ["float32", *(["bfloat16"] if backend != "cpu" else []), *sweep_dtypes]
     return list(dict.fromkeys(wanted))
 
@@ -96,17 +100,33 @@ def _timed(fn, args, timing: TimingConfig) -> tuple[Timing, float]:
     return measure(lambda: jax.block_until_ready(compiled(*args)), timing), compile_s
 
 
+def matmul_fn(dtype: str):
+    """The product timed for `dtype`: `a @ b`, accumulated in float32 with a float32 result
+    for inputs narrower than float32 (and in the inputs' own type for float32 and wider)."""
+    import jax
+    import jax.numpy as jnp
+
+    if jnp.dtype(dtype).itemsize >= 4:
+        return lambda a, b: a @ b
+    return lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32)
+
+
 def matmul_limit(n: int, dtype: str, timing: TimingConfig = TIMING) -> Limit:
     """The rate of one `n x n` by `n x n` matmul in `dtype` (random inputs, XLA's default
-    precision)."""
+    precision, float32 accumulation for narrower inputs: `matmul_fn`)."""
     import jax
+    import jax.numpy as jnp
 
+    fn = matmul_fn(dtype)  # raises TypeError for a name that is no dtype
     ka, kb = jax.random.split(jax.random.key(0))
     a = jax.random.normal(ka, (n, n), dtype)
     b = jax.random.normal(kb, (n, n), dtype)
     jax.block_until_ready((a, b))
-    t, compile_s = _timed(lambda a, b: a @ b, (a, b), timing)
-    return Limit("xla:matmul", dtype, f"{n}x{n}x{n}", t, compile_s, flops=2.0 * n**3)
+    t, compile_s = _timed(fn, (a, b), timing)
+    problem = f"{n}x{n}x{n}"
+    if jnp.dtype(dtype).itemsize < 4:
+        problem += ", float32 accumulation"
+    return Limit("xla:matmul", dtype, problem, t, compile_s, flops=2.0 * n**3)
 
 
 def read_limit(nbytes: int, timing: TimingConfig = TIMING) -> Limit:

@@ -61,6 +61,29 @@ def test_limits_become_valid_records_and_failures_are_recorded():
         RooflineConfig(matmul_n=0)
 
 
+def test_low_precision_matmul_rate_accumulates_in_float32():
+    """The bfloat16 limit is what attention kernels do with bfloat16 inputs: a float32
+    accumulation and result (`preferred_element_type`), not a bfloat16 product."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench.roofline import matmul_fn
+
+    a = jnp.ones((8, 8), jnp.bfloat16)
+    assert matmul_fn("bfloat16")(a, a).dtype == jnp.float32
+    assert "xf32>" in jax.jit(matmul_fn("bfloat16")).lower(a, a).as_text().split("->")[-1]
+    assert matmul_fn("float32")(a.astype(jnp.float32), a.astype(jnp.float32)).dtype == jnp.float32
+    mm = matmul_limit(64, "bfloat16", FAST)
+    assert mm.dtype == "bfloat16" and mm.problem == "64x64x64, float32 accumulation"
+    assert mm.flops == 2 * 64**3 and mm.tflops > 0
+    # a bfloat16 sweep measures the bfloat16 rate in the same run, on a CPU too
+    config = RooflineConfig(matmul_n=64, read_bytes=2**20, timing=FAST)
+    records, _ = roofline_records(config, current_platform(), "t", ["bfloat16"])
+    rates = {r.dtype: r for r in records if r.implementation == "xla:matmul"}
+    assert set(rates) == {"float32", "bfloat16"}
+    assert rates["bfloat16"].status == "ok" and "float32 accumulation" in rates["bfloat16"].problem
+
+
 def test_roofline_dtypes_cover_the_sweep():
     assert default_dtypes("cpu", ["float32"]) == ["float32"]
     assert default_dtypes("gpu", ["float32"]) == ["float32", "bfloat16"]
