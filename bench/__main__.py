@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="B,T,S,N,K,H",
-        help="an extra shape (B,T,N,H for self-attention with K=N); repeatable",
+        help="an extra shape (B,T,S,N,K,H,Hv for value heads of size Hv; B,T,N,H for "
+        "self-attention with K=N; a last item 'sinks' adds attention sinks); repeatable",
     )
     run.add_argument(
         "--impls",

@@ -23,7 +23,8 @@ from typing import Any, Literal
 
 # 2: `kind` ("attention" or "roofline") and the roofline fields `problem`, `bytes`,
 # `gbytes_per_s`. Version 1 records are attention records.
-SCHEMA_VERSION = 2
+# 3: `Hv` (value head size) and `sinks`; records of versions 1 and 2 read as Hv = H, no sinks.
+SCHEMA_VERSION = 3
 
 Kind = Literal["attention", "roofline"]
 KINDS: tuple[Kind, ...] = ("attention", "roofline")
@@ -40,13 +41,16 @@ STATUSES: tuple[Status, ...] = ("ok", "unsupported", "oom", "error", "absent")
 BACKWARD_FACTOR = 2.5
 
 
-def attention_flops(B: int, T: int, S: int, N: int, H: int, *, causal: bool, mode: Mode) -> float:
+def attention_flops(
+    B: int, T: int, S: int, N: int, H: int, *, causal: bool, mode: Mode, Hv: int | None = None
+) -> float:
     """FLOPs of attention by the FlashAttention convention.
 
-    Forward: 4·B·N·T·S·H (two matmuls of 2·T·S·H each per head), halved when causal.
-    Forward + backward: 3.5× the forward. Softmax and masking are not counted.
+    Forward: 2·B·N·T·S·(H + Hv) (q kᵀ is 2·T·S·H per head, p v is 2·T·S·Hv; 4·B·N·T·S·H when
+    Hv = H, the default), halved when causal. Forward + backward: 3.5× the forward. Softmax,
+    sinks and masking are not counted.
     """
-    flops = 4.0 * B * N * T * S * H
+    flops = 2.0 * B * N * T * S * (H + (H if Hv is None else Hv))
     if causal:
         flops /= 2
     if mode == "fwd+bwd":
@@ -80,7 +84,9 @@ class Record:
     S: int | None = None
     N: int | None = None
     K: int | None = None
-    H: int | None = None
+    H: int | None = None  # head size of queries and keys
+    Hv: int | None = None  # head size of values and the output (records before 3: H)
+    sinks: bool | None = None  # one sink logit per query head passed (records before 3: False)
     dtype: str | None = None
     causal: bool | None = None
     mask: str | None = None  # "causal" or "none"
@@ -137,7 +143,7 @@ REQUIRED_FIELDS: tuple[str, ...] = (
 
 _NUMBER_FIELDS = ("median_s", "iqr_s", "min_s", "max_s", "compile_s", "flops", "tflops",
                   "gbytes_per_s")  # fmt: skip
-_INT_FIELDS = ("B", "T", "S", "N", "K", "H", "repeats", "number", "warmup", "bytes")
+_INT_FIELDS = ("B", "T", "S", "N", "K", "H", "Hv", "repeats", "number", "warmup", "bytes")
 
 
 def record_kind(record: dict[str, Any]) -> str:
@@ -168,6 +174,8 @@ def validate(record: Any) -> None:
         value = record.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"record field {name!r} must be an integer, got {value!r:.40}")
+    if record.get("sinks") is not None and not isinstance(record["sinks"], bool):
+        raise ValueError(f"record field 'sinks' must be true or false, got {record['sinks']!r:.40}")
     if record["status"] == "ok":
         if kind == "roofline":
             needed: tuple[str, ...] = ("dtype", "median_s")
@@ -180,6 +188,18 @@ def validate(record: Any) -> None:
             raise ValueError(f"an 'ok' record lacks {lacking}: {record!r:.200}")
     elif record["status"] != "absent" and not record.get("reason"):
         raise ValueError(f"a {record['status']!r} record must give a reason: {record!r:.200}")
+
+
+def with_defaults(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with the fields of later schema versions filled in as an older record meant
+    them: an attention case without `Hv` has value heads of size H, one without `sinks` has none.
+    Returns `record` itself, completed in place."""
+    if record_kind(record) == "attention":
+        if record.get("Hv") is None and record.get("H") is not None:
+            record["Hv"] = record["H"]
+        if record.get("sinks") is None and record.get("H") is not None:
+            record["sinks"] = False
+    return record
 
 
 def now() -> str:
@@ -217,7 +237,8 @@ def read_records(paths: Iterable[str | os.PathLike[str]]) -> Iterator[dict[str, 
     """Yield the validated records of JSON-lines files, naming file and line on bad input.
 
     Raises OSError for a file that cannot be opened, ValueError (with the file and line) for
-    one that is not UTF-8 text or holds a line that is not a record."""
+    one that is not UTF-8 text or holds a line that is not a record. Records of older schema
+    versions come with the newer fields filled in (`with_defaults`)."""
     for path in paths:
         with open(path, encoding="utf-8") as f:
             lineno = 0
@@ -230,7 +251,7 @@ def read_records(paths: Iterable[str | os.PathLike[str]]) -> Iterator[dict[str, 
                         validate(record)
                     except ValueError as e:  # json.JSONDecodeError is a ValueError
                         raise ValueError(f"{path}:{lineno}: {e}") from None
-                    yield record
+                    yield with_defaults(record)
             except UnicodeDecodeError:
                 raise ValueError(f"{path}: not UTF-8 text (near line {lineno + 1})") from None
 

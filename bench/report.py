@@ -19,11 +19,41 @@ from bench.roofline import rate
 BASELINE = "jax.nn:xla"
 
 Rec = dict[str, Any]
-CaseKey = tuple[Any, ...]  # (mode, dtype, causal, B, T, S, N, K, H)
+CaseKey = tuple[Any, ...]  # (mode, dtype, causal, B, T, S, N, K, H, Hv, sinks)
+
+
+def value_heads(r: Rec) -> int:
+    """The record's value head size: Hv, or H in records from before Hv was recorded."""
+    hv = r.get("Hv")
+    return r["H"] if hv is None else hv
+
+
+def has_sinks(r: Rec) -> bool:
+    """Whether the case passed attention sinks (never in records from before they were)."""
+    return bool(r.get("sinks"))
 
 
 def case_key(r: Rec) -> CaseKey:
-    return (r["mode"], r["dtype"], r["causal"], r["B"], r["T"], r["S"], r["N"], r["K"], r["H"])
+    return (
+        r["mode"], r["dtype"], r["causal"], r["B"], r["T"], r["S"], r["N"], r["K"], r["H"],
+        value_heads(r), has_sinks(r),
+    )  # fmt: skip
+
+
+def heads_label(H: int, Hv: int) -> str:
+    """The H cell of a table: '64', or '192/128' where the value heads differ."""
+    return str(H) if Hv == H else f"{H}/{Hv}"
+
+
+def mask_label(causal: bool, sinks: bool) -> str:
+    """The mask cell of a table: 'causal' or 'none', with '+sinks' where sinks were passed."""
+    return ("causal" if causal else "none") + ("+sinks" if sinks else "")
+
+
+def _lead(key: CaseKey) -> list[str]:
+    """The first nine cells of a table row: mode, mask, dtype, B, T, S, N, K, H."""
+    mode, dtype, causal, B, T, S, N, K, H, Hv, sinks = key
+    return [mode, mask_label(causal, sinks), dtype, *map(str, (B, T, S, N, K)), heads_label(H, Hv)]
 
 
 def device_key(r: Rec) -> tuple[str, str]:
@@ -154,8 +184,9 @@ def run_table(records: Sequence[Any]) -> str:
             absent.append(f"  {r['implementation']}: {r['reason']}")
             continue
         rows.append([
-            r["implementation"], r["mode"], r["mask"], r["dtype"],
-            *(str(r[d]) for d in ("B", "T", "S", "N", "K", "H")),
+            r["implementation"], r["mode"], mask_label(r["causal"], has_sinks(r)), r["dtype"],
+            *(str(r[d]) for d in ("B", "T", "S", "N", "K")),
+            heads_label(r["H"], value_heads(r)),
             _ms(r["median_s"]),
             _ms(r["iqr_s"]),
             _num(r["tflops"], ".3f"),
@@ -185,9 +216,12 @@ def markdown_report(records: Sequence[Rec], *, baseline: str = BASELINE) -> str:
         by_device[device_key(r)].append(r)
 
     out = [
-        "Cells: TFLOP/s by the FlashAttention convention (forward 4·B·N·T·S·H, halved when "
-        f"causal; forward+backward 3.5× that), and in brackets the speed-up over `{baseline}` "
-        "(its median time divided by this one's). OOM: out of memory; n/a: not supported.",
+        "Cells: TFLOP/s by the FlashAttention convention (forward 2·B·N·T·S·(H + Hv), which is "
+        "4·B·N·T·S·H when the value heads are as large as the key heads, halved when causal; "
+        f"forward+backward 3.5× that), and in brackets the speed-up over `{baseline}` "
+        "(its median time divided by this one's). OOM: out of memory; n/a: not supported. "
+        "H: head size, `H/Hv` where the value heads differ (MLA); `+sinks`: with attention "
+        "sinks.",
     ]
     for device in sorted(by_device):
         recs = by_device[device]
@@ -210,11 +244,7 @@ def markdown_report(records: Sequence[Rec], *, baseline: str = BASELINE) -> str:
         headers = ["mode", "mask", "dtype", "B", "T", "S", "N", "K", "H", *impls]
         rows = []
         for key in sorted({case_key(r) for r in measured}, key=_case_sort):
-            mode, dtype, causal, *dims = key
-            rows.append([
-                mode, "causal" if causal else "none", dtype, *map(str, dims),
-                *(cells.get((key, impl), "") for impl in impls),
-            ])  # fmt: skip
+            rows.append([*_lead(key), *(cells.get((key, impl), "") for impl in impls)])
         if rows:
             out.append("\n" + format_table(headers, rows, markdown=True))
         notes = sorted(
@@ -237,7 +267,7 @@ _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 def kv_bytes(r: Rec) -> int:
     """Bytes of K and V: what attention must read at least once."""
-    return 2 * r["B"] * r["S"] * r["K"] * r["H"] * _ITEMSIZE.get(r["dtype"], 4)
+    return r["B"] * r["S"] * r["K"] * (r["H"] + value_heads(r)) * _ITEMSIZE.get(r["dtype"], 4)
 
 
 def _pct(share: float) -> str:
@@ -250,8 +280,9 @@ def memory_bound(r: Rec, matmul_tflops: float, read_gbps: float) -> bool:
     """Whether the case's forward FLOPs per byte of q, k, v and the output fall below the
     machine's balance (the matmul rate of its dtype over the read bandwidth): then bandwidth,
     not compute, bounds it (decode: one query row against a long cache)."""
-    fwd_flops = 4.0 * r["B"] * r["N"] * r["T"] * r["S"] * r["H"]
-    io = kv_bytes(r) + 2 * r["B"] * r["T"] * r["N"] * r["H"] * _ITEMSIZE.get(r["dtype"], 4)
+    heads = r["H"] + value_heads(r)  # q and k are H wide, v and the output Hv
+    fwd_flops = 2.0 * r["B"] * r["N"] * r["T"] * r["S"] * heads
+    io = kv_bytes(r) + r["B"] * r["T"] * r["N"] * heads * _ITEMSIZE.get(r["dtype"], 4)
     return fwd_flops / io < matmul_tflops * 1e12 / (read_gbps * 1e9)
 
 
@@ -282,10 +313,6 @@ def _roofline_tables(
     by_cell = {(case_key(r), r["implementation"]): r for r in ok}
     dims = ["mode", "mask", "dtype", "B", "T", "S", "N", "K", "H"]
 
-    def lead(key: CaseKey) -> list[str]:
-        mode, dtype, causal, *rest = key
-        return [mode, "causal" if causal else "none", dtype, *map(str, rest)]
-
     compute = sorted((k for k, b in bound.items() if not b), key=_case_sort)
     rows = []
     for key in compute:
@@ -296,7 +323,7 @@ def _roofline_tables(
         for impl in impls:
             r = by_cell.get((key, impl))
             cells.append("" if r is None else _pct(r["tflops"] / mm["tflops"]))
-        rows.append([*lead(key), *cells])
+        rows.append([*_lead(key), *cells])
     if rows:
         parts.append(
             "\nCompute-bound cases, each result as a share of the matmul rate of its dtype:\n\n"
@@ -315,20 +342,20 @@ def _roofline_tables(
             else:
                 t = r["median_s"]
                 cells.append(f"{_sig3(t * 1e3)} ({_sig3(t / floor)}×)")
-        rows.append([*lead(key), _sig3(floor * 1e3), *cells])
+        rows.append([*_lead(key), _sig3(floor * 1e3), *cells])
     if rows:
         parts.append(
             "\nMemory-bound cases (decode): the time to read K and V once at the measured "
-            "bandwidth, then each measured time in ms and, in brackets, how many times that "
-            "floor it takes:\n\n"
+            "bandwidth (B·S·K·(H + Hv)·itemsize bytes), then each measured time in ms and, in "
+            "brackets, how many times that floor it takes:\n\n"
             + format_table([*dims, "K+V read ms", *impls], rows, markdown=True)
         )
     return parts
 
 
 def _case_sort(key: CaseKey) -> tuple[Any, ...]:
-    mode, dtype, causal, B, T, S, N, K, H = key
-    return (mode != "fwd", dtype, causal, N, K, H, T == S, S, T, B)
+    mode, dtype, causal, B, T, S, N, K, H, Hv, sinks = key
+    return (mode != "fwd", dtype, causal, N, K, H, Hv, T == S, S, T, B, sinks)
 
 
 def _machine_line(recs: Sequence[Rec]) -> str:
@@ -354,12 +381,19 @@ def _machine_line(recs: Sequence[Rec]) -> str:
 def _series_key(r: Rec) -> tuple[Any, ...]:
     """What a line joins: points of one implementation that differ only in length (and batch,
     which fixed-token sweeps shrink as the length grows)."""
-    return (r["dtype"], r["N"], r["K"], r["H"], r["T"] if r["T"] != r["S"] else None)
+    return (
+        r["dtype"], r["N"], r["K"], r["H"], value_heads(r), has_sinks(r),
+        r["T"] if r["T"] != r["S"] else None,
+    )  # fmt: skip
 
 
 def _series_label(key: tuple[Any, ...], batch: int | None = None) -> str:
-    dtype, N, K, H, T = key
+    dtype, N, K, H, Hv, sinks, T = key
     label = f"{dtype} N={N}" + (f" K={K}" if K != N else "") + f" H={H}"
+    if Hv != H:
+        label += f" Hv={Hv}"
+    if sinks:
+        label += " sinks"
     if T is not None:
         label += f" T={T}"
     if batch is not None:

@@ -80,7 +80,14 @@ class Runner(abc.ABC):
 
 # --- JAX-based runners ---------------------------------------------------------------------
 
-AttentionFn = Callable[[Any, Any, Any], Any]
+# (q, k, v, sinks) -> out; sinks is None unless the case passes them (Shape.sinks)
+AttentionFn = Callable[[Any, Any, Any, Any], Any]
+
+
+def _refuse_sinks(case: Case, who: str) -> None:
+    """A peer without attention sinks: the case is unsupported, not run without them."""
+    if case.shape.sinks:
+        raise NotImplementedError(f"{who} takes no attention sinks")
 
 
 def _fits(memory: dict[str, int], device: Any) -> None:
@@ -139,7 +146,8 @@ def _xla_memory(compiled: Any) -> dict[str, int] | None:
 
 
 class JaxRunner(Runner):
-    """Times a JAX attention function [B,T,N,H] x [B,S,K,H] -> [B,T,N,H] under jax.jit."""
+    """Times a JAX attention function [B,T,N,H] x [B,S,K,H] x [B,S,K,Hv] -> [B,T,N,Hv] under
+    jax.jit; with sinks (Shape.sinks) also one float32 sink logit per query head [N]."""
 
     def __init__(self, name: str, origin: Origin) -> None:
         self.name = name
@@ -147,30 +155,38 @@ class JaxRunner(Runner):
 
     @abc.abstractmethod
     def attention(self, case: Case) -> AttentionFn:
-        """The function to time, with the case's static options bound."""
+        """The function to time, with the case's static options bound: it takes
+        (q, k, v, sinks), sinks None unless the case passes them. Raises NotImplementedError
+        for a case it cannot serve."""
 
     def run(self, case: Case, config: TimingConfig, *, seed: int) -> Measurement:
         import jax
+        import jax.numpy as jnp
 
         attn = self.attention(case)
         s = case.shape
-        kq, kk, kv, kd = jax.random.split(jax.random.key(seed), 4)
+        key = jax.random.key(seed)
+        kq, kk, kv, kd = jax.random.split(key, 4)
         dtype = case.dtype
         q = jax.random.normal(kq, (s.B, s.T, s.N, s.H), dtype)
         k = jax.random.normal(kk, (s.B, s.S, s.K, s.H), dtype)
-        v = jax.random.normal(kv, (s.B, s.S, s.K, s.H), dtype)
+        v = jax.random.normal(kv, (s.B, s.S, s.K, s.hv), dtype)
+        # one sink logit per query head, float32 whatever the inputs' dtype (as models keep them)
+        sinks = (
+            jax.random.normal(jax.random.fold_in(key, 5), (s.N,), jnp.float32) if s.sinks else None
+        )
         if case.mode == "fwd":
             fn: Callable[..., Any] = attn
-            args: tuple[Any, ...] = (q, k, v)
+            args: tuple[Any, ...] = (q, k, v, sinks)
         else:
             # The cotangent is random too: a ones or zeros cotangent can let XLA simplify.
-            do = jax.random.normal(kd, (s.B, s.T, s.N, s.H), dtype)
+            do = jax.random.normal(kd, (s.B, s.T, s.N, s.hv), dtype)
 
-            def fn(q: Any, k: Any, v: Any, do: Any) -> Any:
-                out, vjp = jax.vjp(attn, q, k, v)
+            def fn(q: Any, k: Any, v: Any, do: Any, sinks: Any) -> Any:
+                out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, sinks), q, k, v)
                 return out, vjp(do)
 
-            args = (q, k, v, do)
+            args = (q, k, v, do, sinks)
         jax.block_until_ready(args)
 
         start = time.perf_counter()
@@ -202,9 +218,12 @@ class JattnRunner(JaxRunner):
     def attention(self, case: Case) -> AttentionFn:
         import jattn
 
-        return functools.partial(
-            jattn.attention, is_causal=case.causal, implementation=self.implementation
-        )
+        def attn(q: Any, k: Any, v: Any, sinks: Any) -> Any:
+            return jattn.attention(
+                q, k, v, is_causal=case.causal, sinks=sinks, implementation=self.implementation
+            )
+
+        return attn
 
 
 class JaxNnRunner(JaxRunner):
@@ -217,11 +236,19 @@ class JaxNnRunner(JaxRunner):
 
         if self.implementation == "cudnn" and case.dtype not in ("bfloat16", "float16"):
             raise NotImplementedError(f"cuDNN attention takes float16/bfloat16, not {case.dtype}")
-        return functools.partial(
+        _refuse_sinks(case, "jax.nn.dot_product_attention")
+        s = case.shape
+        if s.hv != s.H:
+            raise NotImplementedError(
+                f"jax.nn.dot_product_attention needs value heads as large as the key heads "
+                f"(H={s.H}, Hv={s.hv})"
+            )
+        dpa = functools.partial(
             jax.nn.dot_product_attention,
             is_causal=case.causal,
             implementation=self.implementation,
         )
+        return lambda q, k, v, sinks: dpa(q, k, v)
 
 
 class FlaxLinenRunner(JaxRunner):
@@ -237,12 +264,13 @@ class FlaxLinenRunner(JaxRunner):
         from flax import linen
 
         s = case.shape
+        _refuse_sinks(case, "flax.linen.dot_product_attention")
         if s.K != s.N:
             raise NotImplementedError(
                 f"flax.linen needs as many KV heads as query heads (N={s.N}, K={s.K})"
             )
 
-        def attn(q: Any, k: Any, v: Any) -> Any:
+        def attn(q: Any, k: Any, v: Any, sinks: Any) -> Any:
             mask = None
             if case.causal:  # what linen users build with nn.make_causal_mask
                 mask = jnp.tril(jnp.ones((s.T, s.S), dtype=jnp.bool_))[None, None]
@@ -268,12 +296,14 @@ class TokamaxRunner(JaxRunner):
     def attention(self, case: Case) -> AttentionFn:
         import tokamax
 
+        _refuse_sinks(case, "tokamax.dot_product_attention")
         _absl_flags_parsed()
-        return functools.partial(
+        dpa = functools.partial(
             tokamax.dot_product_attention,
             is_causal=case.causal,
             implementation=self.implementation,
         )
+        return lambda q, k, v, sinks: dpa(q, k, v)
 
 
 # --- PyTorch -------------------------------------------------------------------------------
@@ -306,13 +336,14 @@ class TorchRunner(Runner):
         import torch.nn.functional as F
 
         s = case.shape
+        _refuse_sinks(case, "torch.nn.functional.scaled_dot_product_attention")
         dtype = getattr(torch, case.dtype)
         gen = torch.Generator(device=self.device).manual_seed(seed)
 
         def randn(*shape: int) -> Any:
             return torch.randn(*shape, generator=gen, device=self.device, dtype=dtype)
 
-        q, k, v = randn(s.B, s.N, s.T, s.H), randn(s.B, s.K, s.S, s.H), randn(s.B, s.K, s.S, s.H)
+        q, k, v = randn(s.B, s.N, s.T, s.H), randn(s.B, s.K, s.S, s.H), randn(s.B, s.K, s.S, s.hv)
         kwargs: dict[str, Any] = {"is_causal": case.causal}
         if s.K != s.N:
             kwargs["enable_gqa"] = True
@@ -325,7 +356,7 @@ class TorchRunner(Runner):
                 self._sync()
 
         else:
-            do = randn(s.B, s.N, s.T, s.H)
+            do = randn(s.B, s.N, s.T, s.hv)
             for t in (q, k, v):
                 t.requires_grad_(True)
 

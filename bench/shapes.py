@@ -1,7 +1,8 @@
 """Named shape sets: the sizes a sweep measures, kept as data.
 
 Every shape follows the layout of `jax.nn.dot_product_attention`: query [B, T, N, H],
-key/value [B, S, K, H] (K < N is grouped-query attention).
+key [B, S, K, H] (K < N is grouped-query attention), value [B, S, K, Hv] (Hv = H unless given:
+multi-head latent attention has value heads smaller than its query/key heads).
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ class Shape:
     """One attention problem size.
 
     B: batch, T: query length, S: key/value length, N: query heads, K: key/value heads,
-    H: head dimension. `allows_causal` is False for decode-style shapes: a single new query
-    attends to the whole cache, so there is nothing for a causal mask to remove.
+    H: head dimension of queries and keys. `allows_causal` is False for decode-style shapes: a
+    single new query attends to the whole cache, so there is nothing for a causal mask to remove.
+    Hv: head dimension of values (and of the output); None means H, and is stored as H, so a
+    shape given with Hv=H equals the one given without. sinks: the call passes one sink logit
+    per query head (`jattn.attention(..., sinks=s)`, gpt-oss attention sinks).
     """
 
     B: int
@@ -25,28 +29,49 @@ class Shape:
     K: int
     H: int
     allows_causal: bool = True
+    Hv: int | None = None
+    sinks: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("B", "T", "S", "N", "K", "H"):
+        if self.Hv is None:
+            object.__setattr__(self, "Hv", self.H)
+        for name in ("B", "T", "S", "N", "K", "H", "Hv"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Shape.{name} must be a positive int, got {value!r}")
         if self.N % self.K:
             raise ValueError(f"query heads N={self.N} must be a multiple of K={self.K}")
+        if not isinstance(self.sinks, bool):
+            raise ValueError(f"Shape.sinks must be a bool, got {self.sinks!r}")
+
+    @property
+    def hv(self) -> int:
+        """The value head size (Hv, which is never None after construction)."""
+        return self.H if self.Hv is None else self.Hv
 
     @property
     def label(self) -> str:
-        return f"B={self.B} T={self.T} S={self.S} N={self.N} K={self.K} H={self.H}"
+        text = f"B={self.B} T={self.T} S={self.S} N={self.N} K={self.K} H={self.H}"
+        if self.hv != self.H:
+            text += f" Hv={self.hv}"
+        if self.sinks:
+            text += " sinks"
+        return text
 
 
-def _self(B: int, T: int, N: int, H: int, K: int | None = None) -> Shape:
+def _self(
+    B: int, T: int, N: int, H: int, K: int | None = None, *, Hv: int | None = None,
+    sinks: bool = False,
+) -> Shape:  # fmt: skip
     """Self-attention shape: T = S, K = N unless given."""
-    return Shape(B=B, T=T, S=T, N=N, K=N if K is None else K, H=H)
+    return Shape(B=B, T=T, S=T, N=N, K=N if K is None else K, H=H, Hv=Hv, sinks=sinks)
 
 
-def _decode(B: int, S: int, N: int, K: int, H: int) -> Shape:
+def _decode(
+    B: int, S: int, N: int, K: int, H: int, *, Hv: int | None = None, sinks: bool = False
+) -> Shape:
     """One new query token against a cache of S keys."""
-    return Shape(B=B, T=1, S=S, N=N, K=K, H=H, allows_causal=False)
+    return Shape(B=B, T=1, S=S, N=N, K=K, H=H, allows_causal=False, Hv=Hv, sinks=sinks)
 
 
 QUICK: tuple[Shape, ...] = (
@@ -79,9 +104,39 @@ GQA: tuple[Shape, ...] = (Shape(2, 1024, 1024, 16, 4, 64),)
 # two: the shape a kernel tuned on square powers of two gets wrong first.
 CROSS: tuple[Shape, ...] = (Shape(2, 640, 1536, 6, 2, 96),)
 
+# Multi-head latent attention (DeepSeek-V2/V3, `jattn.nn.MLAttention`). Prefill attends in the
+# expanded form: 16 heads of 192 (128 no-position + 64 rotary) for queries and keys, 128 for
+# values. Decode attends in the absorbed form: one latent KV head (K = 1) of 576 (512 latent +
+# 64 rotary) for keys and 512 for values, shared by the 16 query heads.
+MLA_PREFILL = Shape(1, 4096, 4096, 16, 16, 192, Hv=128)
+MLA_DECODE: tuple[Shape, ...] = tuple(_decode(8, S, 16, 1, 576, Hv=512) for S in (4096, 16384))
+MLA: tuple[Shape, ...] = (
+    MLA_PREFILL,
+    Shape(1, 4096, 4096, 16, 16, 128),  # the same problem at 128/128: what 192/128 costs
+    *MLA_DECODE,
+    *(_self(1, 2048, 8, H) for H in (80, 96, 112)),  # head sizes that are not powers of two
+)
+
+# Attention sinks (gpt-oss): each shape with and without, so one run gives what sinks cost.
+SINKS: tuple[Shape, ...] = (
+    _self(1, 2048, 8, 64),
+    _self(1, 2048, 8, 64, sinks=True),
+    _decode(8, 4096, 32, 8, 128),
+    _decode(8, 4096, 32, 8, 128, sinks=True),
+)
+
 # The shapes the native CPU kernel's speed goals are stated on (issue 11): quick, gqa, cross,
-# and decode at S = 4k and 16k: `python -m bench --shapes goals`.
-GOALS: tuple[Shape, ...] = (*QUICK, *GQA, *CROSS, *(s for s in DECODE if s.S in (4096, 16384)))
+# decode at S = 4k and 16k, MLA prefill (192/128) and decode (576/512 at S = 4k and 16k), and
+# the quick T = 2048 shape with sinks: `python -m bench --shapes goals`.
+GOALS: tuple[Shape, ...] = (
+    *QUICK,
+    *GQA,
+    *CROSS,
+    *(s for s in DECODE if s.S in (4096, 16384)),
+    MLA_PREFILL,
+    *MLA_DECODE,
+    _self(1, 2048, 8, 64, sinks=True),
+)
 
 SHAPE_SETS: dict[str, tuple[Shape, ...]] = {
     "quick": QUICK,
@@ -89,21 +144,34 @@ SHAPE_SETS: dict[str, tuple[Shape, ...]] = {
     "cross": CROSS,
     "decode": DECODE,
     "goals": GOALS,
+    "mla": MLA,
+    "sinks": SINKS,
     "full": FULL,
     "long": LONG,
 }
 
 
 def parse_shape(text: str) -> Shape:
-    """Parse `B,T,S,N,K,H` (or `B,T,N,H` for self-attention with K = N) into a Shape."""
+    """Parse `B,T,S,N,K,H`, `B,T,S,N,K,H,Hv` (value heads of another size) or `B,T,N,H`
+    (self-attention with K = N) into a Shape; a last item `sinks` adds attention sinks."""
+    items = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
+    sinks = bool(items) and items[-1].lower() == "sinks"
+    if sinks:
+        items = items[:-1]
     try:
-        parts = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
+        parts = [int(p) for p in items]
     except ValueError:
-        raise ValueError(f"shape {text!r}: expected integers B,T,S,N,K,H or B,T,N,H") from None
+        raise ValueError(
+            f"shape {text!r}: expected integers B,T,S,N,K,H[,Hv] or B,T,N,H, then optionally "
+            "'sinks'"
+        ) from None
     if len(parts) == 4:
         B, T, N, H = parts
-        return _self(B, T, N, H)
-    if len(parts) == 6:
-        B, T, S, N, K, H = parts
-        return Shape(B=B, T=T, S=S, N=N, K=K, H=H, allows_causal=T > 1)
-    raise ValueError(f"shape {text!r}: expected 6 numbers B,T,S,N,K,H or 4 numbers B,T,N,H")
+        return _self(B, T, N, H, sinks=sinks)
+    if len(parts) in (6, 7):
+        B, T, S, N, K, H, *rest = parts
+        Hv = rest[0] if rest else None
+        return Shape(B=B, T=T, S=S, N=N, K=K, H=H, allows_causal=T > 1, Hv=Hv, sinks=sinks)
+    raise ValueError(
+        f"shape {text!r}: expected 6 or 7 numbers B,T,S,N,K,H[,Hv] or 4 numbers B,T,N,H"
+    )

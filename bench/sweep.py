@@ -162,7 +162,7 @@ def case_record(
     """The record of one runner on one case from its rounds: the first failure, else their
     samples pooled (compile time and memory from the first round)."""
     s = case.shape
-    flops = attention_flops(s.B, s.T, s.S, s.N, s.H, causal=case.causal, mode=case.mode)
+    flops = attention_flops(s.B, s.T, s.S, s.N, s.H, causal=case.causal, mode=case.mode, Hv=s.hv)
     fields = {
         **_base(runner.name, runner.origin, platform, run_id),
         "shape_set": case.shape_set,
@@ -172,6 +172,8 @@ def case_record(
         "N": s.N,
         "K": s.K,
         "H": s.H,
+        "Hv": s.hv,
+        "sinks": s.sinks,
         "dtype": case.dtype,
         "causal": case.causal,
         "mask": "causal" if case.causal else "none",

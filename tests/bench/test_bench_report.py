@@ -30,7 +30,7 @@ def test_speedups_are_baseline_time_over_time():
     ups = speedups(list(read_records([FIXTURE])))
     for T in (512, 1024, 2048):
         for mode in ("fwd", "fwd+bwd"):
-            case = (mode, "bfloat16", False, 1, T, T, 8, 8, 64)
+            case = (mode, "bfloat16", False, 1, T, T, 8, 8, 64, 64, False)
             assert ups[(GPU, "jattn:fused", case)] == pytest.approx(2.0)
             assert ups[(GPU, "jax.nn:cudnn", case)] == pytest.approx(4.0)
             assert ups[(GPU, "torch.sdpa", case)] == pytest.approx(1.25)

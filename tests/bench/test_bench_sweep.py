@@ -202,7 +202,7 @@ def test_shape_sets_and_parsing():
     assert parse_shape("2,128,8,64") == Shape(2, 128, 128, 8, 8, 64)
     with pytest.raises(ValueError, match="multiple"):
         parse_shape("1,8,8,3,2,4")
-    with pytest.raises(ValueError, match="6 numbers"):
+    with pytest.raises(ValueError, match="6 or 7 numbers"):
         parse_shape("1,2,3")
 
 
@@ -218,7 +218,7 @@ def test_record_schema_round_trips():
         implementation="x", origin="peer", status="absent", reason="because",
         backend="cpu", device_kind="cpu", host_cpu="c", host_cores=1, versions={},
     )  # fmt: skip
-    assert json.loads(record.to_json())["schema_version"] == SCHEMA_VERSION == 2
+    assert json.loads(record.to_json())["schema_version"] == SCHEMA_VERSION == 3
     assert json.loads(record.to_json())["kind"] == "attention"
     validate(json.loads(record.to_json()))
     with pytest.raises(ValueError, match="reason"):
