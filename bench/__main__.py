@@ -66,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
         "there, Pallas in interpret mode on a CPU, are not listed) or 'none'",
     )
     run.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="IMPL:FIELD=VALUE[,FIELD=VALUE...]",
+        help="also measure jattn implementation IMPL with these fields of its tuning config "
+        "replaced (the rest as its default for each case), as 'jattn:IMPL[FIELD=VALUE,...]'; "
+        "values: int, float, true/false, none or a string; repeatable",
+    )
+    run.add_argument(
         "--peers",
         default="all",
         help=f"peers: comma-separated from {', '.join(PEERS)}; 'all' or 'none' (default: all)",
@@ -188,6 +197,27 @@ def _peers(text: str) -> list[str] | None:
     return names
 
 
+def _configs(texts: Sequence[str]) -> list:  # -> list[ConfigSpec]
+    from bench.runners import ConfigSpec, check_config
+
+    specs = []
+    for text in texts:
+        try:
+            spec = ConfigSpec.parse(text)
+        except ValueError as e:
+            raise BadOption(f"--config {e}") from None
+        try:
+            check_config(spec)
+        except ImportError:  # jattn not importable: the sweep records that as an absent record
+            pass
+        except ValueError as e:
+            raise BadOption(f"--config {text!r}: {e}") from None
+        if spec in specs:
+            raise BadOption(f"--config {text!r} is given twice")
+        specs.append(spec)
+    return specs
+
+
 def _out_path(args: argparse.Namespace, backend: str) -> pathlib.Path:
     """The results file, checked before anything is measured: a folder or an unwritable place
     is refused now rather than after an hour of measuring."""
@@ -239,7 +269,8 @@ def _config(args: argparse.Namespace):  # -> SweepConfig (imported late: it impo
     if not shapes:
         raise BadOption("no shape selected: give --shapes NAMES or --shape B,T,S,N,K,H")
     impls, peers = _impls(args.impls), _peers(args.peers)
-    if impls == [] and peers == []:
+    configs = _configs(args.config)
+    if impls == [] and peers == [] and not configs:
         raise BadOption("--impls none --peers none selects no implementation: nothing to measure")
     causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     return SweepConfig(
@@ -255,6 +286,7 @@ def _config(args: argparse.Namespace):  # -> SweepConfig (imported late: it impo
         seed=args.seed,
         torch_threads=args.torch_threads,
         roofline=None if args.no_roofline else RooflineConfig(),
+        configs=configs,
     )
 
 

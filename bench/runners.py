@@ -226,6 +226,136 @@ class JattnRunner(JaxRunner):
         return attn
 
 
+# --- tuning configs (--config IMPL:FIELD=VALUE,...) ----------------------------------------
+
+
+def parse_config_value(text: str) -> Any:
+    """A config value from the command line: 'true'/'false' -> bool, 'none' -> None, then
+    int, float, or else the string itself."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def _config_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "none" if value is None else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigSpec:
+    """An implementation measured with some fields of its tuning config overridden."""
+
+    implementation: str
+    fields: tuple[tuple[str, Any], ...]
+
+    @property
+    def name(self) -> str:
+        """The runner's (and its records') name: 'jattn:flash[block_q=128,block_k=256]'."""
+        overrides = ",".join(f"{field}={_config_text(value)}" for field, value in self.fields)
+        return f"jattn:{self.implementation}[{overrides}]"
+
+    @classmethod
+    def parse(cls, text: str) -> ConfigSpec:
+        """`IMPL:FIELD=VALUE[,FIELD=VALUE...]`; raises ValueError saying what is wrong."""
+        impl, sep, rest = text.partition(":")
+        impl = impl.strip()
+        if not sep or not impl or not rest.strip():
+            raise ValueError(f"{text!r}: expected IMPL:FIELD=VALUE[,FIELD=VALUE...]")
+        fields: dict[str, Any] = {}
+        for item in rest.split(","):
+            field, eq, value = item.partition("=")
+            field = field.strip()
+            if not eq or not field.isidentifier() or not value.strip():
+                raise ValueError(f"{text!r}: {item.strip()!r} is not FIELD=VALUE")
+            if field in fields:
+                raise ValueError(f"{text!r}: field {field!r} is given twice")
+            fields[field] = parse_config_value(value)
+        return cls(impl, tuple(fields.items()))
+
+
+def check_config(spec: ConfigSpec) -> None:
+    """Raise ValueError, naming the implementation or field, for a config that cannot be built:
+    an unknown implementation, one without a config type, a field its config type lacks, or a
+    value the config refuses (where the type can be built with its defaults to check it).
+    An implementation the registry could not load passes: its run is an 'absent' record."""
+    from jattn import kernels
+
+    impl = kernels.REGISTRY.get(spec.implementation)
+    if impl is None:
+        if spec.implementation in unavailable_jattn():
+            return
+        raise ValueError(
+            f"unknown jattn implementation {spec.implementation!r}; known: "
+            f"{', '.join(known_jattn_names())}"
+        )
+    config_type = impl.config_type
+    if config_type is None:
+        tunable = sorted(n for n, i in kernels.REGISTRY.items() if i.config_type is not None)
+        raise ValueError(
+            f"implementation {spec.implementation!r} has no tuning config; those with one: "
+            f"{', '.join(tunable) or 'none'}"
+        )
+    known = [f.name for f in dataclasses.fields(config_type)]
+    for field, _ in spec.fields:
+        if field not in known:
+            raise ValueError(
+                f"{config_type.__name__} of {spec.implementation!r} has no field {field!r}; "
+                f"its fields: {', '.join(known)}"
+            )
+    try:
+        default = config_type()
+    except Exception:  # no defaults for every field: values are checked when a case runs
+        return
+    try:
+        dataclasses.replace(default, **dict(spec.fields))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{spec.name}: {e}") from None
+
+
+class ConfiguredJattnRunner(JattnRunner):
+    """jattn with its tuning config's heuristic default for each case, some fields replaced:
+    `dataclasses.replace(config_type.default_for(plan, backend), **fields)`, the plan made
+    from the case's own arrays inside the traced function."""
+
+    def __init__(self, spec: ConfigSpec) -> None:
+        super().__init__(spec.implementation)
+        self.name = spec.name
+        self.spec = spec
+
+    def attention(self, case: Case) -> AttentionFn:
+        import jax
+
+        import jattn
+        from jattn import kernels
+        from jattn.plan import make_plan
+
+        config_type = kernels.REGISTRY[self.implementation].config_type
+        if config_type is None:
+            raise NotImplementedError(f"jattn:{self.implementation} has no tuning config")
+        backend = jax.default_backend()
+        fields = dict(self.spec.fields)
+
+        def attn(q: Any, k: Any, v: Any, sinks: Any) -> Any:
+            plan, *_ = make_plan(q, k, v, is_causal=case.causal, sinks=sinks)
+            config = dataclasses.replace(config_type.default_for(plan, backend), **fields)
+            return jattn.attention(
+                q, k, v, is_causal=case.causal, sinks=sinks,
+                implementation=self.implementation, config=config,
+            )  # fmt: skip
+
+        return attn
+
+
 class JaxNnRunner(JaxRunner):
     def __init__(self, implementation: Literal["xla", "cudnn"]) -> None:
         super().__init__(f"jax.nn:{implementation}", "peer")
@@ -456,6 +586,35 @@ def our_runners(
             absent.append(Unavailable(f"jattn:{name}", "ours", why))
         else:
             runners.append(JattnRunner(name))
+    return runners, absent
+
+
+def config_runners(
+    backend: str, specs: Sequence[ConfigSpec]
+) -> tuple[list[Runner], list[Unavailable]]:
+    """A runner per `--config`: the implementation with its config's fields overridden. One
+    that cannot run here is an Unavailable with the reason, as in `our_runners`; a spec
+    `check_config` refuses raises ValueError."""
+    if not specs:
+        return [], []
+    try:
+        _, runnable = jattn_names(backend)
+    except Exception as e:
+        reason = f"jattn is not importable ({type(e).__name__}: {e})"
+        return [], [Unavailable(spec.name, "ours", reason) for spec in specs]
+    from jattn import kernels
+
+    runners: list[Runner] = []
+    absent: list[Unavailable] = []
+    for spec in specs:
+        check_config(spec)
+        if spec.implementation not in kernels.REGISTRY:
+            absent.append(Unavailable(spec.name, "ours", unavailable_jattn()[spec.implementation]))
+        elif spec.implementation not in runnable:
+            where = ", ".join(sorted(kernels.REGISTRY[spec.implementation].backends))
+            absent.append(Unavailable(spec.name, "ours", f"runs on {where}, not {backend}"))
+        else:
+            runners.append(ConfiguredJattnRunner(spec))
     return runners, absent
 
 

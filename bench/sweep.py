@@ -20,7 +20,16 @@ from bench.records import (
     versions,
 )
 from bench.roofline import Limit, RooflineConfig, describe, measure_limits
-from bench.runners import Case, Measurement, Runner, Unavailable, our_runners, peer_runners
+from bench.runners import (
+    Case,
+    ConfigSpec,
+    Measurement,
+    Runner,
+    Unavailable,
+    config_runners,
+    our_runners,
+    peer_runners,
+)
 from bench.shapes import Shape
 from bench.timing import TimingConfig, classify, pool
 
@@ -40,6 +49,8 @@ class SweepConfig:
     torch_threads: int | None = None  # None: every core, like XLA's CPU backend
     # the machine's limits measured first (matmul rate, memory bandwidth); None: not measured
     roofline: RooflineConfig | None = dataclasses.field(default_factory=RooflineConfig)
+    # implementations measured again with fields of their tuning config overridden (--config)
+    configs: Sequence[ConfigSpec] = ()
 
 
 class NothingToMeasure(ValueError):
@@ -224,6 +235,7 @@ def run_sweep(
     platform = current_platform()
     run_id = new_run_id()
     ours, ours_absent = our_runners(platform.backend, config.impls)
+    tuned, tuned_absent = config_runners(platform.backend, config.configs)
     peers, peers_absent = (
         ([], [])
         if config.peers == []
@@ -234,7 +246,7 @@ def run_sweep(
             torch_threads=config.torch_threads,
         )
     )
-    runners: list[Runner] = [*ours, *peers]
+    runners: list[Runner] = [*ours, *tuned, *peers]
     todo = cases(config)
     if not todo:
         raise NothingToMeasure(
@@ -243,7 +255,7 @@ def run_sweep(
         )
     records: list[Record] = []
     with RecordWriter(out_path) as writer:
-        for item in [*ours_absent, *peers_absent]:
+        for item in [*ours_absent, *tuned_absent, *peers_absent]:
             record = absent_record(item, platform, run_id)
             writer.write(record)
             records.append(record)

@@ -1,4 +1,5 @@
-"""Cases beyond H = Hv without sinks: value heads of their own size (MLA) and attention sinks."""
+"""Cases beyond H = Hv without sinks: value heads of their own size (MLA), attention sinks, and
+implementations measured with their tuning config changed (--config)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ import pytest
 from bench import __main__ as cli
 from bench.records import attention_flops, read_records
 from bench.report import case_key, kv_bytes, latest, markdown_report, memory_bound, run_table
+from bench.runners import (
+    Case,
+    ConfigSpec,
+    ConfiguredJattnRunner,
+    check_config,
+    parse_config_value,
+)
 from bench.shapes import SHAPE_SETS, Shape, parse_shape
+from bench.timing import TimingConfig
+from tests.bench.test_bench_cli_errors import RUN, _fails
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "fake_gpu_records.jsonl"
 FAST = ["--repeats", "1", "--min-time", "0", "--no-progress", "--no-roofline"]
@@ -153,3 +163,108 @@ def test_bfloat16_runs_with_the_xla_and_torch_peers(tmp_path):
     assert {r["implementation"] for r in records} >= {"jattn:fused", "jax.nn:xla"}
     for r in records:
         assert r["dtype"] == "bfloat16" and r["status"] == "ok", r["reason"]
+
+
+# --- --config --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("128", 128), ("0.5", 0.5), ("true", True), ("False", False), ("none", None),
+     ("xla", "xla"), ("-3", -3)],
+)  # fmt: skip
+def test_config_values_parse(text, value):
+    parsed = parse_config_value(text)
+    assert parsed == value and type(parsed) is type(value)
+
+
+def test_config_specs_parse_and_name_their_runner():
+    spec = ConfigSpec.parse("flash:block_q=128, block_k=256")
+    assert spec == ConfigSpec("flash", (("block_q", 128), ("block_k", 256)))
+    assert spec.name == "jattn:flash[block_q=128,block_k=256]"
+    assert ConfigSpec.parse("x:a=TRUE,b=none,c=s").name == "jattn:x[a=true,b=none,c=s]"
+    for bad in ("flash", "flash:", ":block_q=1", "flash:block_q", "flash:1x=2",
+                "flash:block_q=1,block_q=2"):  # fmt: skip
+        with pytest.raises(ValueError):
+            ConfigSpec.parse(bad)
+
+
+def test_a_config_run_is_a_record_named_with_the_overrides(tmp_path):
+    out = tmp_path / "config.jsonl"
+    code = cli.main(["--shape", "1,32,32,2,2,8", "--impls", "flash", "--peers", "none",
+                     "--config", "flash:block_q=8,block_k=16", "--modes", "fwd", *FAST,
+                     "--out", str(out)])  # fmt: skip
+    assert code == 0
+    records = list(read_records([out]))
+    names = {r["implementation"] for r in records}
+    assert names == {"jattn:flash", "jattn:flash[block_q=8,block_k=16]"}
+    for r in records:
+        assert r["status"] == "ok" and r["origin"] == "ours", r["reason"]
+    md = markdown_report(records)
+    assert "jattn:flash[block_q=8,block_k=16]" in md  # a column of its own
+
+
+def test_a_config_run_uses_the_default_with_the_fields_replaced(monkeypatch):
+    import jattn
+    from jattn.kernels.flash import FlashConfig
+
+    seen = []
+    real = jattn.attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("config"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jattn, "attention", spy)
+    shape = Shape(1, 64, 64, 2, 2, 8, sinks=True)
+    runner = ConfiguredJattnRunner(ConfigSpec("flash", (("block_k", 16),)))
+    for causal in (False, True):
+        case = Case(shape, "float32", causal, "fwd", "custom")
+        m = runner.run(case, TimingConfig(repeats=1, min_time=0.0), seed=0)
+        assert m.timing.median_s > 0
+    # the heuristic default for each case (taller query blocks under a causal mask on a CPU),
+    # with block_k replaced
+    assert seen[0] == dataclasses.replace(seen[0], block_k=16) and isinstance(seen[0], FlashConfig)
+    assert {c.block_k for c in seen} == {16}
+
+
+def test_check_config_takes_any_config_dataclass(monkeypatch):
+    from jattn import kernels
+
+    @dataclasses.dataclass(frozen=True)
+    class AnyConfig:
+        threads: int | None = None
+        mode: str = "auto"
+        scale: float = 1.0
+        prefetch: bool = True
+
+        @classmethod
+        def default_for(cls, plan, backend):
+            return cls()
+
+    fake = dataclasses.replace(kernels.REGISTRY["fused"], name="tuned", config_type=AnyConfig)
+    monkeypatch.setattr(kernels, "REGISTRY", {**kernels.REGISTRY, "tuned": fake})
+    spec = ConfigSpec.parse("tuned:threads=none,mode=eager,scale=0.5,prefetch=false")
+    check_config(spec)
+    assert dataclasses.replace(AnyConfig(), **dict(spec.fields)) == AnyConfig(
+        None, "eager", 0.5, False
+    )
+    with pytest.raises(ValueError, match="no field 'depth'"):
+        check_config(ConfigSpec.parse("tuned:depth=2"))
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("flash:block_z=64", ("block_z", "block_q", "FlashConfig")),
+        ("fused:block_q=64", ("'fused'", "no tuning config", "flash")),
+        ("nosuch:block_q=64", ("nosuch", "known")),
+        ("flash:block_q=0", ("block_q", "positive")),
+        ("flash", ("IMPL:FIELD=VALUE",)),
+        ("flash:block_q", ("FIELD=VALUE",)),
+    ],
+)
+def test_bad_configs_are_refused_before_measuring(tmp_path, capsys, value, named):
+    out = tmp_path / "r.jsonl"
+    _fails([*RUN, "--config", value, "--out", str(out)], capsys, "--config", *named)
+    assert not out.exists()
