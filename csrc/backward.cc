@@ -35,7 +35,9 @@
 #include "attention.h"
 #include "dtypes.h"
 #include "isa.h"
+#include "mask.h"
 #include "scratch.h"
+#include "threads.h"
 #include "transpose.h"
 
 #if JATTN_X86
@@ -298,7 +300,34 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 #endif
 constexpr int64_t kBlockQ = JATTN_BWD_BQ, kBlockK = JATTN_BWD_BK;  // the tiled products' blocks
 
+// The block sizes of the pairs (query rows x keys): Tuning::bwd_block_rows / bwd_block_keys,
+// or the heuristic's choice for the products in use (kt: the register-tiled ones, or none).
+void backward_blocks(const Problem& p, const Kernels* kt, int64_t& bq, int64_t& bk) {
+  const bool fast = kt != nullptr;
+  const int64_t H = p.H, Hv = p.Hv;
+  bq = fast ? kBlockQ : 64;
+  bk = fast ? kBlockK : 128;
+  if (fast) {
+    // Keep one pair's working set (score blocks, K/V panels and copies, dK/dV accumulators,
+    // Q/dO copies) within 3/4 of L2: halve the query block, then the key block, as needed.
+    auto working_set = [&](int64_t q_, int64_t k_) {
+      return 4 * (2 * q_ * k_ + k_ * (3 * H + 2 * Hv) + q_ * (H + Hv));
+    };
+    const int64_t budget = l2_cache_bytes() * 3 / 4;
+    if (working_set(bq, bk) > budget) bq = 48;
+    if (working_set(bq, bk) > budget) bk = 48;
+  }
+  if (p.tuning.bwd_block_rows > 0) bq = std::min<int64_t>(4096, p.tuning.bwd_block_rows);
+  if (p.tuning.bwd_block_keys > 0) bk = std::min<int64_t>(4096, p.tuning.bwd_block_keys);
+}
+
 }  // namespace
+
+void backward_defaults(const Problem& p, Tuning& t) {
+  Problem q = p;
+  q.tuning = Tuning{};
+  backward_blocks(q, tile_kernels(p.H, p.Hv), t.bwd_block_rows, t.bwd_block_keys);
+}
 
 // ---------------------------------------------------------------------------------------
 
@@ -309,6 +338,7 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
   const int64_t N = K * G;
   const DType dt = p.dtype;
   if (B <= 0 || N <= 0) return;
+  ScopedThreadCap cap(p.tuning.threads);
 
   const size_t esize = dtype_size(dt);
   advise_huge_pages(dq, B * T * N * H * esize);
@@ -383,23 +413,8 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
   const Kernels* const kw = widest_kernels();
   const bool fast = kt != nullptr;
   const int64_t mr = fast ? kt->mr : 1, pw = fast ? kt->panel : 16;
-  // Block sizes.
-  int64_t bq = fast ? kBlockQ : 64, bk = fast ? kBlockK : 128;
-  if (fast) {
-    // Keep one pair's working set (score blocks, K/V panels and copies, dK/dV accumulators,
-    // Q/dO copies) within 3/4 of L2: halve the query block, then the key block, as needed.
-    auto working_set = [&](int64_t q_, int64_t k_) {
-      return 4 * (2 * q_ * k_ + k_ * (3 * H + 2 * Hv) + q_ * (H + Hv));
-    };
-    const int64_t budget = l2_cache_bytes() * 3 / 4;
-    if (working_set(bq, bk) > budget) bq = 48;
-    if (working_set(bq, bk) > budget) bk = 48;
-  }
-  if (const char* e = std::getenv("JATTN_BWD_BLOCKS")) {  // "bq,bk": for tuning
-    long a = 0, c = 0;
-    if (std::sscanf(e, "%ld,%ld", &a, &c) == 2 && a > 0 && c > 0 && a <= 4096 && c <= 4096)
-      bq = a, bk = c;
-  }
+  int64_t bq, bk;
+  backward_blocks(p, kt, bq, bk);
   const int64_t ldb = ceil_div(bk, pw) * pw;  // leading dimension of the score buffers
   const int64_t nk = ceil_div(S, bk);
 
@@ -454,7 +469,6 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
     // This task's dQ accumulator (chunk c): heads kh*G .. kh*G+G-1 of batch b.
     float* const dqa = dqacc + c * dq_elems;
     std::memset(dqa + (b * N + kh * G) * T * ldq, 0, G * T * ldq * sizeof(float));
-    const int64_t left = std::min<int64_t>(rb.left, T + S + 1);
 
     for (int64_t kb = c; kb < nk; kb += C) {
       const int64_t j0 = kb * bk, j1 = std::min(S, j0 + bk), cols = j1 - j0;
@@ -471,10 +485,8 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
 #endif
 
       // Rows that can see a key of [j0, j1) by the index bounds.
-      int64_t i_lo = 0, i_hi = rb.q_end;
-      if (j0 >= rb.kv_end) i_hi = 0;
-      if (rb.has_right) i_lo = std::max<int64_t>(0, j0 - std::min<int64_t>(rb.right, T + S + 1));
-      if (rb.has_left) i_hi = std::min<int64_t>(i_hi, j1 + left);
+      int64_t i_lo, i_hi;
+      rb.rows_seeing(j0, j1, T, S, i_lo, i_hi);
       // Key-side segment range of the block (packed sequences are mostly sorted).
       int32_t kseg_min = 0, kseg_max = 0;
       bool kseg_const = false;

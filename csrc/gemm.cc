@@ -32,13 +32,6 @@ static Isa detect_isa() {
     best = Isa::kAvx2;
   if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f")) best = Isa::kAvx512;
 #endif
-  if (const char* env = std::getenv("JATTN_CPU_ISA")) {
-    Isa cap = best;
-    if (!std::strcmp(env, "generic")) cap = Isa::kGeneric;
-    if (!std::strcmp(env, "avx2")) cap = Isa::kAvx2;
-    if (!std::strcmp(env, "avx512")) cap = Isa::kAvx512;
-    if (static_cast<int>(cap) < static_cast<int>(best)) best = cap;
-  }
   return best;
 }
 
