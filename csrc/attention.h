@@ -104,12 +104,9 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
               void* dv, float* dbias);
 
 // ---------------------------------------------------------------------------------------
-// Matrix products on float32 blocks (gemm.cc), vectorised with runtime dispatch on the CPU's
-// ISA (AVX-512, AVX2+FMA, portable). Row-major with leading dimensions; `accumulate` adds
-// to C instead of overwriting it. The kernels convert bfloat16/float16 blocks to float32.
-//   gemm_nt: C[M, N] (+)= A[M, K] . B[N, K]^T     (scores q k^T, dP = dO v^T)
-//   gemm_nn: C[M, N] (+)= A[M, K] . B[K, N]       (out += p v, dq += dS k)
-//   gemm_tn: C[M, N] (+)= A[K, M]^T . B[K, N]     (dk += dS^T q, dv += p^T dO)
+// Matrix products on float32 blocks (gemm.cc) at the CPU's ISA level, for callers outside
+// the kernels (the harnesses); gemm_decl.inc says what they compute. The kernels call their
+// own level's instances directly.
 void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
              int64_t ldb, float* C, int64_t ldc, bool accumulate);
 void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,

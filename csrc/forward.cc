@@ -69,41 +69,8 @@ struct Ctx {
 
 }  // namespace
 
-namespace isa_generic {
-#define JATTN_W 4
-#include "forward_isa.inc"
-#undef JATTN_W
-}  // namespace isa_generic
-
-#if JATTN_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-namespace isa_avx2 {
-#define JATTN_W 8
-#define JATTN_CVTPH(p) _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
-#define JATTN_MAXPS(a, b) _mm256_max_ps(a, b)
-#include "forward_isa.inc"
-#undef JATTN_W
-#undef JATTN_CVTPH
-#undef JATTN_MAXPS
-}  // namespace isa_avx2
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma,f16c")
-namespace isa_avx512 {
-#define JATTN_W 16
-#define JATTN_CVTPH(p) _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
-#define JATTN_SCALEF(p, n) _mm512_scalef_ps(p, n)
-#define JATTN_MAXPS(a, b) _mm512_max_ps(a, b)
-#include "forward_isa.inc"
-#undef JATTN_W
-#undef JATTN_CVTPH
-#undef JATTN_SCALEF
-#undef JATTN_MAXPS
-}  // namespace isa_avx512
-#pragma GCC pop_options
-#endif
+#define JATTN_ISA_FILE "forward_isa.inc"
+#include "isa_instances.inc"
 
 // The forward's plan: the block sizes and the schedule, from the shape, the thread count and
 // the call's Tuning (a knob of 0 takes the heuristic's choice). The one place they are
@@ -176,7 +143,8 @@ ForwardPlan plan_forward(const Problem& p, int64_t threads, int64_t mr) {
 void forward_defaults(const Problem& p, int64_t threads, Tuning& t) {
   Problem q = p;
   q.tuning = Tuning{};
-  const ForwardPlan f = plan_forward(q, std::max<int64_t>(1, threads), gemm_tile_rows());
+  if (p.B <= 0 || p.T <= 0 || p.K <= 0 || p.G <= 0) return;
+  const ForwardPlan f = plan_forward(q, std::max<int64_t>(1, threads), gemm_tile_rows(cpu_isa()));
   t.block_rows = f.rows_target;
   t.block_keys = f.bk;
   t.strip = f.strip;
@@ -189,23 +157,13 @@ void forward(const Problem& p, const void* q, const void* k, const void* v, void
   if (p.B <= 0 || p.T <= 0 || p.K <= 0 || p.G <= 0) return;
   ScopedThreadCap cap(p.tuning.threads);
   advise_huge_pages(out, p.B * p.T * p.K * p.G * p.Hv * dtype_size(p.dtype));
-  const ForwardPlan f = plan_forward(p, num_threads(), gemm_tile_rows());
+  const Isa isa = call_isa(p.tuning.isa);
+  const ForwardPlan f = plan_forward(p, num_threads(), gemm_tile_rows(isa));
   Ctx c{p, q, k, v, out, lse, f.bq, f.bk, (f.bk + 15) / 16 * 16, f.nqb, f.nkb, f.nsplit};
   c.positions = f.positions;
   c.use_prepack = f.use_prepack;
   c.strip = f.strip;
-#if JATTN_X86
-  switch (cpu_isa()) {
-    case Isa::kAvx512:
-      return isa_avx512::run(c);
-    case Isa::kAvx2:
-      return isa_avx2::run(c);
-    default:
-      return isa_generic::run(c);
-  }
-#else
-  isa_generic::run(c);
-#endif
+  JATTN_DISPATCH(isa, run(c))
 }
 
 }  // namespace jattn

@@ -74,8 +74,12 @@ struct IdRange {
     hi = *std::max_element(ids, ids + n);
   }
   void add(int32_t id) {
-    lo = lo > hi ? id : std::min(lo, id);
-    hi = lo > hi ? id : std::max(hi, id);
+    if (empty()) {
+      lo = hi = id;
+    } else {
+      lo = std::min(lo, id);
+      hi = std::max(hi, id);
+    }
   }
   bool empty() const { return lo > hi; }
   bool single() const { return lo == hi; }
