@@ -23,6 +23,7 @@ enum class DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 // The knobs of one call (FFI attributes of the same names; 0 / -1 = the heuristic's choice,
 // which plan_forward / plan_backward make and jattn_cpu_default_tuning reports). Passing the
 // heuristic's values explicitly gives the same plan, and the same bits, as passing 0.
+// ffi.cc decodes the attributes into these members in this order: keep the two in step.
 struct Tuning {
   int64_t isa = -1;       // -1: the best the CPU has; else an Isa (isa.h), capped to the CPU's
   int64_t threads = 0;    // 0: every thread of the pool; n: at most n for this call

@@ -47,21 +47,30 @@ class XlaRunner final : public TaskRunner {
   int64_t n_;
 };
 
+// The call's threads while in scope: the kernel's own pool, or XLA's intra-op pool when
+// `xla` (the xla_pool attribute).
+class ScopedPool {
+ public:
+  ScopedPool(ffi::ThreadPool& pool, bool xla)
+      : runner_(pool, pool.num_threads()),
+        scope_(xla && pool.num_threads() >= 1 ? &runner_ : nullptr) {}
+
+ private:
+  XlaRunner runner_;
+  ScopedTaskRunner scope_;
+};
+
 bool present(const ffi::AnyBuffer& b) { return b.element_count() > 0; }
 
 }  // namespace
 
 // The call's attributes, bound by name (XLA_FFI_REGISTER_STRUCT_ATTR_DECODING below: the
-// members in this order).
+// members in this order, Tuning's in its own order).
 struct CallAttrs {
   float scale, softcap, dropout_rate;
   bool has_left, has_right;
   int64_t left, right, chunk;
-  int64_t isa, threads;
-  bool xla_pool;
-  int64_t block_rows, block_keys, strip;
-  bool stream_decode;
-  int64_t key_splits, bwd_block_rows, bwd_block_keys;
+  Tuning tuning;
 };
 
 namespace {
@@ -140,17 +149,7 @@ ffi::Error decode(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::A
   p.right = a.right;
   if (a.chunk < 0) return ffi::Error::InvalidArgument("chunk must be >= 0");
   p.chunk = a.chunk;
-  Tuning& t = p.tuning;
-  t.isa = a.isa;
-  t.threads = a.threads;
-  t.xla_pool = a.xla_pool;
-  t.block_rows = a.block_rows;
-  t.block_keys = a.block_keys;
-  t.strip = a.strip;
-  t.stream_decode = a.stream_decode;
-  t.key_splits = a.key_splits;
-  t.bwd_block_rows = a.bwd_block_rows;
-  t.bwd_block_keys = a.bwd_block_keys;
+  p.tuning = a.tuning;
   auto i32 = [](const ffi::AnyBuffer& b) {
     return present(b) ? static_cast<const int32_t*>(b.untyped_data()) : nullptr;
   };
@@ -179,9 +178,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
   if (auto e = decode(q, k, v, q_len, kv_len, offset, q_seg, kv_seg, mask, bias, seeds, attrs, p);
       e.failure())
     return e;
-  const int64_t n = pool.num_threads();
-  XlaRunner runner(pool, n);
-  ScopedTaskRunner scope(n >= 1 && p.tuning.xla_pool ? &runner : nullptr);
+  const ScopedPool on(pool, p.tuning.xla_pool);
   float* lse_ptr = present(*lse) ? static_cast<float*>(lse->untyped_data()) : nullptr;
   forward(p, q.untyped_data(), k.untyped_data(), v.untyped_data(), out->untyped_data(),
           lse_ptr);
@@ -200,9 +197,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
   if (auto e = decode(q, k, v, q_len, kv_len, offset, q_seg, kv_seg, mask, bias, seeds, attrs, p);
       e.failure())
     return e;
-  const int64_t n = pool.num_threads();
-  XlaRunner runner(pool, n);
-  ScopedTaskRunner scope(n >= 1 && p.tuning.xla_pool ? &runner : nullptr);
+  const ScopedPool on(pool, p.tuning.xla_pool);
   const float* dlse_ptr = present(dlse) ? static_cast<const float*>(dlse.untyped_data()) : nullptr;
   float* dbias_ptr = present(*dbias) ? static_cast<float*>(dbias->untyped_data()) : nullptr;
   backward(p, q.untyped_data(), k.untyped_data(), v.untyped_data(), out.untyped_data(),

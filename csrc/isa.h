@@ -79,25 +79,21 @@ int64_t gemm_tile_rows(Isa isa);
 int64_t gemm_panel_width(Isa isa);
 
 // Cache sizes in bytes (sysconf, with conservative defaults when the OS does not say).
-inline int64_t sysconf_or(int name, int64_t fallback, int64_t lo, int64_t hi) {
-  const long v = sysconf(name);
-  if (v <= 0) return fallback;
-  return std::max(lo, std::min<int64_t>(hi, v));
+#ifdef _SC_LEVEL1_DCACHE_SIZE
+constexpr int kScL1d = _SC_LEVEL1_DCACHE_SIZE, kScL2 = _SC_LEVEL2_CACHE_SIZE;
+#else
+constexpr int kScL1d = -1, kScL2 = -1;
+#endif
+inline int64_t cache_bytes(int name, int64_t fallback, int64_t lo, int64_t hi) {
+  const long v = name < 0 ? -1 : sysconf(name);
+  return v <= 0 ? fallback : std::max(lo, std::min<int64_t>(hi, v));
 }
 inline int64_t l1d_cache_bytes() {
-#ifdef _SC_LEVEL1_DCACHE_SIZE
-  static const int64_t v = sysconf_or(_SC_LEVEL1_DCACHE_SIZE, 32 << 10, 16 << 10, 128 << 10);
-#else
-  static const int64_t v = 32 << 10;
-#endif
+  static const int64_t v = cache_bytes(kScL1d, 32 << 10, 16 << 10, 128 << 10);
   return v;
 }
 inline int64_t l2_cache_bytes() {
-#ifdef _SC_LEVEL2_CACHE_SIZE
-  static const int64_t v = sysconf_or(_SC_LEVEL2_CACHE_SIZE, 256 << 10, 128 << 10, 4 << 20);
-#else
-  static const int64_t v = 256 << 10;
-#endif
+  static const int64_t v = cache_bytes(kScL2, 256 << 10, 128 << 10, 4 << 20);
   return v;
 }
 
