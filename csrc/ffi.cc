@@ -29,7 +29,13 @@
 #include "attention.h"
 #include "isa.h"
 #include "threads.h"
+// The XLA FFI headers are not clean under -Wall -Wextra: their warnings are not ours.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wsign-compare"
+#pragma GCC diagnostic ignored "-Wunused-parameter"
+#pragma GCC diagnostic ignored "-Wreturn-type"
 #include "xla/ffi/api/ffi.h"
+#pragma GCC diagnostic pop
 
 namespace ffi = xla::ffi;
 
