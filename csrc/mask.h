@@ -16,6 +16,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "attention.h"
@@ -117,6 +118,22 @@ inline Block classify(const Problem& p, const RowBounds& rb, int64_t b, int64_t 
     if (!all) full = false;
   }
   return full ? Block::kFull : Block::kMixed;
+}
+
+// Row i of head g of KV head kh, keys j0 + [0, n): r[j] = -inf where segments or the dense
+// mask hide the key (the index parts are the caller's).
+inline void mask_row(const Problem& p, int64_t b, int64_t kh, int64_t g, int64_t i, int64_t j0,
+                     int64_t n, float* r) {
+  if (p.q_seg) {
+    const int32_t qid = p.q_seg[b * p.T + i];
+    const int32_t* ks = p.kv_seg + b * p.S + j0;
+    for (int64_t j = 0; j < n; ++j) r[j] = ks[j] == qid ? r[j] : -INFINITY;
+  }
+  if (p.mask.data) {
+    const int64_t ss = p.mask.ss;
+    const uint8_t* mr = p.mask.head(b, kh, g) + i * p.mask.st + j0 * ss;
+    for (int64_t j = 0; j < n; ++j) r[j] = mr[j * ss] ? r[j] : -INFINITY;
+  }
 }
 
 // Whether entry (i, j) survives the per-entry parts (segments, the dense mask) for head g of
