@@ -9,6 +9,8 @@
 // falls on every one of them alike; it prints each one's fastest and median time.
 #pragma once
 
+#include <time.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -16,6 +18,16 @@
 #include <vector>
 
 #include "attention.h"
+
+// Seconds of wall time, and of the process's CPU time (robust on a shared machine: time
+// slices lost to other processes do not count).
+inline double clock_seconds(clockid_t id) {
+  timespec ts;
+  clock_gettime(id, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+inline double wall_now() { return clock_seconds(CLOCK_MONOTONIC); }
+inline double cpu_now() { return clock_seconds(CLOCK_PROCESS_CPUTIME_ID); }
 
 struct BenchOptions {
   jattn::Tuning tuning;

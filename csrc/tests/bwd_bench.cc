@@ -20,18 +20,6 @@
 
 using namespace jattn;
 
-static double wall_now() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static double cpu_now() {
-  timespec ts;
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 int main(int argc, char** argv) {
   const BenchOptions opt = parse_options(argc, argv);
   const int64_t B = 1, T = argc > 1 ? atol(argv[1]) : 1024, N = argc > 3 ? atol(argv[3]) : 8;

@@ -21,12 +21,6 @@
 
 using namespace jattn;
 
-static double wall_now() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 int main(int argc, char** argv) {
   const BenchOptions opt = parse_options(argc, argv);
   auto arg = [&](int i, long d) { return argc > i ? atol(argv[i]) : d; };
