@@ -13,22 +13,22 @@
 //   P = exp(softcap(scale S) + bias - lse), dS = P (dP - D), D = rowsum(dO O) - dlse
 //                                     (one fused, vectorised sweep; dropout on P and dP)
 //   dV_j += P^T dO_i   dK_j += dS^T Q_i   dQ_i += dS K_j
-// The inputs are first copied to head-major float32 (dense rows; bf16/f16 converted). The
-// sweep and the five products are written once per ISA level (backward_isa.inc, instanced
-// here for AVX2 and AVX-512, chosen at run time): register tiles of 6 x 16 (AVX2) or 12 x 32
-// (AVX-512) floats that read Q_i, dO_i, K_j and P/dS where they lie and pack only K_j^T and
-// V_j^T, once per key block. They serve head sizes that are multiples of the tile width (the
-// widest level that divides both head sizes is taken); elsewhere the products go through
-// gemm_nt / gemm_tn / gemm_nn. Blocks the mask leaves empty are skipped; index masks
-// (causal, window, lengths) are per-row column ranges, and on edge blocks the register tiles
-// they leave zero are skipped; segments and the dense mask are evaluated per entry on the
-// blocks that need it only.
+// The inputs are first copied to head-major float32 (dense rows; bf16/f16 converted). This
+// file makes the plan (BwdPlan: blocks, chunks, buffers, kernels) and runs the tasks; a task
+// (run_task), the sweep and the five products are written once per ISA level
+// (backward_isa.inc, instanced by isa_instances.inc, the call's level chosen by
+// JATTN_DISPATCH): register tiles of 6 x 8 (generic), 6 x 16 (AVX2) or 12 x 32 (AVX-512)
+// floats (microkernel.inc) that read Q_i, dO_i, K_j and P/dS where they lie and pack only
+// K_j^T and V_j^T (the GEMMs' packer), once per key block. They serve head sizes that are
+// multiples of the tile width (the widest level at or below the call's that divides both
+// head sizes is taken); elsewhere the products go through the level's gemm_nt / gemm_tn /
+// gemm_nn. Blocks the mask (mask.h) leaves empty are skipped; index masks (causal, window,
+// lengths, chunks) are per-row column ranges, and on edge blocks the register tiles they
+// leave zero are skipped; segments and the dense mask are evaluated per entry on the blocks
+// that need it only.
 
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <memory>
 #include <vector>
 
@@ -38,7 +38,6 @@
 #include "mask.h"
 #include "scratch.h"
 #include "threads.h"
-#include "transpose.h"
 
 #if JATTN_X86
 #include <immintrin.h>
@@ -46,8 +45,6 @@
 
 namespace jattn {
 namespace {
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // n contiguous elements of base[idx...] -> float.
 void load_row(const void* base, int64_t idx, int64_t n, DType dt, float* dst) {
