@@ -156,22 +156,23 @@ def _with_attrs(**attrs):
         _extra_attrs.reset(token)
 
 
-def best_isa() -> int | None:
-    """The best ISA level the CPU has (0 generic, 1 avx2, 2 avx512), or None."""
+def _query(name: str, restype):
+    """The library's exported query `name()` (None when the library is not available)."""
     if _lib is None:
         return None
-    fn = _lib.jattn_cpu_best_isa
-    fn.restype = ctypes.c_int
-    return int(fn())
+    fn = getattr(_lib, name)
+    fn.restype = restype
+    return fn()
+
+
+def best_isa() -> int | None:
+    """The best ISA level the CPU has (0 generic, 1 avx2, 2 avx512), or None."""
+    return _query("jattn_cpu_best_isa", ctypes.c_int)
 
 
 def num_threads() -> int | None:
     """The native kernel's pool's thread count (after JATTN_CPU_THREADS), or None."""
-    if _lib is None:
-        return None
-    fn = _lib.jattn_cpu_threads
-    fn.restype = ctypes.c_int64
-    return int(fn())
+    return _query("jattn_cpu_threads", ctypes.c_int64)
 
 
 def _default_tuning(b, t, s, k, g, h, hv, threads=0) -> dict | None:
