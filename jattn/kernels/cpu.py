@@ -114,7 +114,7 @@ class _Static:
             left=np.int64(self.left),
             right=np.int64(self.right),
             chunk=np.int64(self.chunk),
-            **{k: bool(v) if isinstance(_TUNING[k], bool) else np.int64(v) for k, v in knobs.items()},
+            **{k: _knob(k, v) for k, v in knobs.items()},
         )
 
 
@@ -135,9 +135,15 @@ _TUNING: dict[str, int | bool] = dict(
 )
 _ISA_LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}
 
+
+def _knob(name: str, value) -> bool | np.int64:
+    """A knob as its FFI attribute: bool or int64, as its default is."""
+    return bool(value) if isinstance(_TUNING[name], bool) else np.int64(value)
+
+
 # Private: attributes that calls made inside `_with_attrs` pass (tests; the public CpuConfig
 # will carry the tuning knobs).
-_extra_attrs: contextvars.ContextVar[dict] = contextvars.ContextVar("_extra_attrs", default={})
+_extra_attrs: contextvars.ContextVar[tuple] = contextvars.ContextVar("_extra_attrs", default=())
 
 
 @contextlib.contextmanager
@@ -149,7 +155,7 @@ def _with_attrs(**attrs):
     unknown = set(attrs) - set(_TUNING) - {"chunk"}
     if unknown:
         raise ValueError(f"unknown native attributes {sorted(unknown)}")
-    token = _extra_attrs.set({**_extra_attrs.get(), **attrs})
+    token = _extra_attrs.set(tuple({**dict(_extra_attrs.get()), **attrs}.items()))
     try:
         yield
     finally:
@@ -184,9 +190,16 @@ def _default_tuning(b, t, s, k, g, h, hv, threads=0) -> dict | None:
     fn.restype = None
     fn.argtypes = [ctypes.c_int64] * 8 + [ctypes.POINTER(ctypes.c_int64)]
     fn(b, t, s, k, g, h, hv, threads, out)
-    names = ("block_rows", "block_keys", "strip", "stream_decode", "key_splits",
-             "bwd_block_rows", "bwd_block_keys")
-    return {n: bool(v) if n == "stream_decode" else int(v) for n, v in zip(names, out)}
+    names = (
+        "block_rows",
+        "block_keys",
+        "strip",
+        "stream_decode",
+        "key_splits",
+        "bwd_block_rows",
+        "bwd_block_keys",
+    )
+    return {n: bool(v) if n == "stream_decode" else int(v) for n, v in zip(names, out, strict=True)}
 
 
 def _none_i32() -> Array:
