@@ -256,12 +256,18 @@ def test_isa_levels(level):
     if not _cpu_has(level):
         pytest.skip(f"this CPU has no {level}")
     f64 = lambda x: x.astype(jnp.float64)  # noqa: E731
-    kw = dict(is_causal=True, softcap=3.0, local_window_size=(40, 2), dropout_rate=0.2,
-              dropout_rng=jax.random.key(7))
+    kw = dict(
+        is_causal=True,
+        softcap=3.0,
+        local_window_size=(40, 2),
+        dropout_rate=0.2,
+        dropout_rng=jax.random.key(7),
+    )
 
     def f(impl):
         return lambda q, k, v, b: jnp.sum(
-            jnp.sin(jattn.attention(q, k, v, b, implementation=impl, **kw)))
+            jnp.sin(jattn.attention(q, k, v, b, implementation=impl, **kw))
+        )
 
     for h, hv in [(24, 24), (20, 20), (16, 16), (64, 32)]:
         ks = jax.random.split(jax.random.key(h + hv), 4)
@@ -272,8 +278,9 @@ def test_isa_levels(level):
         with cpu._with_attrs(isa=level):
             got = jax.value_and_grad(f("cpu"), argnums=(0, 1, 2, 3))(q, k, v, b)
         want = jax.value_and_grad(f("reference"), argnums=(0, 1, 2, 3))(
-            f64(q), f64(k), f64(v), f64(b))
-        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            f64(q), f64(k), f64(v), f64(b)
+        )
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             w = np.asarray(w)
             err = np.abs(np.asarray(g) - w).max()
             assert err <= 2e-4 * (np.abs(w).max() + 1), (h, hv, g.shape, err)
@@ -342,8 +349,15 @@ def test_tuning_attributes():
         for g, w in zip(run(**attrs), base, strict=True):
             H.assert_close(g, w, 2e-5)
     d = cpu._default_tuning(2, 200, 260, 2, 2, 64, 64)
-    assert set(d) == {"block_rows", "block_keys", "strip", "stream_decode", "key_splits",
-                      "bwd_block_rows", "bwd_block_keys"}
+    assert set(d) == {
+        "block_rows",
+        "block_keys",
+        "strip",
+        "stream_decode",
+        "key_splits",
+        "bwd_block_rows",
+        "bwd_block_keys",
+    }
     for g, w in zip(run(**d), base, strict=True):
         np.testing.assert_array_equal(g, w)
     assert cpu.best_isa() in (0, 1, 2) and cpu.num_threads() >= 1
