@@ -122,9 +122,6 @@ setup(
                 # in csrc/tests measure it built without the flag: ship the code they measure.
                 "-fno-wrapv",
                 "-fvisibility=hidden",
-                "-Wno-return-type",
-                "-Wno-sign-compare",
-                "-Wno-maybe-uninitialized",
             ],
             extra_link_args=["-pthread"],
             depends=[str(p) for p in Path("csrc").glob("*") if p.is_file()],

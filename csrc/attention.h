@@ -19,6 +19,24 @@
 namespace jattn {
 
 enum class DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// The knobs of one call (FFI attributes of the same names; 0 / -1 = the heuristic's choice,
+// which plan_forward / plan_backward make and jattn_cpu_default_tuning reports). Passing the
+// heuristic's values explicitly gives the same plan, and the same bits, as passing 0.
+// ffi.cc decodes the attributes into these members in this order: keep the two in step.
+struct Tuning {
+  int64_t isa = -1;       // -1: the best the CPU has; else an Isa (isa.h), capped to the CPU's
+  int64_t threads = 0;    // 0: every thread of the pool; n: at most n for this call
+  bool xla_pool = false;  // schedule on XLA's intra-op pool instead of the kernel's own
+  // Forward: the target row count of a task (G heads x query positions) and the keys per
+  // block; rows of S computed and swept at a time on the pre-packed path; whether decoding
+  // may stream K/V position by position; key ranges per task merged by log-sum-exp.
+  int64_t block_rows = 0, block_keys = 0, strip = 0;
+  bool stream_decode = true;
+  int64_t key_splits = 0;
+  // Backward: query rows and keys of a (query block, key block) pair.
+  int64_t bwd_block_rows = 0, bwd_block_keys = 0;
+};
 inline size_t dtype_size(DType dt) { return dt == DType::kF32 ? 4 : 2; }  // bytes
 
 // A per-head [T, S] array broadcast over [B, K, G, T, S]: element (b, kh, g, i, j) is at
@@ -36,11 +54,14 @@ struct Problem {
   DType dtype = DType::kF32;
   float scale = 1.0f;
   float softcap = 0.0f;  // 0: none; else l = softcap * tanh(scale * q.k / softcap)
+  Tuning tuning;
 
   // Static mask parts: key j is visible from query i only if j >= i - left (when has_left)
   // and j <= i + right (when has_right; right may be negative: a causal offset).
   bool has_left = false, has_right = false;
   int64_t left = 0, right = 0;
+  // Chunked attention (0: none): key j visible from query i only if i / chunk == j / chunk.
+  int64_t chunk = 0;
   // Per-batch parts, int32 [B] (nullptr when absent): i < q_len[b], j < kv_len[b],
   // j <= i + offset[b].
   const int32_t* q_len = nullptr;
@@ -61,11 +82,18 @@ struct Problem {
 // Runs fn(i) for i in [0, n) on the kernel's threads and returns when all are done. Which
 // thread runs which i must not change the result: each i owns its outputs.
 void parallel_for(int64_t n, const std::function<void(int64_t)>& fn);
+// The threads parallel_for uses from here: the pool's (or the runner's), capped by
+// JATTN_CPU_THREADS and by the call's Tuning::threads (ScopedThreadCap, threads.h).
 int num_threads();
 
 // out, lse (lse may be nullptr when not wanted).
 void forward(const Problem& p, const void* q, const void* k, const void* v, void* out,
              float* lse);
+
+// What the heuristics pick for this shape at `threads` threads (the knobs of Tuning that
+// concern each pass; the others are left alone): passing them explicitly gives the same plan.
+void forward_defaults(const Problem& p, int64_t threads, Tuning& t);
+void backward_defaults(const Problem& p, Tuning& t);
 
 // Gradients from the saved out and lse (lse of the forward, [B, N, T]) and the cotangents
 // dout [B, T, N, Hv] (input dtype) and dlse [B, N, T] (float32, nullptr = zero).
@@ -77,12 +105,9 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
               void* dv, float* dbias);
 
 // ---------------------------------------------------------------------------------------
-// Matrix products on float32 blocks (gemm.cc), vectorised with runtime dispatch on the CPU's
-// ISA (AVX-512, AVX2+FMA, portable). Row-major with leading dimensions; `accumulate` adds
-// to C instead of overwriting it. The kernels convert bfloat16/float16 blocks to float32.
-//   gemm_nt: C[M, N] (+)= A[M, K] . B[N, K]^T     (scores q k^T, dP = dO v^T)
-//   gemm_nn: C[M, N] (+)= A[M, K] . B[K, N]       (out += p v, dq += dS k)
-//   gemm_tn: C[M, N] (+)= A[K, M]^T . B[K, N]     (dk += dS^T q, dv += p^T dO)
+// Matrix products on float32 blocks (gemm.cc) at the CPU's ISA level, for callers outside
+// the kernels (the harnesses); gemm_decl.inc says what they compute. The kernels call their
+// own level's instances directly.
 void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
              int64_t ldb, float* C, int64_t ldc, bool accumulate);
 void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
@@ -116,28 +141,5 @@ inline uint32_t dropout_threshold(float rate) {
   return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
 }
 
-// The index part of the mask for one batch element: the key range [lo, hi) that row i may
-// see from the static window/causal bounds, kv_len and q_len (segments and the dense mask
-// are applied on top, entry by entry).
-struct RowBounds {
-  bool has_left, has_right;
-  int64_t left, right, kv_end, q_end;
-  RowBounds(const Problem& p, int64_t b) {
-    has_left = p.has_left;
-    left = p.left;
-    has_right = p.has_right || p.offset;
-    right = p.has_right ? p.right : INT64_MAX / 4;
-    if (p.offset) right = p.has_right ? std::min<int64_t>(right, p.offset[b]) : p.offset[b];
-    kv_end = p.kv_len ? std::max<int64_t>(0, std::min<int64_t>(p.S, p.kv_len[b])) : p.S;
-    q_end = p.q_len ? std::max<int64_t>(0, std::min<int64_t>(p.T, p.q_len[b])) : p.T;
-  }
-  int64_t lo(int64_t i) const { return has_left ? std::max<int64_t>(0, i - left) : 0; }
-  int64_t hi(int64_t i) const {
-    if (i >= q_end) return 0;
-    int64_t h = has_right ? std::min<int64_t>(kv_end, std::max<int64_t>(0, i + right + 1))
-                          : kv_end;
-    return std::max(h, lo(i));
-  }
-};
 
 }  // namespace jattn

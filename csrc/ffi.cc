@@ -1,6 +1,6 @@
 // XLA FFI handlers of the native CPU kernel: JattnCpuForward and JattnCpuBackward decode the
 // call's buffers and attributes into a jattn::Problem and run forward() / backward() on the
-// kernel's own thread pool, or XLA's intra-op pool (JATTN_CPU_POOL=xla; see use_xla_pool).
+// kernel's own thread pool, or XLA's intra-op pool (the xla_pool attribute).
 //
 // Operands (jattn/kernels/cpu.py builds them), in this order:
 //   q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv]        float32, bfloat16 or float16
@@ -13,17 +13,29 @@
 // those, out [B, T, N, Hv], lse [B, N, T] (float32), dout [B, T, N, Hv], dlse [B, N, T]
 // (float32, or zero elements for a zero cotangent), and returns dq, dk, dv and dbias
 // (float32 [B, K, G, T, S], or zero elements when the bias needs no gradient).
-// Attributes: scale, softcap (0: none), dropout_rate (float32); has_left, has_right (bool);
-// left, right (int64).
+// Attributes (all of them, by name; CallAttrs below):
+//   scale, softcap (0: none), dropout_rate                float32
+//   has_left, has_right (bool); left, right (int64)       the static window (mask.h)
+//   chunk (int64; 0: none)                                chunked attention (mask.h)
+//   isa (int64; -1: the best the CPU has, else an Isa, capped to the CPU's)
+//   threads (int64; 0: every thread), xla_pool (bool)     where the call runs
+//   block_rows, block_keys, strip, key_splits (int64), stream_decode (bool): the forward's
+//   bwd_block_rows, bwd_block_keys (int64): the backward's           knobs (Tuning)
 
+#include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include "attention.h"
 #include "isa.h"
 #include "threads.h"
+// The XLA FFI headers are not clean under -Wall -Wextra: their warnings are not ours.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wsign-compare"
+#pragma GCC diagnostic ignored "-Wunused-parameter"
+#pragma GCC diagnostic ignored "-Wreturn-type"
 #include "xla/ffi/api/ffi.h"
+#pragma GCC diagnostic pop
 
 namespace ffi = xla::ffi;
 
@@ -41,20 +53,38 @@ class XlaRunner final : public TaskRunner {
   int64_t n_;
 };
 
+// The call's threads while in scope: the kernel's own pool, or XLA's intra-op pool when
+// `xla` (the xla_pool attribute).
+class ScopedPool {
+ public:
+  ScopedPool(ffi::ThreadPool& pool, bool xla)
+      : runner_(pool, pool.num_threads()),
+        scope_(xla && pool.num_threads() >= 1 ? &runner_ : nullptr) {}
+
+ private:
+  XlaRunner runner_;
+  ScopedTaskRunner scope_;
+};
+
 bool present(const ffi::AnyBuffer& b) { return b.element_count() > 0; }
 
-// Which threads run the kernel: by default a pool of its own sized to the CPU affinity mask
-// (threads.cc); JATTN_CPU_POOL=xla schedules onto XLA's intra-op pool from the FFI context
-// instead. Measured on a loaded 2-core Zen 3 (jax 0.10), a [1, 2048, 8, 64] forward took
-// about 250 ms with the own pool and 340 ms through XLA's at the same CPU time: tasks handed
-// to XLA's pool from inside a handler started late.
-bool use_xla_pool() {
-  static const bool xla = [] {
-    const char* s = std::getenv("JATTN_CPU_POOL");
-    return s && std::string(s) == "xla";
-  }();
-  return xla;
-}
+}  // namespace
+
+// The call's attributes, bound by name (XLA_FFI_REGISTER_STRUCT_ATTR_DECODING below: the
+// members in this order, Tuning's in its own order).
+struct CallAttrs {
+  float scale, softcap, dropout_rate;
+  bool has_left, has_right;
+  int64_t left, right, chunk;
+  Tuning tuning;
+};
+
+namespace {
+
+// The xla_pool attribute: schedule onto XLA's intra-op pool from the FFI context instead of
+// the kernel's own pool (threads.cc). Measured on a loaded 2-core Zen 3 (jax 0.10), a
+// [1, 2048, 8, 64] forward took about 250 ms with the own pool and 340 ms through XLA's at
+// the same CPU time: tasks handed to XLA's pool from inside a handler started late.
 
 template <typename E>
 ffi::Error broadcast5(const ffi::AnyBuffer& buf, const Problem& p, const char* what,
@@ -85,9 +115,8 @@ ffi::Error decode(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::A
                   const ffi::AnyBuffer& q_len, const ffi::AnyBuffer& kv_len,
                   const ffi::AnyBuffer& offset, const ffi::AnyBuffer& q_seg,
                   const ffi::AnyBuffer& kv_seg, const ffi::AnyBuffer& mask,
-                  const ffi::AnyBuffer& bias, const ffi::AnyBuffer& seeds, float scale,
-                  float softcap, float dropout_rate, bool has_left, bool has_right,
-                  int64_t left, int64_t right, Problem& p) {
+                  const ffi::AnyBuffer& bias, const ffi::AnyBuffer& seeds, const CallAttrs& a,
+                  Problem& p) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return ffi::Error::InvalidArgument("q, k, v must be 4-D [B, T|S, heads, dim]");
@@ -117,13 +146,16 @@ ffi::Error decode(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::A
       p.K <= 0 || N % p.K != 0)
     return ffi::Error::InvalidArgument("inconsistent q/k/v shapes");
   p.G = N / p.K;
-  p.scale = scale;
-  p.softcap = softcap;
-  p.dropout_rate = dropout_rate;
-  p.has_left = has_left;
-  p.has_right = has_right;
-  p.left = left;
-  p.right = right;
+  p.scale = a.scale;
+  p.softcap = a.softcap;
+  p.dropout_rate = a.dropout_rate;
+  p.has_left = a.has_left;
+  p.has_right = a.has_right;
+  p.left = a.left;
+  p.right = a.right;
+  if (a.chunk < 0) return ffi::Error::InvalidArgument("chunk must be >= 0");
+  p.chunk = a.chunk;
+  p.tuning = a.tuning;
   auto i32 = [](const ffi::AnyBuffer& b) {
     return present(b) ? static_cast<const int32_t*>(b.untyped_data()) : nullptr;
   };
@@ -147,16 +179,12 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                        ffi::AnyBuffer offset, ffi::AnyBuffer q_seg, ffi::AnyBuffer kv_seg,
                        ffi::AnyBuffer mask, ffi::AnyBuffer bias, ffi::AnyBuffer seeds,
                        ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
-                       float scale, float softcap, float dropout_rate, bool has_left,
-                       bool has_right, int64_t left, int64_t right) {
+                       CallAttrs attrs) {
   Problem p;
-  if (auto e = decode(q, k, v, q_len, kv_len, offset, q_seg, kv_seg, mask, bias, seeds, scale,
-                      softcap, dropout_rate, has_left, has_right, left, right, p);
+  if (auto e = decode(q, k, v, q_len, kv_len, offset, q_seg, kv_seg, mask, bias, seeds, attrs, p);
       e.failure())
     return e;
-  const int64_t n = pool.num_threads();
-  XlaRunner runner(pool, n);
-  ScopedTaskRunner scope(n >= 1 && use_xla_pool() ? &runner : nullptr);
+  const ScopedPool on(pool, p.tuning.xla_pool);
   float* lse_ptr = present(*lse) ? static_cast<float*>(lse->untyped_data()) : nullptr;
   forward(p, q.untyped_data(), k.untyped_data(), v.untyped_data(), out->untyped_data(),
           lse_ptr);
@@ -170,17 +198,12 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
                         ffi::AnyBuffer out, ffi::AnyBuffer lse, ffi::AnyBuffer dout,
                         ffi::AnyBuffer dlse, ffi::Result<ffi::AnyBuffer> dq,
                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
-                        ffi::Result<ffi::AnyBuffer> dbias, float scale, float softcap,
-                        float dropout_rate, bool has_left, bool has_right, int64_t left,
-                        int64_t right) {
+                        ffi::Result<ffi::AnyBuffer> dbias, CallAttrs attrs) {
   Problem p;
-  if (auto e = decode(q, k, v, q_len, kv_len, offset, q_seg, kv_seg, mask, bias, seeds, scale,
-                      softcap, dropout_rate, has_left, has_right, left, right, p);
+  if (auto e = decode(q, k, v, q_len, kv_len, offset, q_seg, kv_seg, mask, bias, seeds, attrs, p);
       e.failure())
     return e;
-  const int64_t n = pool.num_threads();
-  XlaRunner runner(pool, n);
-  ScopedTaskRunner scope(n >= 1 && use_xla_pool() ? &runner : nullptr);
+  const ScopedPool on(pool, p.tuning.xla_pool);
   const float* dlse_ptr = present(dlse) ? static_cast<const float*>(dlse.untyped_data()) : nullptr;
   float* dbias_ptr = present(*dbias) ? static_cast<float*>(dbias->untyped_data()) : nullptr;
   backward(p, q.untyped_data(), k.untyped_data(), v.untyped_data(), out.untyped_data(),
@@ -206,14 +229,18 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
       .Arg<ffi::AnyBuffer>() /* bias */ \
       .Arg<ffi::AnyBuffer>() /* seeds */
 
-#define JATTN_ATTRS                    \
-  .Attr<float>("scale")                \
-      .Attr<float>("softcap")          \
-      .Attr<float>("dropout_rate")     \
-      .Attr<bool>("has_left")          \
-      .Attr<bool>("has_right")         \
-      .Attr<int64_t>("left")           \
-      .Attr<int64_t>("right")
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
+    jattn::CallAttrs, ffi::StructMember<float>("scale"), ffi::StructMember<float>("softcap"),
+    ffi::StructMember<float>("dropout_rate"), ffi::StructMember<bool>("has_left"),
+    ffi::StructMember<bool>("has_right"), ffi::StructMember<int64_t>("left"),
+    ffi::StructMember<int64_t>("right"), ffi::StructMember<int64_t>("chunk"),
+    ffi::StructMember<int64_t>("isa"), ffi::StructMember<int64_t>("threads"),
+    ffi::StructMember<bool>("xla_pool"), ffi::StructMember<int64_t>("block_rows"),
+    ffi::StructMember<int64_t>("block_keys"), ffi::StructMember<int64_t>("strip"),
+    ffi::StructMember<bool>("stream_decode"), ffi::StructMember<int64_t>("key_splits"),
+    ffi::StructMember<int64_t>("bwd_block_rows"), ffi::StructMember<int64_t>("bwd_block_keys"));
+
+#define JATTN_ATTRS .Attrs<jattn::CallAttrs>()
 
 #pragma GCC visibility push(default)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JattnCpuForward, jattn::ForwardImpl,
@@ -231,7 +258,33 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JattnCpuBackward, jattn::BackwardImpl,
                                   .Ret<ffi::AnyBuffer>() JATTN_ATTRS);
 #pragma GCC visibility pop
 
-// For jattn.kernels.cpu: what the library runs with.
-extern "C" __attribute__((visibility("default"))) const char* jattn_cpu_isa() {
-  return jattn::isa_name(jattn::cpu_isa());
+// For jattn.kernels.cpu (CpuConfig.default_for): what the library runs with.
+#define JATTN_EXPORT extern "C" __attribute__((visibility("default")))
+
+// The detected level's name ("generic", "avx2", "avx512").
+JATTN_EXPORT const char* jattn_cpu_isa() { return jattn::isa_name(jattn::cpu_isa()); }
+
+// The detected level (an Isa value: 0 generic, 1 avx2, 2 avx512).
+JATTN_EXPORT int jattn_cpu_best_isa() { return static_cast<int>(jattn::cpu_isa()); }
+
+// The kernel's own pool's thread count (after the JATTN_CPU_THREADS cap).
+JATTN_EXPORT int64_t jattn_cpu_threads() { return jattn::own_pool_threads(); }
+
+// What the heuristics pick (on the detected ISA level) for q [B, T, K * G, H], k [B, S, K, H],
+// v [B, S, K, Hv] at `threads` threads (0, or more than the pool has: jattn_cpu_threads()): out = {block_rows,
+// block_keys, strip, stream_decode (0/1), key_splits, bwd_block_rows, bwd_block_keys}.
+JATTN_EXPORT void jattn_cpu_default_tuning(int64_t B, int64_t T, int64_t S, int64_t K, int64_t G,
+                                           int64_t H, int64_t Hv, int64_t threads,
+                                           int64_t out[7]) {
+  for (int i = 0; i < 7; ++i) out[i] = 0;
+  if (B <= 0 || T <= 0 || K <= 0 || G <= 0) return;
+  const int64_t pool = jattn::own_pool_threads();
+  jattn::Problem p;
+  p.B = B, p.T = T, p.S = S, p.K = K, p.G = G, p.H = H, p.Hv = Hv;
+  jattn::Tuning t;
+  jattn::forward_defaults(p, threads > 0 ? std::min(threads, pool) : pool, t);
+  jattn::backward_defaults(p, t);
+  const int64_t v[7] = {t.block_rows, t.block_keys,     t.strip,         t.stream_decode ? 1 : 0,
+                        t.key_splits, t.bwd_block_rows, t.bwd_block_keys};
+  for (int i = 0; i < 7; ++i) out[i] = v[i];
 }

@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -24,7 +23,9 @@
 #include "attention.h"
 #include "dtypes.h"
 #include "isa.h"
+#include "mask.h"
 #include "scratch.h"
+#include "threads.h"
 
 #if JATTN_X86
 #include <immintrin.h>
@@ -67,66 +68,33 @@ struct Ctx {
 
 }  // namespace
 
-namespace isa_generic {
-#define JATTN_W 4
-#include "forward_isa.inc"
-#undef JATTN_W
-}  // namespace isa_generic
+#define JATTN_ISA_FILE "forward_isa.inc"
+#include "isa_instances.inc"
 
-#if JATTN_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-namespace isa_avx2 {
-#define JATTN_W 8
-#define JATTN_CVTPH(p) _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
-#define JATTN_MAXPS(a, b) _mm256_max_ps(a, b)
-#include "forward_isa.inc"
-#undef JATTN_W
-#undef JATTN_CVTPH
-#undef JATTN_MAXPS
-}  // namespace isa_avx2
-#pragma GCC pop_options
+// The forward's plan: the block sizes and the schedule, from the shape, the thread count and
+// the call's Tuning (a knob of 0 takes the heuristic's choice). The one place they are
+// chosen: forward() runs it, and forward_defaults() reports it.
+struct ForwardPlan {
+  int64_t rows_target, bq, bk, nqb, nkb, nsplit, strip;
+  bool positions;  // decoding: one key block of every KV head per work item
+  bool use_prepack;
+};
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma,f16c")
-namespace isa_avx512 {
-#define JATTN_W 16
-#define JATTN_CVTPH(p) _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
-#define JATTN_SCALEF(p, n) _mm512_scalef_ps(p, n)
-#define JATTN_MAXPS(a, b) _mm512_max_ps(a, b)
-#include "forward_isa.inc"
-#undef JATTN_W
-#undef JATTN_CVTPH
-#undef JATTN_SCALEF
-#undef JATTN_MAXPS
-}  // namespace isa_avx512
-#pragma GCC pop_options
-#endif
-
-void forward(const Problem& p, const void* q, const void* k, const void* v, void* out,
-             float* lse) {
-  if (p.B <= 0 || p.T <= 0 || p.K <= 0 || p.G <= 0) return;
-  advise_huge_pages(out, p.B * p.T * p.K * p.G * p.Hv * dtype_size(p.dtype));
-  const int64_t threads = num_threads();
+ForwardPlan plan_forward(const Problem& p, int64_t threads, int64_t mr) {
+  const Tuning& t = p.tuning;
+  ForwardPlan f;
   // Key blocks of 256 (a score row of 1 KiB); query blocks of about 128 rows (the G heads of
   // a group packed together), fewer when that leaves threads without work. The same for
   // banded (causal, windowed) masks: on their mixed blocks only the panels a strip of rows
   // can see are computed, so a long key block wastes little of a diagonal (measured against
   // square 120-position blocks, which were the better choice before that: 2-5% faster at
-  // T = 1024..4096 on Zen 3). JATTN_FWD_BLOCKS=rows,keys overrides both (for tuning).
-  int64_t rows_target = 128, keys = 256;
-  const char* keys_env = std::getenv("JATTN_FWD_BLOCKS");
-  if (const char* env = keys_env) {
-    long r = 0, kk = 0;
-    if (std::sscanf(env, "%ld,%ld", &r, &kk) == 2 && r > 0 && kk > 0) {
-      rows_target = r;
-      keys = kk;
-    }
-  }
+  // T = 1024..4096 on Zen 3). Tuning::block_rows / block_keys override both.
+  const int64_t rows_target = t.block_rows > 0 ? t.block_rows : 128;
+  const int64_t keys = t.block_keys > 0 ? t.block_keys : 256;
+  f.rows_target = rows_target;
   int64_t bk = std::max<int64_t>(1, std::min<int64_t>(keys, p.S));
   int64_t bq = std::max<int64_t>(1, rows_target / p.G);
   // G * bq a multiple of the GEMM's tile rows where that stays near 128 rows.
-  const int64_t mr = gemm_tile_rows();
   for (int64_t c = bq; c <= bq + mr && c * p.G <= rows_target * 5 / 4; ++c)
     if ((c * p.G) % mr == 0) {
       bq = c;
@@ -137,9 +105,8 @@ void forward(const Problem& p, const void* q, const void* k, const void* v, void
   auto tasks = [&](int64_t bq_) { return p.B * p.K * ((p.T + bq_ - 1) / bq_); };
   while (bq > min_bq && tasks(bq) < 4 * threads) bq = std::max(min_bq, bq / 2);
   const int64_t nqb = (p.T + bq - 1) / bq;
-  const bool positions =
-      p.G * bq <= 8 && nqb == 1 && p.K <= 64 && !std::getenv("JATTN_FWD_NO_STREAM");
-  if (positions && keys_env == nullptr) {
+  const bool positions = p.G * bq <= 8 && nqb == 1 && p.K <= 64 && t.stream_decode;
+  if (positions && t.block_keys <= 0) {
     // Up to 256 keys per block (fewer partial results to merge: at 64, S = 16k spent a
     // third of its time on them), the score block of every head within 64 KiB, and enough
     // blocks for every thread.
@@ -150,32 +117,52 @@ void forward(const Problem& p, const void* q, const void* k, const void* v, void
   const int64_t nkb = p.S > 0 ? (p.S + bk - 1) / bk : 0;
   // Decoding-like calls (few tasks, many keys): split the keys so that every thread works.
   int64_t nsplit = 1;
-  if (tasks(bq) < 2 * threads && nkb > 1)
+  if (t.key_splits > 0)
+    nsplit = std::max<int64_t>(1, std::min(nkb, t.key_splits));
+  else if (tasks(bq) < 2 * threads && nkb > 1)
     nsplit = std::min(nkb, (4 * threads + tasks(bq) - 1) / tasks(bq));
   // Decoding (a few query rows per KV head): one key block of every KV head per work item,
   // read position by position, so that the threads stream K and V in memory order instead
   // of one head's strided rows at a time.
   if (positions && nkb > 1) nsplit = nkb;
-  Ctx c{p, q, k, v, out, lse, bq, bk, (bk + 15) / 16 * 16, nqb, nkb, nsplit};
-  c.positions = positions && nkb > 1;
+  f.bq = bq;
+  f.bk = bk;
+  f.nqb = nqb;
+  f.nkb = nkb;
+  f.nsplit = nsplit;
+  f.positions = positions && nkb > 1;
   // Pre-pack K and V when several query blocks read each (not for decoding, where the
   // small-M products stream them once), within a memory bound.
   const double packed_bytes = 4.0 * p.B * p.K * nkb * bk * (p.H + p.Hv + 64);
-  c.use_prepack = nqb >= 2 && p.G * bq > 4 && packed_bytes < 1.5e9;
-  c.strip = std::max<int64_t>(24, 2 * mr);
-  if (const char* env = std::getenv("JATTN_FWD_STRIP")) c.strip = std::max(1, std::atoi(env));
-#if JATTN_X86
-  switch (cpu_isa()) {
-    case Isa::kAvx512:
-      return isa_avx512::run(c);
-    case Isa::kAvx2:
-      return isa_avx2::run(c);
-    default:
-      return isa_generic::run(c);
-  }
-#else
-  isa_generic::run(c);
-#endif
+  f.use_prepack = nqb >= 2 && p.G * bq > 4 && packed_bytes < 1.5e9;
+  f.strip = t.strip > 0 ? t.strip : std::max<int64_t>(24, 2 * mr);
+  return f;
+}
+
+void forward_defaults(const Problem& p, int64_t threads, Tuning& t) {
+  Problem q = p;
+  q.tuning = Tuning{};
+  if (p.B <= 0 || p.T <= 0 || p.K <= 0 || p.G <= 0) return;
+  const ForwardPlan f = plan_forward(q, std::max<int64_t>(1, threads), gemm_tile_rows(cpu_isa()));
+  t.block_rows = f.rows_target;
+  t.block_keys = f.bk;
+  t.strip = f.strip;
+  t.stream_decode = f.positions;
+  t.key_splits = f.nsplit;
+}
+
+void forward(const Problem& p, const void* q, const void* k, const void* v, void* out,
+             float* lse) {
+  if (p.B <= 0 || p.T <= 0 || p.K <= 0 || p.G <= 0) return;
+  ScopedThreadCap cap(p.tuning.threads);
+  advise_huge_pages(out, p.B * p.T * p.K * p.G * p.Hv * dtype_size(p.dtype));
+  const Isa isa = call_isa(p.tuning.isa);
+  const ForwardPlan f = plan_forward(p, num_threads(), gemm_tile_rows(isa));
+  Ctx c{p, q, k, v, out, lse, f.bq, f.bk, (f.bk + 15) / 16 * 16, f.nqb, f.nkb, f.nsplit};
+  c.positions = f.positions;
+  c.use_prepack = f.use_prepack;
+  c.strip = f.strip;
+  JATTN_DISPATCH(isa, run(c))
 }
 
 }  // namespace jattn

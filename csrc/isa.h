@@ -1,44 +1,19 @@
-// Runtime ISA dispatch for the native CPU kernel.
+// The ISA levels of the native CPU kernel: detection, the per-call choice, and the one
+// dispatch.
 //
-// Every vectorised routine is written once, with GCC/Clang vector extensions over a width W
-// (floats per vector), in an .inc file that is included several times, each time inside its own
-// namespace and under its own `#pragma GCC target`: isa_generic (SSE2, every x86-64; or the
-// compiler's baseline elsewhere), isa_avx2 (AVX2 + FMA + F16C) and isa_avx512 (AVX-512F). The
-// level is chosen once per process from what the CPU reports (__builtin_cpu_supports), never
-// from the build machine; JATTN_CPU_ISA=generic|avx2|avx512 forces a lower one (for tests).
+// Every vectorised routine is written once, over the vector layer of simd.inc, in an .inc
+// file that isa_instances.inc includes once per level, each time inside its own namespace and
+// under its own `#pragma GCC target`: isa_generic (SSE2, every x86-64; or the compiler's
+// baseline elsewhere), isa_avx2 (AVX2 + FMA + F16C) and isa_avx512 (AVX-512F). The CPU's level
+// is detected once per process (__builtin_cpu_supports), never taken from the build machine;
+// a call runs at that level capped by its Tuning::isa (call_isa), chosen by JATTN_DISPATCH.
+// Inside a level's namespace the kernels call that level's GEMMs and packers directly.
 #pragma once
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdint>
-
-namespace jattn {
-
-enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
-
-// The level in use (detected once; capped by JATTN_CPU_ISA).
-Isa cpu_isa();
-const char* isa_name(Isa isa);
-
-// Cache sizes in bytes (sysconf, with conservative defaults when the OS does not say).
-int64_t l1d_cache_bytes();
-int64_t l2_cache_bytes();
-
-// Pre-packed right-hand operands (gemm.cc), for a B that several products reuse: panels of
-// gemm_panel_width() columns, each [K][width] contiguous and zero padded, panel p at
-// dst + p * panel_stride (panel_stride >= K * width). pack_panels_bt takes B stored [N][K]
-// (the product uses its transpose, as gemm_nt), pack_panels_bn B stored [K][N] (as gemm_nn).
-// gemm_prepacked: C[M, N] (+)= A[M, K] . B, A row-major read in place.
-int64_t gemm_panel_width();
-// The micro-kernel's row count: products whose M is a multiple of it have no edge tiles.
-int64_t gemm_tile_rows();
-void pack_panels_bt(int64_t N, int64_t K, const float* B, int64_t ldb, float* dst,
-                    int64_t panel_stride);
-void pack_panels_bn(int64_t K, int64_t N, const float* B, int64_t ldb, float* dst,
-                    int64_t panel_stride);
-void gemm_prepacked(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                    const float* Bp, int64_t panel_stride, float* C, int64_t ldc,
-                    bool accumulate);
-
-}  // namespace jattn
 
 #if defined(__x86_64__) || defined(__i386__)
 #define JATTN_X86 1
@@ -47,6 +22,80 @@ void gemm_prepacked(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
 #endif
 
 namespace jattn {
+
+enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The best level the CPU has (detected once).
+inline Isa cpu_isa() {
+  static const Isa isa = [] {
+    Isa best = Isa::kGeneric;
+#if JATTN_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
+      best = Isa::kAvx2;
+    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f")) best = Isa::kAvx512;
+#endif
+    return best;
+  }();
+  return isa;
+}
+
+// A call's level: `requested` (an Isa value; -1 = the best) capped to what the CPU has.
+inline Isa call_isa(int64_t requested) {
+  const int best = static_cast<int>(cpu_isa());
+  if (requested < 0 || requested >= best) return cpu_isa();
+  return static_cast<Isa>(requested);
+}
+
+inline const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "generic";
+  }
+}
+
+// `return isa_<level>::expr;` for the given level: the one dispatch.
+#if JATTN_X86
+#define JATTN_DISPATCH(isa, ...)          \
+  switch (isa) {                          \
+    case ::jattn::Isa::kAvx512:           \
+      return isa_avx512::__VA_ARGS__;     \
+    case ::jattn::Isa::kAvx2:             \
+      return isa_avx2::__VA_ARGS__;       \
+    default:                              \
+      return isa_generic::__VA_ARGS__;    \
+  }
+#else
+#define JATTN_DISPATCH(isa, ...) return isa_generic::__VA_ARGS__;
+#endif
+
+// The register tile's rows (MR) and columns (NR, the panel width) of a level (gemm.cc).
+int64_t gemm_tile_rows(Isa isa);
+int64_t gemm_panel_width(Isa isa);
+
+// Cache sizes in bytes (sysconf, with conservative defaults when the OS does not say).
+#ifdef _SC_LEVEL1_DCACHE_SIZE
+constexpr int kScL1d = _SC_LEVEL1_DCACHE_SIZE, kScL2 = _SC_LEVEL2_CACHE_SIZE;
+#else
+constexpr int kScL1d = -1, kScL2 = -1;
+#endif
+inline int64_t cache_bytes(int name, int64_t fallback, int64_t lo, int64_t hi) {
+  const long v = name < 0 ? -1 : sysconf(name);
+  return v <= 0 ? fallback : std::max(lo, std::min<int64_t>(hi, v));
+}
+inline int64_t l1d_cache_bytes() {
+  static const int64_t v = cache_bytes(kScL1d, 32 << 10, 16 << 10, 128 << 10);
+  return v;
+}
+inline int64_t l2_cache_bytes() {
+  static const int64_t v = cache_bytes(kScL2, 256 << 10, 128 << 10, 4 << 20);
+  return v;
+}
 
 // A prefetch hint the optimiser cannot drop. GCC counts __builtin_prefetch as free of side
 // effects, so a loop of nothing but prefetches may be deleted as empty, and whether it is

@@ -26,7 +26,8 @@ namespace jattn {
 namespace {
 
 thread_local TaskRunner* current_runner = nullptr;
-thread_local int parallel_depth = 0;  // > 0 inside a parallel_for task: nested calls run inline
+thread_local int parallel_depth = 0;
+thread_local int64_t call_cap = 0;    // > 0: ScopedThreadCap's limit  // > 0 inside a parallel_for task: nested calls run inline
 
 int affinity_threads() {
   cpu_set_t set;
@@ -137,11 +138,19 @@ ScopedTaskRunner::ScopedTaskRunner(TaskRunner* r) : previous_(current_runner) {
 }
 ScopedTaskRunner::~ScopedTaskRunner() { current_runner = previous_; }
 
+ScopedThreadCap::ScopedThreadCap(int64_t n) : previous_(call_cap) {
+  if (n > 0) call_cap = call_cap > 0 ? std::min(call_cap, n) : n;
+}
+ScopedThreadCap::~ScopedThreadCap() { call_cap = previous_; }
+
+int64_t own_pool_threads() { return own_pool().num_threads(); }
+
 int num_threads() {
   if (parallel_depth > 0) return 1;
   int64_t n = runner().num_threads();
   if (n < 1) n = 1;
   if (env_cap()) n = std::min<int64_t>(n, env_cap());
+  if (call_cap > 0) n = std::min(n, call_cap);
   return static_cast<int>(n);
 }
 

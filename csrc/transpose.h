@@ -1,5 +1,5 @@
-// An 8 x 8 float transpose shared by the K^T panel packing of the forward (gemm_isa.inc) and
-// of the backward (backward.cc).
+// An 8 x 8 float transpose for the panel packer (gemm_isa.inc: pack_b), which the forward's
+// pre-packed K blocks and the backward's K_j^T / V_j^T panels share.
 #pragma once
 
 #include <cstdint>

@@ -2,9 +2,11 @@
 // machine: time slices lost to other processes do not count). Run single-threaded
 // (JATTN_CPU_THREADS=1) for a per-core ratio.
 //   g++ -O3 -ffp-contract=fast -std=c++17 -pthread -Icsrc csrc/backward.cc csrc/gemm.cc
-//       csrc/threads.cc csrc/tests/bwd_bench.cc -o /tmp/bwd_bench && JATTN_CPU_THREADS=1 /tmp/bwd_bench T causal N [G [H]]
-// With JATTN_AB="bq,bk;bq,bk;..." it compares those block sizes (JATTN_BWD_BLOCKS) call by
-// call instead (6th argument: rounds), printing each one's fastest and median CPU time.
+//       csrc/threads.cc csrc/tests/bwd_bench.cc -o /tmp/bwd_bench &&
+//   JATTN_CPU_THREADS=1 /tmp/bwd_bench [OPTIONS] T causal N [G [H [rounds]]]
+// OPTIONS (ab.h): the call's Tuning (--isa, --threads, --bwd-blocks BQ,BK), or
+// --ab "bq,bk;bq,bk;..." to compare those block sizes call by call instead (rounds: the 6th
+// argument), printing each one's fastest and median CPU time.
 #include <time.h>
 
 #include <algorithm>
@@ -18,19 +20,8 @@
 
 using namespace jattn;
 
-static double wall_now() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static double cpu_now() {
-  timespec ts;
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 int main(int argc, char** argv) {
+  const BenchOptions opt = parse_options(argc, argv);
   const int64_t B = 1, T = argc > 1 ? atol(argv[1]) : 1024, N = argc > 3 ? atol(argv[3]) : 8;
   const int64_t G = argc > 4 ? atol(argv[4]) : 1;  // query heads per KV head
   const int64_t H = argc > 5 ? atol(argv[5]) : 64, S = T, K = N / G;
@@ -47,11 +38,17 @@ int main(int argc, char** argv) {
   p.has_right = causal;
   std::vector<float> dq(q.size()), dk(k.size()), dv(k.size());
   const double flops = 10.0 * B * N * T * S * H * (causal ? 0.5 : 1);
-  if (const char* ab = std::getenv("JATTN_AB")) {  // "bq,bk;bq,bk;...", in CPU time
-    ab_compare(ab, "JATTN_BWD_BLOCKS", argc > 6 ? atol(argv[6]) : 7, flops, cpu_now, [&] {
-      backward(p, q.data(), k.data(), v.data(), o.data(), lse.data(), dout.data(), nullptr,
-               dq.data(), dk.data(), dv.data(), nullptr);
-    });
+  p.tuning = opt.tuning;
+  if (!opt.ab.empty()) {  // "bq,bk;bq,bk;...", in CPU time
+    ab_compare(
+        opt.ab, argc > 6 ? atol(argv[6]) : 7, flops, cpu_now,
+        [&](const std::string& cfg) {
+          parse_pair(cfg.c_str(), p.tuning.bwd_block_rows, p.tuning.bwd_block_keys);
+        },
+        [&] {
+          backward(p, q.data(), k.data(), v.data(), o.data(), lse.data(), dout.data(), nullptr,
+                   dq.data(), dk.data(), dv.data(), nullptr);
+        });
     return 0;
   }
   const int64_t n = 512;

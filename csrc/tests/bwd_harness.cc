@@ -2,9 +2,11 @@
 // sizes, GQA, causal/window/offsets, lengths, segments, dense mask, bias, softcap, dropout,
 // the lse cotangent; float32/bfloat16/float16), and that a second run gives the same bits.
 //   g++ -O2 -std=c++17 -pthread -Icsrc csrc/backward.cc csrc/gemm.cc csrc/threads.cc
-//       csrc/tests/bwd_harness.cc -o /tmp/bwd_harness && /tmp/bwd_harness [v [NAME]]
-// Also worth running with JATTN_CPU_ISA=generic (the GEMM fallback), JATTN_CPU_THREADS=1|3
-// and JATTN_BWD_BLOCKS=7,13 (odd block sizes).
+//       csrc/tests/bwd_harness.cc -o /tmp/bwd_harness && /tmp/bwd_harness [OPTIONS] [v [NAME]]
+// OPTIONS (the call's Tuning): --isa N (0 generic, 1 avx2, 2 avx512), --threads N,
+// --bwd-blocks BQ,BK; --dump prints dv, dq and lse. Also worth running with --isa 0 (the
+// generic level), --threads 1 or 3, JATTN_CPU_THREADS=1|3 and --bwd-blocks 7,13 (odd block
+// sizes).
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -84,30 +86,49 @@ struct Config {
   int64_t left = 0;
   bool lens = false, offsets = false, seg = false, dense = false, bias = false;
   bool bias_bcast = false;  // bias broadcast over rows (st = 0) and heads
+  int64_t chunk = 0;
   float softcap = 0, dropout = 0;
   bool dlse = false;
 };
+
+Tuning g_tuning;  // from the command line
+bool g_dump = false;
 
 struct Result {
   double dq, dk, dv, db;
 };
 
-Result run(const Config& c, uint32_t seed, bool verbose) {
-  std::mt19937 rng(seed);
+// A configuration's random problem: inputs, mask parts, bias, seeds, dlse.
+struct Inputs {
+  Buf q, k, v, dout, out;
+  Problem p;
+  std::vector<int32_t> qlen, kvlen, offs, qseg, kseg;
+  std::vector<uint8_t> mask;
+  std::vector<float> bias, dlse;
+  std::vector<uint32_t> seeds;
+  Inputs(const Config& c, int64_t N)
+      : q(c.B * c.T * N * c.H, c.dt), k(c.B * c.S * c.K * c.H, c.dt),
+        v(c.B * c.S * c.K * c.Hv, c.dt), dout(c.B * c.T * N * c.Hv, c.dt),
+        out(c.B * c.T * N * c.Hv, c.dt) {}
+};
+
+void make_inputs(const Config& c, std::mt19937& rng, Inputs& in) {
   std::normal_distribution<float> nd(0.0f, 1.0f);
   const int64_t B = c.B, T = c.T, S = c.S, K = c.K, G = c.G, H = c.H, Hv = c.Hv, N = K * G;
-  Buf q(B * T * N * H, c.dt), k(B * S * K * H, c.dt), v(B * S * K * Hv, c.dt),
-      dout(B * T * N * Hv, c.dt), out(B * T * N * Hv, c.dt);
+  Buf &q = in.q, &k = in.k, &v = in.v, &dout = in.dout;
   for (auto* bf : {&q, &k, &v, &dout})
     for (size_t i = 0; i < bf->vals.size(); ++i) bf->set(i, nd(rng));
-  Problem p;
+  Problem& p = in.p;
+  p.tuning = g_tuning;
+  p.chunk = c.chunk;
   p.B = B; p.T = T; p.S = S; p.K = K; p.G = G; p.H = H; p.Hv = Hv;
   p.dtype = c.dt;
   p.scale = 1.0f / std::sqrt(static_cast<float>(H)) * 1.5f;
   p.softcap = c.softcap;
   p.has_right = c.causal; p.right = c.right;
   p.has_left = c.window; p.left = c.left;
-  std::vector<int32_t> qlen(B), kvlen(B), offs(B), qseg(B * T), kseg(B * S);
+  auto &qlen = in.qlen, &kvlen = in.kvlen, &offs = in.offs, &qseg = in.qseg, &kseg = in.kseg;
+  qlen.resize(B), kvlen.resize(B), offs.resize(B), qseg.resize(B * T), kseg.resize(B * S);
   for (int64_t b = 0; b < B; ++b) {
     qlen[b] = static_cast<int32_t>(rng() % (T + 1));
     kvlen[b] = static_cast<int32_t>(rng() % (S + 1));
@@ -125,14 +146,14 @@ Result run(const Config& c, uint32_t seed, bool verbose) {
     }
     p.q_seg = qseg.data(); p.kv_seg = kseg.data();
   }
-  std::vector<uint8_t> mask;
+  std::vector<uint8_t>& mask = in.mask;
   if (c.dense) {
     mask.resize(B * N * T * S);
     for (auto& m : mask) m = (rng() % 4) != 0;
     p.mask.data = mask.data();
     p.mask.sb = N * T * S; p.mask.sk = G * T * S; p.mask.sg = T * S; p.mask.st = S; p.mask.ss = 1;
   }
-  std::vector<float> bias;
+  std::vector<float>& bias = in.bias;
   if (c.bias) {
     if (c.bias_bcast) {
       bias.resize(B * S);
@@ -146,16 +167,35 @@ Result run(const Config& c, uint32_t seed, bool verbose) {
       p.bias.sb = N * T * S; p.bias.sk = G * T * S; p.bias.sg = T * S; p.bias.st = S; p.bias.ss = 1;
     }
   }
-  std::vector<uint32_t> seeds(B * N);
+  std::vector<uint32_t>& seeds = in.seeds;
+  seeds.resize(B * N);
   for (auto& s : seeds) s = rng();
   if (c.dropout > 0) { p.dropout_rate = c.dropout; p.dropout_seed = seeds.data(); }
-  std::vector<float> dlse(B * N * T);
+  std::vector<float>& dlse = in.dlse;
+  dlse.resize(B * N * T);
   for (auto& x : dlse) x = nd(rng);
+}
 
-  // float64 reference.
-  std::vector<float> lse(B * N * T);
-  std::vector<double> rdq(B * T * N * H, 0), rdk(B * S * K * H, 0), rdv(B * S * K * Hv, 0),
-      rdb(B * N * T * S, 0);
+// The float64 reference: lse (and out, in in.out) of the forward, and the gradients.
+struct Reference {
+  std::vector<float> lse;
+  std::vector<double> dq, dk, dv, db;
+};
+
+void reference(const Config& c, Inputs& in, Reference& r) {
+  const int64_t B = c.B, T = c.T, S = c.S, K = c.K, G = c.G, H = c.H, Hv = c.Hv, N = K * G;
+  const Problem& p = in.p;
+  const Buf &q = in.q, &k = in.k, &v = in.v, &dout = in.dout;
+  Buf& out = in.out;
+  const auto &qlen = in.qlen, &kvlen = in.kvlen, &offs = in.offs, &qseg = in.qseg, &kseg = in.kseg;
+  const auto &mask = in.mask;
+  const auto &bias = in.bias, &dlse = in.dlse;
+  const auto& seeds = in.seeds;
+  std::vector<float>& lse = r.lse;
+  lse.assign(B * N * T, 0.0f);
+  std::vector<double>&rdq = r.dq, &rdk = r.dk, &rdv = r.dv, &rdb = r.db;
+  rdq.assign(B * T * N * H, 0), rdk.assign(B * S * K * H, 0), rdv.assign(B * S * K * Hv, 0);
+  rdb.assign(B * N * T * S, 0);
   const double scale = p.scale, rate = c.dropout;
   const uint32_t thr = dropout_threshold(c.dropout);
   for (int64_t b = 0; b < B; ++b)
@@ -180,6 +220,7 @@ Result run(const Config& c, uint32_t seed, bool verbose) {
             if (c.lens && (i >= qlen[b] || j >= kvlen[b])) ok = false;
             if (c.offsets && j > i + offs[b]) ok = false;
             if (c.seg && qseg[b * T + i] != kseg[b * S + j]) ok = false;
+            if (c.chunk && i / c.chunk != j / c.chunk) ok = false;
             if (c.dense && !mask[((b * N + n) * T + i) * S + j]) ok = false;
             s[i * S + j] = x; th[i * S + j] = t; vis[i * S + j] = ok;
             if (c.dropout > 0)
@@ -229,7 +270,20 @@ Result run(const Config& c, uint32_t seed, bool verbose) {
           }
         }
       }
+}
 
+Result run(const Config& c, uint32_t seed, bool verbose) {
+  std::mt19937 rng(seed);
+  const int64_t B = c.B, T = c.T, S = c.S, K = c.K, G = c.G, H = c.H, Hv = c.Hv, N = K * G;
+  Inputs in(c, N);
+  make_inputs(c, rng, in);
+  Reference ref;
+  reference(c, in, ref);
+  const Problem& p = in.p;
+  Buf &q = in.q, &k = in.k, &v = in.v, &dout = in.dout, &out = in.out;
+  std::vector<float>& lse = ref.lse;
+  std::vector<float>& dlse = in.dlse;
+  const std::vector<double>&rdq = ref.dq, &rdk = ref.dk, &rdv = ref.dv, &rdb = ref.db;
   Buf dq(B * T * N * H, c.dt), dk(B * S * K * H, c.dt), dv(B * S * K * Hv, c.dt);
   // Garbage: every element must be written.
   for (auto* bf : {&dq, &dk, &dv}) std::fill(bf->raw.begin(), bf->raw.end(), uint8_t{0xFF});
@@ -260,7 +314,7 @@ Result run(const Config& c, uint32_t seed, bool verbose) {
     }
     return e / (mx < 1e-6 ? 1.0 : std::max(mx, 0.1));  // absolute where the gradient is ~0 (one visible key)
   };
-  if (std::getenv("DUMP")) {
+  if (g_dump) {
     for (size_t i = 0; i < rdv.size(); ++i) std::printf("dv[%zu] got %g want %g\n", i, dec(dv.ptr(), i, c.dt), rdv[i]);
     for (size_t i = 0; i < rdq.size(); ++i) std::printf("dq[%zu] got %g want %g\n", i, dec(dq.ptr(), i, c.dt), rdq[i]);
     for (size_t i = 0; i < lse.size(); ++i) std::printf("lse[%zu] %g\n", i, lse[i]);
@@ -278,6 +332,26 @@ Result run(const Config& c, uint32_t seed, bool verbose) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Options first, then [v [NAME]].
+  int a = 1;
+  for (; a < argc && argv[a][0] == '-' && argv[a][1] == '-'; ++a) {
+    const std::string o = argv[a];
+    if (o == "--dump") {
+      g_dump = true;
+    } else if (a + 1 < argc && o == "--isa") {
+      g_tuning.isa = std::atol(argv[++a]);
+    } else if (a + 1 < argc && o == "--threads") {
+      g_tuning.threads = std::atol(argv[++a]);
+    } else if (a + 1 < argc && o == "--bwd-blocks") {
+      long bq = 0, bk = 0;
+      if (std::sscanf(argv[++a], "%ld,%ld", &bq, &bk) == 2) g_tuning.bwd_block_rows = bq, g_tuning.bwd_block_keys = bk;
+    } else {
+      std::fprintf(stderr, "unknown option %s\n", o.c_str());
+      return 2;
+    }
+  }
+  argc -= a - 1;
+  argv += a - 1;
   std::vector<Config> cs;
   auto add = [&](Config c) { cs.push_back(c); };
   for (int64_t t : {1, 7, 129}) {
@@ -293,6 +367,8 @@ int main(int argc, char** argv) {
   { Config c; c.name = "causal neg right"; c.T = 200; c.S = 150; c.causal = true; c.right = -60; add(c); }
   { Config c; c.name = "small neg right"; c.T = 3; c.S = 3; c.H = 1; c.Hv = 1; c.causal = true; c.right = -1; add(c); }
   { Config c; c.name = "lens+offsets"; c.B = 3; c.T = 150; c.S = 170; c.lens = true; c.offsets = true; add(c); }
+  { Config c; c.name = "chunk"; c.B = 2; c.T = 300; c.S = 280; c.chunk = 64; add(c); }
+  { Config c; c.name = "chunk causal window"; c.T = 300; c.S = 300; c.chunk = 100; c.causal = true; c.window = true; c.left = 30; add(c); }
   { Config c; c.name = "segments"; c.B = 2; c.T = 300; c.S = 300; c.seg = true; add(c); }
   { Config c; c.name = "segments causal"; c.B = 2; c.T = 300; c.S = 300; c.seg = true; c.causal = true; add(c); }
   { Config c; c.name = "dense"; c.B = 2; c.K = 2; c.G = 2; c.T = 130; c.S = 140; c.dense = true; add(c); }

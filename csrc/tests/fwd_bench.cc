@@ -1,10 +1,12 @@
 // Forward throughput of the native kernel on a decoding-like or prefill shape, in wall time
 // (fastest of the rounds) beside the time to read K and V once at this machine's read bandwidth.
 //   g++ -O3 -ffp-contract=fast -std=c++17 -pthread -Icsrc csrc/forward.cc csrc/gemm.cc
-//       csrc/threads.cc csrc/tests/fwd_bench.cc -o /tmp/fwd_bench && /tmp/fwd_bench B T S N K H [rounds [causal]]
-// With JATTN_AB="rows,keys;rows,keys;..." it instead compares those block sizes
-// (JATTN_FWD_BLOCKS), taking turns call by call so that a slow spell of a shared machine
-// falls on every one of them alike, and prints each one's fastest and median call.
+//       csrc/threads.cc csrc/tests/fwd_bench.cc -o /tmp/fwd_bench &&
+//   /tmp/fwd_bench [OPTIONS] B T S N K H [rounds [causal]]
+// OPTIONS (ab.h): the call's Tuning (--isa, --threads, --blocks ROWS,KEYS, --strip,
+// --no-stream, --splits), or --ab "rows,keys;rows,keys;..." to compare those block sizes
+// instead, taking turns call by call so that a slow spell of a shared machine falls on every
+// one of them alike, printing each one's fastest and median call.
 #include <time.h>
 
 #include <algorithm>
@@ -19,13 +21,8 @@
 
 using namespace jattn;
 
-static double wall_now() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 int main(int argc, char** argv) {
+  const BenchOptions opt = parse_options(argc, argv);
   auto arg = [&](int i, long d) { return argc > i ? atol(argv[i]) : d; };
   const int64_t B = arg(1, 8), T = arg(2, 1), S = arg(3, 4096), N = arg(4, 32), K = arg(5, 8),
                 H = arg(6, 128), rounds = arg(7, 15);
@@ -54,9 +51,12 @@ int main(int argc, char** argv) {
   p.B = B, p.T = T, p.S = S, p.K = K, p.G = N / K, p.H = H, p.Hv = H;
   p.scale = 1.0f / std::sqrt(static_cast<float>(H));
   p.has_right = causal;  // j <= i
-  if (const char* ab = std::getenv("JATTN_AB")) {
-    ab_compare(ab, "JATTN_FWD_BLOCKS", rounds, 4.0 * B * N * T * S * H * (causal ? 0.5 : 1.0),
-               wall_now, [&] { forward(p, q.data(), k.data(), v.data(), o.data(), lse.data()); });
+  p.tuning = opt.tuning;
+  if (!opt.ab.empty()) {
+    ab_compare(
+        opt.ab, rounds, 4.0 * B * N * T * S * H * (causal ? 0.5 : 1.0), wall_now,
+        [&](const std::string& cfg) { parse_pair(cfg.c_str(), p.tuning.block_rows, p.tuning.block_keys); },
+        [&] { forward(p, q.data(), k.data(), v.data(), o.data(), lse.data()); });
     return 0;
   }
   std::vector<double> tf, tr;

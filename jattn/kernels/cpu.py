@@ -16,13 +16,15 @@ When the library is missing or cannot be loaded, :data:`AVAILABLE` is False and
 ``jattn.kernels.UNAVAILABLE``) and ``implementation=None`` uses ``flash`` / ``fused``.
 ``JATTN_CPU_LIBRARY=/path/to/lib.so`` loads another build (a path that does not exist disables
 the kernel). At run time ``JATTN_CPU_THREADS=n`` caps its threads (default: the CPUs of the
-process's affinity mask, in a pool of the kernel's own; ``JATTN_CPU_POOL=xla`` uses XLA's
-intra-op pool instead) and ``JATTN_CPU_ISA=generic|avx2|avx512`` its instruction set (for
-tests). :func:`isa` tells which instruction set the loaded library uses.
+process's affinity mask, in a pool of the kernel's own). Every other knob (instruction set,
+threads per call, XLA's pool, block sizes) is an FFI attribute (``_TUNING``), never an
+environment variable. :func:`isa` tells which instruction set the loaded library detected.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import dataclasses
 import functools
@@ -101,9 +103,12 @@ class _Static:
     left: int
     has_right: bool
     right: int
+    chunk: int = 0  # chunked attention: query i sees key j only if i // chunk == j // chunk
     vma: tuple[str, ...] = ()  # the shard_map axes the inputs vary over
+    tuning: tuple[tuple[str, object], ...] = ()  # overrides of _TUNING's defaults, sorted
 
     def attrs(self) -> dict:
+        knobs = {**_TUNING, **dict(self.tuning)}
         return dict(
             scale=np.float32(self.scale),
             softcap=np.float32(self.softcap),
@@ -112,7 +117,93 @@ class _Static:
             has_right=bool(self.has_right),
             left=np.int64(self.left),
             right=np.int64(self.right),
+            chunk=np.int64(self.chunk),
+            **{k: _knob(k, v) for k, v in knobs.items()},
         )
+
+
+# The native kernel's knobs (FFI attributes) and their defaults: -1 / 0 = the kernel's own
+# choice (isa: the best the CPU has; threads: all of the pool's; the block sizes, strip and
+# key splits: the heuristic's, as _default_tuning reports them).
+_TUNING: dict[str, int | bool] = dict(
+    isa=-1,
+    threads=0,
+    xla_pool=False,
+    block_rows=0,
+    block_keys=0,
+    strip=0,
+    stream_decode=True,
+    key_splits=0,
+    bwd_block_rows=0,
+    bwd_block_keys=0,
+)
+_ISA_LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}
+
+
+def _knob(name: str, value) -> bool | np.int64:
+    """A knob as its FFI attribute: bool or int64, as its default is."""
+    return bool(value) if isinstance(_TUNING[name], bool) else np.int64(value)
+
+
+# Private: attributes that calls made inside `_with_attrs` pass (tests; the public CpuConfig
+# will carry the tuning knobs).
+_extra_attrs: contextvars.ContextVar[tuple] = contextvars.ContextVar("_extra_attrs", default=())
+
+
+@contextlib.contextmanager
+def _with_attrs(**attrs):
+    """Native calls traced inside this block pass these attributes (the knobs of _TUNING,
+    isa also by name, and chunk)."""
+    if isinstance(attrs.get("isa"), str):
+        attrs["isa"] = _ISA_LEVELS[attrs["isa"]]
+    unknown = set(attrs) - set(_TUNING) - {"chunk"}
+    if unknown:
+        raise ValueError(f"unknown native attributes {sorted(unknown)}")
+    token = _extra_attrs.set(tuple({**dict(_extra_attrs.get()), **attrs}.items()))
+    try:
+        yield
+    finally:
+        _extra_attrs.reset(token)
+
+
+def _query(name: str, restype):
+    """The library's exported query `name()` (None when the library is not available)."""
+    if _lib is None:
+        return None
+    fn = getattr(_lib, name)
+    fn.restype = restype
+    return fn()
+
+
+def best_isa() -> int | None:
+    """The best ISA level the CPU has (0 generic, 1 avx2, 2 avx512), or None."""
+    return _query("jattn_cpu_best_isa", ctypes.c_int)
+
+
+def num_threads() -> int | None:
+    """The native kernel's pool's thread count (after JATTN_CPU_THREADS), or None."""
+    return _query("jattn_cpu_threads", ctypes.c_int64)
+
+
+def _default_tuning(b, t, s, k, g, h, hv, threads=0) -> dict | None:
+    """What the native heuristics pick for this shape (the knobs of _TUNING that have one)."""
+    if _lib is None:
+        return None
+    out = (ctypes.c_int64 * 7)()
+    fn = _lib.jattn_cpu_default_tuning
+    fn.restype = None
+    fn.argtypes = [ctypes.c_int64] * 8 + [ctypes.POINTER(ctypes.c_int64)]
+    fn(b, t, s, k, g, h, hv, threads, out)
+    names = (
+        "block_rows",
+        "block_keys",
+        "strip",
+        "stream_decode",
+        "key_splits",
+        "bwd_block_rows",
+        "bwd_block_keys",
+    )
+    return {n: bool(v) if n == "stream_decode" else int(v) for n, v in zip(names, out, strict=True)}
 
 
 def _none_i32() -> Array:
@@ -169,8 +260,13 @@ def cpu_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
         left=0 if mask_plan.left is None else int(mask_plan.left),
         has_right=mask_plan.right is not None,
         right=0 if mask_plan.right is None else int(mask_plan.right),
+        chunk=int(getattr(mask_plan, "chunk", None) or 0),
         vma=_vma(q3, k3, v3, *([] if bias is None else [bias])),
     )
+    extra = dict(_extra_attrs.get())
+    if "chunk" in extra:
+        st = dataclasses.replace(st, chunk=int(extra.pop("chunk")))
+    st = dataclasses.replace(st, tuning=tuple(sorted(extra.items())))
     out, lse = _attention(st, q3, k3, v3, bias, ops)
     out = out.reshape(*batch, t, n, hv)
     lse = lse.reshape(*batch, n, t) if plan.return_lse else None

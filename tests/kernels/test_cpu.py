@@ -283,44 +283,120 @@ def _cpu_has(level: str) -> bool:
 @needs_lib
 @pytest.mark.parametrize("level", ["generic", "avx2", "avx512"])
 def test_isa_levels(level):
-    """Each code path, forced with JATTN_CPU_ISA, against the float64 reference, values and
-    gradients of q, k, v and the bias, with every sweep feature at once (causal, window,
+    """Each code path, forced with the `isa` attribute, against the float64 reference, values
+    and gradients of q, k, v and the bias, with every sweep feature at once (causal, window,
     softcap, bias, dropout): head dims that take the widest register tiles (64, and 32 for
-    the values), only the 16-wide ones (16: AVX2 tiles under AVX-512) and none (24: the
-    generic products); 37 query rows and 300 keys leave partial tiles on both sides."""
+    the values), only the 16-wide ones (16: AVX2 tiles under AVX-512), only the generic ones
+    (24) and none (20: the GEMMs); 37 query rows and 300 keys leave partial tiles on both
+    sides."""
     if not _cpu_has(level):
         pytest.skip(f"this CPU has no {level}")
-    out = _run_python(
-        f"""
-        import jax, jax.numpy as jnp, numpy as np
-        import jattn
-        from jattn.kernels import cpu
-        assert cpu.isa() == "{level}", cpu.isa()
-        jax.config.update("jax_enable_x64", True)
-        f64 = lambda x: x.astype(jnp.float64)
-        drop = jax.random.key(7)
-        kw = dict(is_causal=True, softcap=3.0, local_window_size=(40, 2), dropout_rate=0.2,
-                  dropout_rng=drop)
-        f = lambda impl: (lambda q, k, v, b: jnp.sum(
-            jnp.sin(jattn.attention(q, k, v, b, implementation=impl, **kw))))
-        for h, hv in [(24, 24), (16, 16), (64, 32)]:
-            ks = jax.random.split(jax.random.key(h + hv), 4)
-            q = jax.random.normal(ks[0], (2, 37, 4, h), jnp.float32)
-            k = jax.random.normal(ks[1], (2, 300, 2, h), jnp.float32)
-            v = jax.random.normal(ks[2], (2, 300, 2, hv), jnp.float32)
-            b = jax.random.normal(ks[3], (2, 4, 37, 300), jnp.float32)
-            got = jax.value_and_grad(f("cpu"), argnums=(0, 1, 2, 3))(q, k, v, b)
-            want = jax.value_and_grad(f("reference"), argnums=(0, 1, 2, 3))(
-                f64(q), f64(k), f64(v), f64(b))
-            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-                w = np.asarray(w)
-                err = np.abs(np.asarray(g) - w).max()
-                assert err <= 2e-4 * (np.abs(w).max() + 1), (h, hv, g.shape, err)
-        print("{level} ok")
-        """,
-        JATTN_CPU_ISA=level,
+    f64 = lambda x: x.astype(jnp.float64)  # noqa: E731
+    kw = dict(
+        is_causal=True,
+        softcap=3.0,
+        local_window_size=(40, 2),
+        dropout_rate=0.2,
+        dropout_rng=jax.random.key(7),
     )
-    assert f"{level} ok" in out
+
+    def f(impl):
+        return lambda q, k, v, b: jnp.sum(
+            jnp.sin(jattn.attention(q, k, v, b, implementation=impl, **kw))
+        )
+
+    for h, hv in [(24, 24), (20, 20), (16, 16), (64, 32)]:
+        ks = jax.random.split(jax.random.key(h + hv), 4)
+        q = jax.random.normal(ks[0], (2, 37, 4, h), jnp.float32)
+        k = jax.random.normal(ks[1], (2, 300, 2, h), jnp.float32)
+        v = jax.random.normal(ks[2], (2, 300, 2, hv), jnp.float32)
+        b = jax.random.normal(ks[3], (2, 4, 37, 300), jnp.float32)
+        with cpu._with_attrs(isa=level):
+            got = jax.value_and_grad(f("cpu"), argnums=(0, 1, 2, 3))(q, k, v, b)
+        want = jax.value_and_grad(f("reference"), argnums=(0, 1, 2, 3))(
+            f64(q), f64(k), f64(v), f64(b)
+        )
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            w = np.asarray(w)
+            err = np.abs(np.asarray(g) - w).max()
+            assert err <= 2e-4 * (np.abs(w).max() + 1), (h, hv, g.shape, err)
+
+
+@needs_lib
+@pytest.mark.parametrize(
+    "t, s, chunk, kw",
+    [
+        (300, 300, 64, dict()),
+        (300, 300, 100, dict(is_causal=True)),
+        (130, 250, 48, dict(local_window_size=(30, 10))),
+        (8, 2000, 512, dict()),  # decoding shapes: streamed / split keys
+    ],
+    ids=str,
+)
+def test_chunk_attribute(t, s, chunk, kw):
+    """The native `chunk` mask part (query i sees key j only if i // chunk == j // chunk,
+    intersected with the rest) against the float64 reference given the same mask densely:
+    values and gradients, float32."""
+    ks = jax.random.split(jax.random.key(t + s + chunk), 4)
+    q = jax.random.normal(ks[0], (2, t, 4, 64), jnp.float32)
+    k = jax.random.normal(ks[1], (2, s, 2, 64), jnp.float32)
+    v = jax.random.normal(ks[2], (2, s, 2, 64), jnp.float32)
+    ct = jax.random.normal(ks[3], (2, t, 4, 64), jnp.float32)
+    dense = (np.arange(t)[:, None] // chunk) == (np.arange(s)[None, :] // chunk)
+
+    def run(impl, cast, **extra):
+        f = lambda q, k, v: jattn.attention(q, k, v, implementation=impl, **kw, **extra)  # noqa: E731
+        o, vjp = jax.vjp(f, cast(q), cast(k), cast(v))
+        return (o, *vjp(cast(ct)))
+
+    with cpu._with_attrs(chunk=chunk):
+        got = run("cpu", lambda x: x)
+    want = run("reference", lambda x: x.astype(jnp.float64), mask=jnp.asarray(dense))
+    for g, w in zip(got, want, strict=True):
+        H.assert_close(g, w, 2e-4)
+
+
+@needs_lib
+def test_tuning_attributes():
+    """The tuning knobs change the schedule, not the answer: every block size, strip, split,
+    thread count, pool and ISA gives the reference's values within tolerance; and the
+    heuristic's own choices (`_default_tuning`) passed explicitly give the same bits as 0."""
+    ks = jax.random.split(jax.random.key(11), 3)
+    q = jax.random.normal(ks[0], (2, 200, 4, 64), jnp.float32)
+    k = jax.random.normal(ks[1], (2, 260, 2, 64), jnp.float32)
+    v = jax.random.normal(ks[2], (2, 260, 2, 64), jnp.float32)
+
+    def run(**attrs):
+        f = lambda q, k, v: jattn.attention(q, k, v, is_causal=True, implementation="cpu")  # noqa: E731
+        with cpu._with_attrs(**attrs):
+            o, vjp = jax.vjp(f, q, k, v)
+            return [np.asarray(x) for x in (o, *vjp(o))]
+
+    base = run()
+    for attrs in [
+        dict(block_rows=24, block_keys=40, strip=5),
+        dict(key_splits=3),
+        dict(stream_decode=False),
+        dict(bwd_block_rows=7, bwd_block_keys=13),
+        dict(threads=1),
+        dict(xla_pool=True),
+        dict(isa=0),
+    ]:
+        for g, w in zip(run(**attrs), base, strict=True):
+            H.assert_close(g, w, 2e-5)
+    d = cpu._default_tuning(2, 200, 260, 2, 2, 64, 64)
+    assert set(d) == {
+        "block_rows",
+        "block_keys",
+        "strip",
+        "stream_decode",
+        "key_splits",
+        "bwd_block_rows",
+        "bwd_block_keys",
+    }
+    for g, w in zip(run(**d), base, strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert cpu.best_isa() in (0, 1, 2) and cpu.num_threads() >= 1
 
 
 @needs_lib
