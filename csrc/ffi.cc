@@ -243,19 +243,23 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
 #define JATTN_ATTRS .Attrs<jattn::CallAttrs>()
 
 #pragma GCC visibility push(default)
+// The names in the comments are jattn/kernels/cpu.py's tables of the same contract
+// (OPERANDS, BACKWARD_OPERANDS, FORWARD_RESULTS, BACKWARD_RESULTS); a test reads both.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JattnCpuForward, jattn::ForwardImpl,
-                              ffi::Ffi::Bind() JATTN_COMMON_ARGS.Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>() JATTN_ATTRS);
+                              ffi::Ffi::Bind() JATTN_COMMON_ARGS
+                                  .Ret<ffi::AnyBuffer>() /* out */
+                                  .Ret<ffi::AnyBuffer>() /* lse */ JATTN_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JattnCpuBackward, jattn::BackwardImpl,
-                              ffi::Ffi::Bind() JATTN_COMMON_ARGS.Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>() JATTN_ATTRS);
+                              ffi::Ffi::Bind() JATTN_COMMON_ARGS
+                                  .Arg<ffi::AnyBuffer>() /* out */
+                                  .Arg<ffi::AnyBuffer>() /* lse */
+                                  .Arg<ffi::AnyBuffer>() /* dout */
+                                  .Arg<ffi::AnyBuffer>() /* dlse */
+                                  .Ret<ffi::AnyBuffer>() /* dq */
+                                  .Ret<ffi::AnyBuffer>() /* dk */
+                                  .Ret<ffi::AnyBuffer>() /* dv */
+                                  .Ret<ffi::AnyBuffer>() /* dbias */ JATTN_ATTRS);
 #pragma GCC visibility pop
 
 // For jattn.kernels.cpu (CpuConfig.default_for): what the library runs with.

@@ -285,7 +285,14 @@ def _cpu() -> Implementation | str:
 
     if not cpu.AVAILABLE:
         return cpu.UNAVAILABLE_REASON
-    return Implementation("cpu", cpu.cpu_attention, cpu.SUPPORTS, frozenset({"cpu"}), batched=True)
+    return Implementation(
+        "cpu",
+        cpu.cpu_attention,
+        cpu.SUPPORTS,
+        frozenset({"cpu"}),
+        config_type=cpu.CpuConfig,
+        batched=True,
+    )
 
 
 _optional("cpu", _cpu)

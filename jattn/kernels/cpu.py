@@ -17,14 +17,16 @@ When the library is missing or cannot be loaded, :data:`AVAILABLE` is False and
 ``JATTN_CPU_LIBRARY=/path/to/lib.so`` loads another build (a path that does not exist disables
 the kernel). At run time ``JATTN_CPU_THREADS=n`` caps its threads (default: the CPUs of the
 process's affinity mask, in a pool of the kernel's own). Every other knob (instruction set,
-threads per call, XLA's pool, block sizes) is an FFI attribute (``_TUNING``), never an
-environment variable. :func:`isa` tells which instruction set the loaded library detected.
+threads per call, XLA's pool, block sizes) is a field of :class:`CpuConfig`, passed as an FFI
+attribute, never an environment variable. :func:`isa` tells which instruction set the loaded
+library detected.
+
+``jax.export`` carries the kernel's calls (versioned targets, :data:`ABI_VERSION`): the exported
+program runs where a jattn with the same contract is imported.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import dataclasses
 import functools
@@ -36,20 +38,58 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattn import masks
+from jattn.kernels._tuning import Tuning, knob
 from jattn.kernels.common import KernelOutput
 from jattn.plan import FEATURES, Plan
 
-__all__ = ["AVAILABLE", "LIBRARY", "SUPPORTS", "UNAVAILABLE_REASON", "cpu_attention", "isa"]
+__all__ = [
+    "AVAILABLE",
+    "ISA_LEVELS",
+    "LIBRARY",
+    "SUPPORTS",
+    "UNAVAILABLE_REASON",
+    "CpuConfig",
+    "EXPORT_TARGETS",
+    "best_isa",
+    "cpu_attention",
+    "isa",
+    "num_threads",
+]
 
 Array = jax.Array
 
 # Everything but unions/complements of masks, float64 and the weights.
-SUPPORTS = FEATURES - {"mask_algebra", "float64", "return_weights", "chunked"}
+SUPPORTS = FEATURES - {"mask_algebra", "float64", "return_weights"}
 
 _BUILD_ERROR = "_jattn_cpu.build-error.txt"  # setup.py writes why it did not build the library
-_FWD = "jattn_cpu_forward"
-_BWD = "jattn_cpu_backward"
-_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+# The FFI contract, stated once here and bound in the same order by csrc/ffi.cc (whose binding
+# names each operand in a comment; tests/kernels/test_cpu.py reads both and compares). Absent
+# optional operands are passed with zero elements.
+OPERANDS = (
+    "q",  # [B, T, N, H]        float32 / bfloat16 / float16
+    "k",  # [B, S, K, H]
+    "v",  # [B, S, K, Hv]
+    "q_len",  # [B]             int32
+    "kv_len",  # [B]            int32
+    "offset",  # [B]            int32: causal offsets
+    "q_seg",  # [B, T]          int32
+    "kv_seg",  # [B, S]         int32
+    "mask",  # [B', K', G', T', S'] uint8, each dim full or 1
+    "bias",  # [B', K', G', T', S'] float32, each dim full or 1
+    "seeds",  # [B, K, G]       uint32: dropout, one per head
+)
+BACKWARD_OPERANDS = OPERANDS + ("out", "lse", "dout", "dlse")  # dlse empty: a zero cotangent
+FORWARD_RESULTS = ("out", "lse")
+BACKWARD_RESULTS = ("dq", "dk", "dv", "dbias")  # dbias float32 [B, K, G, T, S] or empty
+# The XLA custom-call targets carry the contract's version: a program exported with them
+# (jax.export) names the contract it was built against, and a library with another contract
+# does not take it. Any change to the tables above or to the attributes bumps it.
+ABI_VERSION = 1
+_FWD = f"jattn_cpu_forward_v{ABI_VERSION}"
+_BWD = f"jattn_cpu_backward_v{ABI_VERSION}"
+EXPORT_TARGETS = (_FWD, _BWD)
 
 
 def _library_path() -> Path:
@@ -70,7 +110,26 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
     except (OSError, AttributeError, RuntimeError, ValueError) as e:
         return None, f"native library {path} failed to load: {type(e).__name__}: {e}"
+    _allow_export((_FWD, _BWD))
     return lib, None
+
+
+def _allow_export(targets: tuple[str, ...]) -> None:
+    """Lets ``jax.export`` carry the native kernel's calls.
+
+    ``jax.export`` refuses custom calls whose targets JAX does not know to be stable. These
+    targets are versioned (:data:`ABI_VERSION`): a program exported with them runs wherever a
+    jattn with the same contract is installed and imported (``import jattn`` registers them),
+    and fails elsewhere with an unknown-target error rather than misreading its operands. JAX
+    keeps that list privately; if it moves, export falls back to asking for
+    ``jax.export.DisabledSafetyCheck.custom_call(name)`` with these names (:data:`EXPORT_TARGETS`).
+    """
+    try:
+        from jax._src.export import _export
+
+        _export._CUSTOM_CALL_TARGETS_GUARANTEED_STABLE.update(targets)
+    except (ImportError, AttributeError):  # pragma: no cover - another JAX layout
+        pass
 
 
 LIBRARY: Path = _library_path()
@@ -92,6 +151,116 @@ def isa() -> str | None:
 # The kernel.
 
 
+# The instruction-set levels the library is built with, in the order of the native Isa enum.
+ISA_LEVELS = ("generic", "avx2", "avx512")
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuConfig(Tuning):
+    """The native kernel's knobs, passed to it as FFI attributes of the same names.
+
+    A field left None is the kernel's own heuristic for the call; :meth:`default_for` fills
+    every field with what that heuristic picks for the plan on this CPU (its caches, ISA level
+    and thread count), so a config printed from it can be edited and passed back
+    (``jattn.attention(..., implementation="cpu", config=CpuConfig(block_keys=128))``). The
+    knobs change the schedule, never the answer beyond rounding.
+
+    Attributes:
+      block_rows: forward: the target rows of a task (the G query heads of a KV head packed
+        as rows), aligned to the register tile and halved while threads would idle.
+      block_keys: forward: keys per block (a score row stays in L1).
+      strip: forward: rows of a block computed and swept at a time.
+      key_splits: forward: key ranges per task row (decoding-like calls, merged by their
+        log-sum-exp); ignored by the position-streaming decode path.
+      stream_decode: forward: let decoding calls (a few query rows per KV head) stream K and V
+        position by position.
+      bwd_block_rows, bwd_block_keys: backward: the query and key blocks of a task.
+      isa: the instruction-set level ("generic", "avx2", "avx512"); None: the best this CPU
+        has. A level the CPU lacks is refused.
+      threads: at most this many threads for a call; None: every thread of the kernel's pool
+        (the process-wide cap is the environment variable ``JATTN_CPU_THREADS``).
+      xla_pool: run on XLA's intra-op thread pool instead of the kernel's own (slower to start
+        tasks, measured; for programs that want one pool).
+    """
+
+    block_rows: int | None = knob(None)
+    block_keys: int | None = knob(None)
+    strip: int | None = knob(None)
+    key_splits: int | None = knob(None)
+    bwd_block_rows: int | None = knob(None)
+    bwd_block_keys: int | None = knob(None)
+    stream_decode: bool = True
+    isa: str | None = None
+    threads: int | None = knob(None)
+    xla_pool: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("stream_decode", "xla_pool"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CpuConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.isa is not None:
+            if self.isa not in ISA_LEVELS:
+                raise ValueError(
+                    f"CpuConfig.isa must be None or one of {', '.join(ISA_LEVELS)}, got "
+                    f"{self.isa!r}"
+                )
+            best = best_isa()
+            if best is not None and ISA_LEVELS.index(self.isa) > best:
+                raise ValueError(
+                    f"CpuConfig.isa={self.isa!r}: this CPU runs at most {ISA_LEVELS[best]!r}"
+                )
+
+    @classmethod
+    def default_for(cls, plan: Plan, backend: str) -> CpuConfig:
+        """What the native heuristics pick for ``plan`` on this CPU; the block fields stay
+        None (the kernel's choice when it runs) where the library is not loaded or a
+        dimension is symbolic (``jax.export``)."""
+        del backend  # the native kernel runs on CPUs only
+        threads = num_threads()
+        dims = (
+            math.prod(plan.batch_shape),
+            plan.q_seq_len,
+            plan.kv_seq_len,
+            plan.num_kv_heads,
+            plan.group_size,
+            plan.head_dim,
+            plan.value_head_dim,
+        )
+        tuning = None
+        # Symbolic (jax.export) or empty dimensions: the kernel chooses when it runs.
+        if all(isinstance(d, int) and d > 0 for d in dims):
+            tuning = _default_tuning(*dims, threads or 0)
+        best = best_isa()
+        return cls(
+            **(tuning or {}),
+            isa=None if best is None else ISA_LEVELS[best],
+            threads=threads,
+        )
+
+    def attrs(self) -> dict:
+        """The FFI attributes: int64 (0 for None: the heuristic's; isa -1: the best) or bool."""
+        ints = {
+            name: np.int64(getattr(self, name) or 0)
+            for name in (
+                "block_rows",
+                "block_keys",
+                "strip",
+                "key_splits",
+                "bwd_block_rows",
+                "bwd_block_keys",
+                "threads",
+            )
+        }
+        isa_level = -1 if self.isa is None else ISA_LEVELS.index(self.isa)
+        return dict(
+            **ints,
+            isa=np.int64(isa_level),
+            stream_decode=bool(self.stream_decode),
+            xla_pool=bool(self.xla_pool),
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class _Static:
     """The attributes of the FFI calls (hashable: part of the compiled program)."""
@@ -104,11 +273,10 @@ class _Static:
     has_right: bool
     right: int
     chunk: int = 0  # chunked attention: query i sees key j only if i // chunk == j // chunk
+    config: CpuConfig = CpuConfig()  # noqa: RUF009 - frozen
     vma: tuple[str, ...] = ()  # the shard_map axes the inputs vary over
-    tuning: tuple[tuple[str, object], ...] = ()  # overrides of _TUNING's defaults, sorted
 
     def attrs(self) -> dict:
-        knobs = {**_TUNING, **dict(self.tuning)}
         return dict(
             scale=np.float32(self.scale),
             softcap=np.float32(self.softcap),
@@ -118,52 +286,8 @@ class _Static:
             left=np.int64(self.left),
             right=np.int64(self.right),
             chunk=np.int64(self.chunk),
-            **{k: _knob(k, v) for k, v in knobs.items()},
+            **self.config.attrs(),
         )
-
-
-# The native kernel's knobs (FFI attributes) and their defaults: -1 / 0 = the kernel's own
-# choice (isa: the best the CPU has; threads: all of the pool's; the block sizes, strip and
-# key splits: the heuristic's, as _default_tuning reports them).
-_TUNING: dict[str, int | bool] = dict(
-    isa=-1,
-    threads=0,
-    xla_pool=False,
-    block_rows=0,
-    block_keys=0,
-    strip=0,
-    stream_decode=True,
-    key_splits=0,
-    bwd_block_rows=0,
-    bwd_block_keys=0,
-)
-_ISA_LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}
-
-
-def _knob(name: str, value) -> bool | np.int64:
-    """A knob as its FFI attribute: bool or int64, as its default is."""
-    return bool(value) if isinstance(_TUNING[name], bool) else np.int64(value)
-
-
-# Private: attributes that calls made inside `_with_attrs` pass (tests; the public CpuConfig
-# will carry the tuning knobs).
-_extra_attrs: contextvars.ContextVar[tuple] = contextvars.ContextVar("_extra_attrs", default=())
-
-
-@contextlib.contextmanager
-def _with_attrs(**attrs):
-    """Native calls traced inside this block pass these attributes (the knobs of _TUNING,
-    isa also by name, and chunk)."""
-    if isinstance(attrs.get("isa"), str):
-        attrs["isa"] = _ISA_LEVELS[attrs["isa"]]
-    unknown = set(attrs) - set(_TUNING) - {"chunk"}
-    if unknown:
-        raise ValueError(f"unknown native attributes {sorted(unknown)}")
-    token = _extra_attrs.set(tuple({**dict(_extra_attrs.get()), **attrs}.items()))
-    try:
-        yield
-    finally:
-        _extra_attrs.reset(token)
 
 
 def _query(name: str, restype):
@@ -176,7 +300,7 @@ def _query(name: str, restype):
 
 
 def best_isa() -> int | None:
-    """The best ISA level the CPU has (0 generic, 1 avx2, 2 avx512), or None."""
+    """The best ISA level the CPU has, as an index of :data:`ISA_LEVELS`, or None."""
     return _query("jattn_cpu_best_isa", ctypes.c_int)
 
 
@@ -186,7 +310,7 @@ def num_threads() -> int | None:
 
 
 def _default_tuning(b, t, s, k, g, h, hv, threads=0) -> dict | None:
-    """What the native heuristics pick for this shape (the knobs of _TUNING that have one)."""
+    """What the native heuristics pick for this shape (the CpuConfig fields that have one)."""
     if _lib is None:
         return None
     out = (ctypes.c_int64 * 7)()
@@ -207,28 +331,26 @@ def _default_tuning(b, t, s, k, g, h, hv, threads=0) -> dict | None:
 
 
 def _none_i32() -> Array:
-    return jnp.zeros((0,), jnp.int32)
+    return _empty(jnp.int32)
 
 
-def _five_d(x: Array, batch_shape: tuple[int, ...]) -> Array:
-    """A canonical leaf ``[*B', K', G', T', S']`` as ``[B or 1, K', G', T', S']``."""
-    nb = len(batch_shape)
-    if all(d == 1 for d in x.shape[:nb]):
-        return x.reshape((1,) + x.shape[nb:])
-    x = jnp.broadcast_to(x, batch_shape + x.shape[nb:])
-    return x.reshape((math.prod(batch_shape),) + x.shape[nb:])
+def _empty(dtype) -> Array:
+    """An absent optional operand: zero elements."""
+    return jnp.zeros((0,), dtype)
+
+
+def _operands(names: tuple[str, ...], given: dict) -> list:
+    """The call's operands in the contract's order."""
+    return [given[name] for name in names]
 
 
 def cpu_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
     """Attention over whole arrays: ``q [*B, T, N, H]``, ``k [*B, S, K, H]``,
     ``v [*B, S, K, Hv]`` -> ``out [*B, T, N, Hv]`` (and ``lse [*B, N, T]``)."""
-    if not AVAILABLE:
-        raise NotImplementedError(f"cpu is unavailable: {UNAVAILABLE_REASON}")
-    if jnp.dtype(q.dtype) not in _DTYPES:
-        raise NotImplementedError(f"cpu does not support {q.dtype} inputs (float64)")
+    # The registry sends only calls within SUPPORTS (no float64, no mask algebra), with the
+    # config resolved.
     mask_plan, arrays = plan.mask_plan()
-    if mask_plan.general:
-        raise NotImplementedError("cpu does not support mask_algebra")
+    config = plan.config if isinstance(plan.config, CpuConfig) else CpuConfig()
     *batch, t, n, h = q.shape
     s, kh, hv = k.shape[-3], k.shape[-2], v.shape[-1]
     batch = tuple(batch)
@@ -238,20 +360,22 @@ def cpu_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
     q3 = q.reshape(nb, t, n, h)
     k3 = k.reshape(nb, s, kh, h)
     v3 = v.reshape(nb, s, kh, hv)
-    ops = (
-        _none_i32() if arrays.q_len is None else arrays.q_len.astype(jnp.int32),
-        _none_i32() if arrays.kv_len is None else arrays.kv_len.astype(jnp.int32),
-        _none_i32() if arrays.offset is None else arrays.offset.astype(jnp.int32),
-        _none_i32() if arrays.q_seg is None else arrays.q_seg.astype(jnp.int32),
-        _none_i32() if arrays.kv_seg is None else arrays.kv_seg.astype(jnp.int32),
-        jnp.zeros((0,), jnp.uint8) if arrays.dense is None else arrays.dense.astype(jnp.uint8),
-        jnp.zeros((0,), jnp.uint32)
-        if plan.dropout_seed is None
-        else plan.dropout_seed.reshape(nb, kh, g).astype(jnp.uint32),
-    )
+    i32 = lambda x: _none_i32() if x is None else x.astype(jnp.int32)  # noqa: E731
+    seeds = plan.dropout_seed
+    ops = {
+        "q_len": i32(arrays.q_len),
+        "kv_len": i32(arrays.kv_len),
+        "offset": i32(arrays.offset),
+        "q_seg": i32(arrays.q_seg),
+        "kv_seg": i32(arrays.kv_seg),
+        "mask": _empty(jnp.uint8) if arrays.dense is None else arrays.dense.astype(jnp.uint8),
+        "seeds": _empty(jnp.uint32)
+        if seeds is None
+        else seeds.reshape(nb, kh, g).astype(jnp.uint32),
+    }
     bias = None
     if plan.bias is not None:
-        bias = _five_d(plan.bias, batch).astype(jnp.float32)
+        bias = masks.flatten_batch(plan.bias, batch).astype(jnp.float32)
     st = _Static(
         scale=float(plan.scale),
         softcap=0.0 if plan.softcap is None else float(plan.softcap),
@@ -260,13 +384,10 @@ def cpu_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
         left=0 if mask_plan.left is None else int(mask_plan.left),
         has_right=mask_plan.right is not None,
         right=0 if mask_plan.right is None else int(mask_plan.right),
-        chunk=int(getattr(mask_plan, "chunk", None) or 0),
+        chunk=mask_plan.chunk or 0,
+        config=config,
         vma=_vma(q3, k3, v3, *([] if bias is None else [bias])),
     )
-    extra = dict(_extra_attrs.get())
-    if "chunk" in extra:
-        st = dataclasses.replace(st, chunk=int(extra.pop("chunk")))
-    st = dataclasses.replace(st, tuning=tuple(sorted(extra.items())))
     out, lse = _attention(st, q3, k3, v3, bias, ops)
     out = out.reshape(*batch, t, n, hv)
     lse = lse.reshape(*batch, n, t) if plan.return_lse else None
@@ -301,9 +422,9 @@ def _forward(st: _Static, q, k, v, bias, ops):
         jax.ShapeDtypeStruct((b, t, n, hv), q.dtype),
         jax.ShapeDtypeStruct((b, n, t), jnp.float32),
     )
-    bias_op = jnp.zeros((0,), jnp.float32) if bias is None else bias
+    given = dict(ops, q=q, k=k, v=v, bias=_empty(jnp.float32) if bias is None else bias)
     call = jax.ffi.ffi_call(_FWD, out_types, vmap_method="sequential")
-    out, lse = call(q, k, v, *ops[:6], bias_op, ops[6], **st.attrs())
+    out, lse = call(*_operands(OPERANDS, given), **st.attrs())
     return _vary(out, st.vma), _vary(lse, st.vma)
 
 
@@ -321,7 +442,7 @@ def _attention_bwd(st, res, cts):
     q, k, v, bias, ops, out, lse = res
     g_out, g_lse = cts
     if isinstance(g_lse, jax.custom_derivatives.SymbolicZero) or g_lse is None:
-        g_lse = jnp.zeros((0,), jnp.float32)
+        g_lse = _empty(jnp.float32)
     else:
         g_lse = g_lse.astype(jnp.float32)
     g_out = g_out.astype(q.dtype)
@@ -339,11 +460,19 @@ def _attention_bwd(st, res, cts):
         jax.ShapeDtypeStruct(v.shape, v.dtype),
         dbias_type,
     )
-    bias_op = jnp.zeros((0,), jnp.float32) if bias is None else bias
-    call = jax.ffi.ffi_call(_BWD, out_types, vmap_method="sequential")
-    dq, dk, dv, dbias = call(
-        q, k, v, *ops[:6], bias_op, ops[6], out, lse, g_out, g_lse, **st.attrs()
+    given = dict(
+        ops,
+        q=q,
+        k=k,
+        v=v,
+        bias=_empty(jnp.float32) if bias is None else bias,
+        out=out,
+        lse=lse,
+        dout=g_out,
+        dlse=g_lse,
     )
+    call = jax.ffi.ffi_call(_BWD, out_types, vmap_method="sequential")
+    dq, dk, dv, dbias = call(*_operands(BACKWARD_OPERANDS, given), **st.attrs())
     if bias is None:
         dbias = None
     else:

@@ -4,7 +4,9 @@ with jit / vmap / grad / checkpoint / shard_map."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -300,9 +302,9 @@ def test_isa_levels(level):
         dropout_rng=jax.random.key(7),
     )
 
-    def f(impl):
+    def f(impl, config=None):
         return lambda q, k, v, b: jnp.sum(
-            jnp.sin(jattn.attention(q, k, v, b, implementation=impl, **kw))
+            jnp.sin(jattn.attention(q, k, v, b, implementation=impl, config=config, **kw))
         )
 
     for h, hv in [(24, 24), (20, 20), (16, 16), (64, 32)]:
@@ -311,8 +313,9 @@ def test_isa_levels(level):
         k = jax.random.normal(ks[1], (2, 300, 2, h), jnp.float32)
         v = jax.random.normal(ks[2], (2, 300, 2, hv), jnp.float32)
         b = jax.random.normal(ks[3], (2, 4, 37, 300), jnp.float32)
-        with cpu._with_attrs(isa=level):
-            got = jax.value_and_grad(f("cpu"), argnums=(0, 1, 2, 3))(q, k, v, b)
+        got = jax.value_and_grad(f("cpu", cpu.CpuConfig(isa=level)), argnums=(0, 1, 2, 3))(
+            q, k, v, b
+        )
         want = jax.value_and_grad(f("reference"), argnums=(0, 1, 2, 3))(
             f64(q), f64(k), f64(v), f64(b)
         )
@@ -333,10 +336,10 @@ def test_isa_levels(level):
     ],
     ids=str,
 )
-def test_chunk_attribute(t, s, chunk, kw):
-    """The native `chunk` mask part (query i sees key j only if i // chunk == j // chunk,
-    intersected with the rest) against the float64 reference given the same mask densely:
-    values and gradients, float32."""
+def test_chunked_mask(t, s, chunk, kw):
+    """masks.Chunked on the native kernel (its `chunk` attribute: query i sees key j only if
+    i // chunk == j // chunk, intersected with the rest) against the float64 reference given
+    the same mask densely: values and gradients, float32."""
     ks = jax.random.split(jax.random.key(t + s + chunk), 4)
     q = jax.random.normal(ks[0], (2, t, 4, 64), jnp.float32)
     k = jax.random.normal(ks[1], (2, s, 2, 64), jnp.float32)
@@ -349,8 +352,7 @@ def test_chunk_attribute(t, s, chunk, kw):
         o, vjp = jax.vjp(f, cast(q), cast(k), cast(v))
         return (o, *vjp(cast(ct)))
 
-    with cpu._with_attrs(chunk=chunk):
-        got = run("cpu", lambda x: x)
+    got = run("cpu", lambda x: x, mask=jattn.masks.Chunked(chunk))
     want = run("reference", lambda x: x.astype(jnp.float64), mask=jnp.asarray(dense))
     for g, w in zip(got, want, strict=True):
         H.assert_close(g, w, 2e-4)
@@ -366,11 +368,13 @@ def test_tuning_attributes():
     k = jax.random.normal(ks[1], (2, 260, 2, 64), jnp.float32)
     v = jax.random.normal(ks[2], (2, 260, 2, 64), jnp.float32)
 
-    def run(**attrs):
-        f = lambda q, k, v: jattn.attention(q, k, v, is_causal=True, implementation="cpu")  # noqa: E731
-        with cpu._with_attrs(**attrs):
-            o, vjp = jax.vjp(f, q, k, v)
-            return [np.asarray(x) for x in (o, *vjp(o))]
+    def run(**fields):
+        config = cpu.CpuConfig(**fields)
+        f = lambda q, k, v: jattn.attention(  # noqa: E731
+            q, k, v, is_causal=True, implementation="cpu", config=config
+        )
+        o, vjp = jax.vjp(f, q, k, v)
+        return [np.asarray(x) for x in (o, *vjp(o))]
 
     base = run()
     for attrs in [
@@ -380,7 +384,7 @@ def test_tuning_attributes():
         dict(bwd_block_rows=7, bwd_block_keys=13),
         dict(threads=1),
         dict(xla_pool=True),
-        dict(isa=0),
+        dict(isa="generic"),
     ]:
         for g, w in zip(run(**attrs), base, strict=True):
             H.assert_close(g, w, 2e-5)
@@ -397,6 +401,14 @@ def test_tuning_attributes():
     for g, w in zip(run(**d), base, strict=True):
         np.testing.assert_array_equal(g, w)
     assert cpu.best_isa() in (0, 1, 2) and cpu.num_threads() >= 1
+    # The registry's default for the call is those values, with this CPU's level and threads.
+    plan = jattn.plan.make_plan(q, k, v, is_causal=True)[0]
+    default = cpu.CpuConfig.default_for(plan, "cpu")
+    assert default == cpu.CpuConfig(
+        **d, isa=cpu.ISA_LEVELS[cpu.best_isa()], threads=cpu.num_threads()
+    )
+    for g, w in zip(run(**dataclasses.asdict(default)), base, strict=True):
+        np.testing.assert_array_equal(g, w)
 
 
 @needs_lib
@@ -501,3 +513,122 @@ def test_refuses_what_it_cannot_serve():
     out = jattn.attention(q, k, v, mask=m)
     want = H.oracle(q, k, v, mask=m)
     H.assert_close(out, want, 2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract with csrc/: one table, read on both sides; the knobs as a config.
+
+
+def test_operand_contract_matches_the_ffi_bindings():
+    """csrc/ffi.cc binds the operands, results and attributes that cpu.py passes, in the same
+    order: the comments of its bindings against cpu.py's tables, and its attribute struct
+    against the attributes a call passes."""
+    src = (Path(__file__).resolve().parents[2] / "csrc" / "ffi.cc").read_text()
+    common = re.search(r"#define JATTN_COMMON_ARGS(.*?)\n\n", src, re.S).group(1)
+    common = re.findall(r"\.Arg<ffi::AnyBuffer>\(\) /\* (\w+) \*/", common)
+    assert tuple(common) == cpu.OPERANDS
+
+    def handler(name):
+        body = re.search(rf"XLA_FFI_DEFINE_HANDLER_SYMBOL\({name},(.*?);", src, re.S).group(1)
+        args = re.findall(r"\.Arg<ffi::AnyBuffer>\(\) /\* (\w+) \*/", body)
+        rets = re.findall(r"\.Ret<ffi::AnyBuffer>\(\) /\* (\w+) \*/", body)
+        return tuple(args), tuple(rets)
+
+    assert handler("JattnCpuForward") == ((), cpu.FORWARD_RESULTS)
+    extra = cpu.BACKWARD_OPERANDS[len(cpu.OPERANDS) :]
+    assert handler("JattnCpuBackward") == (extra, cpu.BACKWARD_RESULTS)
+    members = re.search(r"XLA_FFI_REGISTER_STRUCT_ATTR_DECODING\((.*?)\);", src, re.S).group(1)
+    members = re.findall(r'StructMember<(\w+)>\("(\w+)"\)', members)
+    passed = cpu._Static(1.0, 0.0, 0.0, False, 0, False, 0).attrs()
+    assert sorted(n for _, n in members) == sorted(passed)
+    kinds = {"float": np.float32, "bool": bool, "int64_t": np.int64}
+    for kind, name in members:
+        assert isinstance(passed[name], kinds[kind]), (name, kind, type(passed[name]))
+    # The contract's version names the targets an exported program calls: a change to any of
+    # the above must come with a new ABI_VERSION (update this fingerprint then).
+    fingerprint = (cpu.BACKWARD_OPERANDS, cpu.BACKWARD_RESULTS, tuple(sorted(members)))
+    assert cpu.ABI_VERSION == 1 and fingerprint == _ABI_1, fingerprint
+
+
+_ABI_1 = (
+    (
+        "q",
+        "k",
+        "v",
+        "q_len",
+        "kv_len",
+        "offset",
+        "q_seg",
+        "kv_seg",
+        "mask",
+        "bias",
+        "seeds",
+        "out",
+        "lse",
+        "dout",
+        "dlse",
+    ),
+    ("dq", "dk", "dv", "dbias"),
+    (
+        ("bool", "has_left"),
+        ("bool", "has_right"),
+        ("bool", "stream_decode"),
+        ("bool", "xla_pool"),
+        ("float", "dropout_rate"),
+        ("float", "scale"),
+        ("float", "softcap"),
+        ("int64_t", "block_keys"),
+        ("int64_t", "block_rows"),
+        ("int64_t", "bwd_block_keys"),
+        ("int64_t", "bwd_block_rows"),
+        ("int64_t", "chunk"),
+        ("int64_t", "isa"),
+        ("int64_t", "key_splits"),
+        ("int64_t", "left"),
+        ("int64_t", "right"),
+        ("int64_t", "strip"),
+        ("int64_t", "threads"),
+    ),
+)
+
+
+def test_cpu_config_is_validated_by_name():
+    with pytest.raises(ValueError, match="CpuConfig.block_keys must be a positive int"):
+        cpu.CpuConfig(block_keys=0)
+    with pytest.raises(ValueError, match="CpuConfig.isa must be None or one of"):
+        cpu.CpuConfig(isa="bogus")
+    with pytest.raises(ValueError, match="CpuConfig.stream_decode must be a bool"):
+        cpu.CpuConfig(stream_decode=1)
+    best = cpu.best_isa()
+    if best is not None and best < len(cpu.ISA_LEVELS) - 1:
+        with pytest.raises(ValueError, match="this CPU runs at most"):
+            cpu.CpuConfig(isa=cpu.ISA_LEVELS[best + 1])
+    q = jnp.ones((1, 8, 2, 8))
+    with pytest.raises(TypeError, match="config of type CpuConfig fits none"):
+        jattn.attention(q, q, q, implementation="flash", config=cpu.CpuConfig())
+
+
+@needs_lib
+def test_default_call_exports_and_round_trips():
+    """jax.export of the default call (the native kernel on a CPU), with a symbolic batch,
+    serialised and deserialised, forward and gradient: the artifact runs where jattn is
+    imported."""
+    from jax import export
+
+    (b,) = export.symbolic_shape("b")
+    x = jax.ShapeDtypeStruct((b, 64, 4, 16), jnp.float32)
+    lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
+
+    def f(q, k, v, lens):
+        return jattn.attention(q, k, v, is_causal=True, key_value_seq_lengths=lens)
+
+    def g(q, k, v, lens):
+        return jax.grad(lambda q: jnp.sum(f(q, k, v, lens) ** 2))(q)
+
+    q, k, v = (H.normal(jax.random.key(i), (3, 64, 4, 16)) for i in range(3))
+    lens = jnp.array([64, 9, 1], jnp.int32)
+    for fn in (f, g):
+        exported = export.export(jax.jit(fn))(x, x, x, lengths)
+        assert cpu.EXPORT_TARGETS[0] in exported.mlir_module()
+        back = export.deserialize(exported.serialize())
+        np.testing.assert_array_equal(back.call(q, k, v, lens), jax.jit(fn)(q, k, v, lens))
