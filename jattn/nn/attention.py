@@ -361,12 +361,8 @@ class MultiHeadAttention(nnx.Module):
                         f"batch shape {k_new.shape[:-3]} of the decoded tokens does not match "
                         f"the cache's {cache_shape[:-3]}"
                     )
-                # dynamic_update_slice wants indices of one dtype (int64 zeros under x64).
-                zero = jnp.zeros((), index.dtype)
-                start = (zero,) * (k_new.ndim - 3) + (index, zero, zero)
-                dtype = self.cached_key.dtype
-                k = jax.lax.dynamic_update_slice(self.cached_key[...], k_new.astype(dtype), start)
-                v = jax.lax.dynamic_update_slice(self.cached_value[...], v_new.astype(dtype), start)
+                k = _write_cache(self.cached_key[...], k_new, index)
+                v = _write_cache(self.cached_value[...], v_new, index)
                 self.cached_key[...] = k
                 self.cached_value[...] = v
                 self.cache_index[...] = index + t
@@ -410,6 +406,15 @@ class MultiHeadAttention(nnx.Module):
             self.sow(nnx.Intermediate, "attention_weights", weights)
         out = self.out(out.reshape(*out.shape[:-2], self.num_heads * self.head_dim))
         return (out, weights) if return_weights else out
+
+
+def _write_cache(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """``cache [*B, L, heads, d]`` with ``new [*B, t, heads, d]`` written at position
+    ``index`` (in the cache's dtype)."""
+    # dynamic_update_slice wants indices of one dtype (int64 zeros under x64).
+    zero = jnp.zeros((), index.dtype)
+    start = (zero,) * (new.ndim - 3) + (index, zero, zero)
+    return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
 
 
 def _single_head(

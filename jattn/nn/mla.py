@@ -26,7 +26,7 @@ from flax import nnx
 from jattn import masks as jmasks
 from jattn.api import attention as _attention
 from jattn.kernels import ImplementationChoice
-from jattn.nn.attention import _and, _dropout_key
+from jattn.nn.attention import _and, _dropout_key, _write_cache
 from jattn.nn.positions import apply_rotary
 
 __all__ = ["MLAConfig", "MLAttention"]
@@ -256,11 +256,7 @@ class MLAttention(nnx.Module):
                     f"batch shape {new.shape[:-3]} of the decoded tokens does not match the "
                     f"cache's {self.cached_latent.shape[:-3]}"
                 )
-            zero = jnp.zeros((), index.dtype)
-            start = (zero,) * (new.ndim - 3) + (index, zero, zero)
-            latent = jax.lax.dynamic_update_slice(
-                self.cached_latent[...], new.astype(self.cached_latent.dtype), start
-            )
+            latent = _write_cache(self.cached_latent[...], new, index)
             self.cached_latent[...] = latent
             self.cache_index[...] = index + t
             mask = _and(jmasks.Causal(offset=index), mask)
