@@ -23,7 +23,14 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 LIB = "jattn.kernels._jattn_cpu"
-SOURCES = ["csrc/ffi.cc", "csrc/forward.cc", "csrc/backward.cc", "csrc/gemm.cc", "csrc/threads.cc"]
+SOURCES = [
+    "csrc/ffi.cc",
+    "csrc/forward.cc",
+    "csrc/backward.cc",
+    "csrc/gemm.cc",
+    "csrc/lowp.cc",
+    "csrc/threads.cc",
+]
 
 
 def _warn(msg: str) -> None:

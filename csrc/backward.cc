@@ -207,6 +207,16 @@ struct BwdPlan {
   SweepFn sweep_plain, sweep_add;  // without / with an additive row (bias and mask)
   SweepConsts sc;
   bool has_bias, has_mask, has_seg, has_drop, bias_direct;
+  // bfloat16 products (lowp.h) on bfloat16 inputs at a level with a unit, instead of the
+  // float32 copies and products: K_j and V_j packed from the inputs per key block; Q and dO
+  // as bfloat16 head-major rows (qh, doh: [B, N, T, ldqh / ldoh], zero padded) and per KV
+  // group transposed (qt, dot: [B, K, H or Hv, ldt], the group's G * T rows as columns, zero
+  // padded); dK and dV accumulated transposed. P and dS are rounded to bfloat16 before their
+  // products, as on GPUs.
+  lowp::Unit unit = lowp::Unit::kNone;
+  const void *k = nullptr, *v = nullptr;
+  const uint16_t *qh = nullptr, *doh = nullptr, *qt = nullptr, *dot = nullptr;
+  int64_t ldqh = 0, ldoh = 0, ldt = 0;
 };
 
 }  // namespace
@@ -260,21 +270,21 @@ void backward_blocks(const Problem& p, const Kernels* kt, int64_t& bq, int64_t& 
   if (p.tuning.bwd_block_keys > 0) bk = std::min<int64_t>(4096, p.tuning.bwd_block_keys);
 }
 
-// D = rowsum(dO * O) - dlse, [B, N, T] (dof: the head-major dO).
-void row_dots(const Problem& p, const void* out, const float* dof, int64_t ldo,
-              const float* dlse, float* Dp) {
+// D = rowsum(dO * O) - dlse, [B, N, T].
+void row_dots(const Problem& p, const void* out, const void* dout, const float* dlse,
+              float* Dp) {
   const int64_t B = p.B, T = p.T, N = p.K * p.G, Hv = p.Hv;
   constexpr int64_t kRows = 256;
   const int64_t chunks = ceil_div(B * T, kRows);
   parallel_for(chunks, [&](int64_t c) {
-    std::vector<float> orow(Hv);
+    std::vector<float> orow(Hv), dor(Hv);
     int64_t a = c * kRows, e = std::min(B * T, a + kRows);
     for (int64_t bt = a; bt < e; ++bt) {
       int64_t b = bt / T, i = bt % T;
       for (int64_t n = 0; n < N; ++n) {
         int64_t off = (bt * N + n) * Hv;
         load_row(out, off, Hv, p.dtype, orow.data());
-        const float* dor = dof + ((b * N + n) * T + i) * ldo;
+        load_row(dout, off, Hv, p.dtype, dor.data());
         float acc = 0.0f;
         for (int64_t h = 0; h < Hv; ++h) acc += dor[h] * orow[h];
         int64_t li = (b * N + n) * T + i;
@@ -312,8 +322,8 @@ void plan_backward(const Problem& p, Isa isa, BwdPlan& bp) {
   const Kernels* const kt = tile_kernels(p.H, p.Hv, isa);
   const Kernels* const kw = kernels_at(isa);
   bp.kt = kt;
-  backward_blocks(p, kt, bp.bq, bp.bk);
-  const int64_t pw = kt ? kt->panel : 16;
+  backward_blocks(p, bp.unit != lowp::Unit::kNone ? kw : kt, bp.bq, bp.bk);
+  const int64_t pw = bp.unit != lowp::Unit::kNone ? lowp::kDepthStep : kt ? kt->panel : 16;
   bp.ldb = ceil_div(bp.bk, pw) * pw;
   bp.nk = ceil_div(p.S, bp.bk);
   // Key chunks per KV head: enough tasks to keep every thread busy, bounded by the memory
@@ -344,12 +354,38 @@ void plan_backward(const Problem& p, Isa isa, BwdPlan& bp) {
 
 void run_task(Isa isa, const BwdPlan& bp, int64_t task) { JATTN_DISPATCH(isa, run_task(bp, task)) }
 
+// bfloat16 [B, L, NH, W] -> head-major rows [B, NH, L, ld] (zero padded), and per group of G
+// heads transposed: [B, NH / G, W, ldt] with the group's G * L rows as columns (zero padded).
+void head_major_bf16(const uint16_t* src, int64_t B, int64_t L, int64_t NH, int64_t W, int64_t G,
+                     int64_t ld, int64_t ldt, uint16_t* rows, uint16_t* cols) {
+  const int64_t groups = NH / G;
+  parallel_for(B * groups, [&](int64_t t) {
+    const int64_t b = t / groups, kh = t % groups;
+    uint16_t* ct = cols + t * W * ldt;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t n = kh * G + g;
+      for (int64_t i = 0; i < L; ++i) {
+        const uint16_t* s = src + ((b * L + i) * NH + n) * W;
+        uint16_t* d = rows + ((b * NH + n) * L + i) * ld;
+        std::copy_n(s, W, d);
+        std::fill(d + W, d + ld, uint16_t{0});
+        for (int64_t h = 0; h < W; ++h) ct[h * ldt + g * L + i] = s[h];
+      }
+    }
+    for (int64_t h = 0; h < W; ++h) std::fill(ct + h * ldt + G * L, ct + (h + 1) * ldt, uint16_t{0});
+  });
+}
+
 }  // namespace
 
 void backward_defaults(const Problem& p, Tuning& t) {
   Problem q = p;
   q.tuning = Tuning{};
-  backward_blocks(q, tile_kernels(p.H, p.Hv, cpu_isa()), t.bwd_block_rows, t.bwd_block_keys);
+  const Isa isa = default_isa();
+  const bool lowp = p.dtype == DType::kBF16 && lowp_unit(isa) != lowp::Unit::kNone &&
+                    p.H % lowp::kPanel == 0 && p.Hv % lowp::kPanel == 0;
+  backward_blocks(q, lowp ? kernels_at(isa) : tile_kernels(p.H, p.Hv, isa), t.bwd_block_rows,
+                  t.bwd_block_keys);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -381,6 +417,10 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
   const bool kv_direct = dt == DType::kF32 && G * T <= 16;
   BwdPlan bp;
   bp.p = &p;
+  bp.k = k;
+  bp.v = v;
+  if (dt == DType::kBF16 && H % lowp::kPanel == 0 && Hv % lowp::kPanel == 0)
+    bp.unit = lowp_unit(isa);
   bp.lse = lse;
   bp.dbias = dbias;
   bp.dk = dk;
@@ -393,15 +433,30 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
   bp.khead_h = kv_direct ? H : S * bp.ldk;
   bp.vhead_b = kv_direct ? S * K * Hv : K * S * bp.ldv;
   bp.vhead_h = kv_direct ? Hv : S * bp.ldv;
-  float* const qf = qcache.get(B * N * T * bp.ldq, kKeep, qown);
-  float* const dof = docache.get(B * N * T * bp.ldo, kKeep, doown);
-  head_major_f32(q, dt, B, T, N, H, bp.ldq, qf);
-  head_major_f32(dout, dt, B, T, N, Hv, bp.ldo, dof);
-  bp.qf = qf;
-  bp.dof = dof;
+  if (bp.unit != lowp::Unit::kNone) {
+    using lowp::round_up;
+    bp.ldqh = round_up(H, lowp::kDepthStep);
+    bp.ldoh = round_up(Hv, lowp::kDepthStep);
+    bp.ldt = round_up(G * T, lowp::kDepthStep) + lowp::kDepthStep;
+    auto halves = [](int64_t n) { return (n + 1) / 2; };  // uint16 elements in floats
+    auto* qh = reinterpret_cast<uint16_t*>(qcache.get(halves(B * N * T * bp.ldqh), kKeep, qown));
+    auto* doh = reinterpret_cast<uint16_t*>(docache.get(halves(B * N * T * bp.ldoh), kKeep, doown));
+    auto* qt = reinterpret_cast<uint16_t*>(kcache.get(halves(B * K * H * bp.ldt), kKeep, kown));
+    auto* dot = reinterpret_cast<uint16_t*>(vcache.get(halves(B * K * Hv * bp.ldt), kKeep, vown));
+    head_major_bf16(static_cast<const uint16_t*>(q), B, T, N, H, G, bp.ldqh, bp.ldt, qh, qt);
+    head_major_bf16(static_cast<const uint16_t*>(dout), B, T, N, Hv, G, bp.ldoh, bp.ldt, doh, dot);
+    bp.qh = qh, bp.doh = doh, bp.qt = qt, bp.dot = dot;
+  } else {
+    float* const qf = qcache.get(B * N * T * bp.ldq, kKeep, qown);
+    float* const dof = docache.get(B * N * T * bp.ldo, kKeep, doown);
+    head_major_f32(q, dt, B, T, N, H, bp.ldq, qf);
+    head_major_f32(dout, dt, B, T, N, Hv, bp.ldo, dof);
+    bp.qf = qf;
+    bp.dof = dof;
+  }
   bp.kf = static_cast<const float*>(k);
   bp.vf = static_cast<const float*>(v);
-  if (!kv_direct) {
+  if (!kv_direct && bp.unit == lowp::Unit::kNone) {
     float* const kc = kcache.get(B * K * S * bp.ldk, kKeep, kown);
     float* const vc = vcache.get(B * K * S * bp.ldv, kKeep, vown);
     head_major_f32(k, dt, B, S, K, H, bp.ldk, kc);
@@ -409,7 +464,7 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
     bp.kf = kc, bp.vf = vc;
   }
   float* const Dp = dcache.get(B * N * T, kKeep, down);
-  row_dots(p, out, dof, bp.ldo, dlse, Dp);
+  row_dots(p, out, dout, dlse, Dp);
   bp.D = Dp;
   if (dbias) {
     int64_t rows = B * N * T;

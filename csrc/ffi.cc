@@ -265,26 +265,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JattnCpuBackward, jattn::BackwardImpl,
 // For jattn.kernels.cpu (CpuConfig.default_for): what the library runs with.
 #define JATTN_EXPORT extern "C" __attribute__((visibility("default")))
 
-// The detected level's name ("generic", "avx2", "avx512").
-JATTN_EXPORT const char* jattn_cpu_isa() { return jattn::isa_name(jattn::cpu_isa()); }
+// The name of the level a call runs at by default ("generic", "avx2", "avx512",
+// "avx512_bf16", "amx").
+JATTN_EXPORT const char* jattn_cpu_isa() { return jattn::isa_name(jattn::default_isa()); }
 
-// The detected level (an Isa value: 0 generic, 1 avx2, 2 avx512).
+// The best level the CPU has (an Isa value: 0 generic ... 4 amx), the cap of Tuning::isa.
 JATTN_EXPORT int jattn_cpu_best_isa() { return static_cast<int>(jattn::cpu_isa()); }
 
 // The kernel's own pool's thread count (after the JATTN_CPU_THREADS cap).
 JATTN_EXPORT int64_t jattn_cpu_threads() { return jattn::own_pool_threads(); }
 
-// What the heuristics pick (on the detected ISA level) for q [B, T, K * G, H], k [B, S, K, H],
-// v [B, S, K, Hv] at `threads` threads (0, or more than the pool has: jattn_cpu_threads()): out = {block_rows,
-// block_keys, strip, stream_decode (0/1), key_splits, bwd_block_rows, bwd_block_keys}.
+// What the heuristics pick (at the default ISA level) for q [B, T, K * G, H], k [B, S, K, H],
+// v [B, S, K, Hv] of `dtype` (a DType: 0 float32, 1 bfloat16, 2 float16) at `threads` threads
+// (0, or more than the pool has: jattn_cpu_threads()): out = {block_rows, block_keys, strip,
+// stream_decode (0/1), key_splits, bwd_block_rows, bwd_block_keys}.
 JATTN_EXPORT void jattn_cpu_default_tuning(int64_t B, int64_t T, int64_t S, int64_t K, int64_t G,
-                                           int64_t H, int64_t Hv, int64_t threads,
-                                           int64_t out[7]) {
+                                           int64_t H, int64_t Hv, int64_t dtype,
+                                           int64_t threads, int64_t out[7]) {
   for (int i = 0; i < 7; ++i) out[i] = 0;
-  if (B <= 0 || T <= 0 || K <= 0 || G <= 0) return;
+  if (B <= 0 || T <= 0 || K <= 0 || G <= 0 || dtype < 0 || dtype > 2) return;
   const int64_t pool = jattn::own_pool_threads();
   jattn::Problem p;
   p.B = B, p.T = T, p.S = S, p.K = K, p.G = G, p.H = H, p.Hv = Hv;
+  p.dtype = static_cast<jattn::DType>(dtype);
   jattn::Tuning t;
   jattn::forward_defaults(p, threads > 0 ? std::min(threads, pool) : pool, t);
   jattn::backward_defaults(p, t);

@@ -64,6 +64,12 @@ struct Ctx {
   const float* Vp = nullptr;
   int64_t kblk = 0, kps = 0, vblk = 0, vps = 0;
   int64_t strip = 12;  // rows of S computed and swept at a time (pre-packed path)
+  // bfloat16 products (lowp.h) instead of float32 ones: K and V pre-packed as bfloat16
+  // panels (the same block addressing, in uint16 elements), Q read as it is, P rounded to
+  // bfloat16 before P V.
+  lowp::Unit unit = lowp::Unit::kNone;
+  const uint16_t* Kh = nullptr;
+  const uint16_t* Vh = nullptr;
 };
 
 }  // namespace
@@ -78,11 +84,17 @@ struct ForwardPlan {
   int64_t rows_target, bq, bk, nqb, nkb, nsplit, strip;
   bool positions;  // decoding: one key block of every KV head per work item
   bool use_prepack;
+  lowp::Unit unit;  // bfloat16 products (pre-packed path only)
 };
 
-ForwardPlan plan_forward(const Problem& p, int64_t threads, int64_t mr) {
+ForwardPlan plan_forward(const Problem& p, int64_t threads, Isa isa) {
   const Tuning& t = p.tuning;
   ForwardPlan f;
+  // bfloat16 inputs on a level with a bfloat16 unit: products in bfloat16, rows in AMX's
+  // 16-row steps (value heads in whole panels of 16; others take the float32 products).
+  const bool lowp_ok = p.dtype == DType::kBF16 && lowp_unit(isa) != lowp::Unit::kNone &&
+                       p.Hv % lowp::kPanel == 0;
+  const int64_t mr = lowp_ok ? lowp::kRowStep : gemm_tile_rows(isa);
   // Key blocks of 256 (a score row of 1 KiB); query blocks of about 128 rows (the G heads of
   // a group packed together), fewer when that leaves threads without work. The same for
   // banded (causal, windowed) masks: on their mixed blocks only the panels a strip of rows
@@ -133,9 +145,14 @@ ForwardPlan plan_forward(const Problem& p, int64_t threads, int64_t mr) {
   f.positions = positions && nkb > 1;
   // Pre-pack K and V when several query blocks read each (not for decoding, where the
   // small-M products stream them once), within a memory bound.
-  const double packed_bytes = 4.0 * p.B * p.K * nkb * bk * (p.H + p.Hv + 64);
-  f.use_prepack = nqb >= 2 && p.G * bq > 4 && packed_bytes < 1.5e9;
-  f.strip = t.strip > 0 ? t.strip : std::max<int64_t>(24, 2 * mr);
+  // With bfloat16 products every non-decoding call packs (the products read only panels).
+  const double packed_bytes =
+      (lowp_ok ? 2.0 : 4.0) * p.B * p.K * nkb * (bk + 32) * (p.H + p.Hv + 64);
+  f.use_prepack = (lowp_ok ? !f.positions : nqb >= 2 && p.G * bq > 4) && packed_bytes < 1.5e9;
+  f.unit = lowp_ok && f.use_prepack ? lowp_unit(isa) : lowp::Unit::kNone;
+  // Strips of whole AMX tiles with bfloat16 products (a 32-row strip's scores, 32 KiB at 256
+  // keys, stay in L1).
+  f.strip = t.strip > 0 ? t.strip : f.unit != lowp::Unit::kNone ? 32 : std::max<int64_t>(24, 2 * mr);
   return f;
 }
 
@@ -143,7 +160,7 @@ void forward_defaults(const Problem& p, int64_t threads, Tuning& t) {
   Problem q = p;
   q.tuning = Tuning{};
   if (p.B <= 0 || p.T <= 0 || p.K <= 0 || p.G <= 0) return;
-  const ForwardPlan f = plan_forward(q, std::max<int64_t>(1, threads), gemm_tile_rows(cpu_isa()));
+  const ForwardPlan f = plan_forward(q, std::max<int64_t>(1, threads), default_isa());
   t.block_rows = f.rows_target;
   t.block_keys = f.bk;
   t.strip = f.strip;
@@ -157,11 +174,12 @@ void forward(const Problem& p, const void* q, const void* k, const void* v, void
   ScopedThreadCap cap(p.tuning.threads);
   advise_huge_pages(out, p.B * p.T * p.K * p.G * p.Hv * dtype_size(p.dtype));
   const Isa isa = call_isa(p.tuning.isa);
-  const ForwardPlan f = plan_forward(p, num_threads(), gemm_tile_rows(isa));
+  const ForwardPlan f = plan_forward(p, num_threads(), isa);
   Ctx c{p, q, k, v, out, lse, f.bq, f.bk, (f.bk + 15) / 16 * 16, f.nqb, f.nkb, f.nsplit};
   c.positions = f.positions;
   c.use_prepack = f.use_prepack;
   c.strip = f.strip;
+  c.unit = f.unit;
   JATTN_DISPATCH(isa, run(c))
 }
 

@@ -4,7 +4,9 @@
 // Every vectorised routine is written once, over the vector layer of simd.inc, in an .inc
 // file that isa_instances.inc includes once per level, each time inside its own namespace and
 // under its own `#pragma GCC target`: isa_generic (SSE2, every x86-64; or the compiler's
-// baseline elsewhere), isa_avx2 (AVX2 + FMA + F16C) and isa_avx512 (AVX-512F). The CPU's level
+// baseline elsewhere), isa_avx2 (AVX2 + FMA + F16C) and isa_avx512 (AVX-512F). Two levels
+// above avx512 run its code and add a unit for bfloat16 products (lowp.h): avx512_bf16
+// (vdpbf16ps dot products) and amx (AMX-BF16 tiles). The CPU's level
 // is detected once per process (__builtin_cpu_supports), never taken from the build machine;
 // a call runs at that level capped by its Tuning::isa (call_isa), chosen by JATTN_DISPATCH.
 // Inside a level's namespace the kernels call that level's GEMMs and packers directly.
@@ -15,6 +17,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "lowp.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #define JATTN_X86 1
 #else
@@ -23,7 +27,7 @@
 
 namespace jattn {
 
-enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx = 4 };
 
 // The best level the CPU has (detected once).
 inline Isa cpu_isa() {
@@ -35,21 +39,40 @@ inline Isa cpu_isa() {
         __builtin_cpu_supports("f16c"))
       best = Isa::kAvx2;
     if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f")) best = Isa::kAvx512;
+    if (best == Isa::kAvx512 && lowp::dot_usable()) best = Isa::kAvx512Bf16;
+    if (best == Isa::kAvx512Bf16 && lowp::amx_usable()) best = Isa::kAmx;
 #endif
     return best;
   }();
   return isa;
 }
 
-// A call's level: `requested` (an Isa value; -1 = the best) capped to what the CPU has.
+// The level a call runs at when it asks for none: the best, except that avx512_bf16 gives
+// way to avx512 where its dot products do not outrun float32 FMAs (lowp::dot_pays).
+inline Isa default_isa() {
+  const Isa best = cpu_isa();
+  return best == Isa::kAvx512Bf16 && !lowp::dot_pays() ? Isa::kAvx512 : best;
+}
+
+// A call's level: `requested` (an Isa value; -1 = the default) capped to what the CPU has.
 inline Isa call_isa(int64_t requested) {
-  const int best = static_cast<int>(cpu_isa());
-  if (requested < 0 || requested >= best) return cpu_isa();
-  return static_cast<Isa>(requested);
+  if (requested < 0) return default_isa();
+  return static_cast<Isa>(std::min<int64_t>(requested, static_cast<int64_t>(cpu_isa())));
+}
+
+// The bfloat16 product unit of a level (none below avx512_bf16).
+inline lowp::Unit lowp_unit(Isa isa) {
+  if (isa == Isa::kAmx) return lowp::Unit::kAmx;
+  if (isa == Isa::kAvx512Bf16) return lowp::Unit::kDot;
+  return lowp::Unit::kNone;
 }
 
 inline const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAmx:
+      return "amx";
+    case Isa::kAvx512Bf16:
+      return "avx512_bf16";
     case Isa::kAvx512:
       return "avx512";
     case Isa::kAvx2:
@@ -59,10 +82,13 @@ inline const char* isa_name(Isa isa) {
   }
 }
 
-// `return isa_<level>::expr;` for the given level: the one dispatch.
+// `return isa_<level>::expr;` for the given level: the one dispatch (the levels with a
+// bfloat16 unit run the avx512 code).
 #if JATTN_X86
 #define JATTN_DISPATCH(isa, ...)          \
   switch (isa) {                          \
+    case ::jattn::Isa::kAmx:              \
+    case ::jattn::Isa::kAvx512Bf16:       \
     case ::jattn::Isa::kAvx512:           \
       return isa_avx512::__VA_ARGS__;     \
     case ::jattn::Isa::kAvx2:             \

@@ -1,7 +1,7 @@
 // Backward throughput against the GEMM rate, in process CPU time (robust on a shared
 // machine: time slices lost to other processes do not count). Run single-threaded
 // (JATTN_CPU_THREADS=1) for a per-core ratio.
-//   g++ -O3 -ffp-contract=fast -std=c++17 -pthread -Icsrc csrc/backward.cc csrc/gemm.cc
+//   g++ -O3 -ffp-contract=fast -std=c++17 -pthread -Icsrc csrc/backward.cc csrc/gemm.cc csrc/lowp.cc
 //       csrc/threads.cc csrc/tests/bwd_bench.cc -o /tmp/bwd_bench &&
 //   JATTN_CPU_THREADS=1 /tmp/bwd_bench [OPTIONS] T causal N [G [H [rounds]]]
 // OPTIONS (ab.h): the call's Tuning (--isa, --threads, --bwd-blocks BQ,BK), or

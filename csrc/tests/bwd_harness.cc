@@ -1,7 +1,7 @@
 // Checks jattn::backward against a float64 brute-force reference on random problems (odd
 // sizes, GQA, causal/window/offsets, lengths, segments, dense mask, bias, softcap, dropout,
 // the lse cotangent; float32/bfloat16/float16), and that a second run gives the same bits.
-//   g++ -O2 -std=c++17 -pthread -Icsrc csrc/backward.cc csrc/gemm.cc csrc/threads.cc
+//   g++ -O2 -std=c++17 -pthread -Icsrc csrc/backward.cc csrc/gemm.cc csrc/lowp.cc csrc/threads.cc
 //       csrc/tests/bwd_harness.cc -o /tmp/bwd_harness && /tmp/bwd_harness [OPTIONS] [v [NAME]]
 // OPTIONS (the call's Tuning): --isa N (0 generic, 1 avx2, 2 avx512), --threads N,
 // --bwd-blocks BQ,BK; --dump prints dv, dq and lse. Also worth running with --isa 0 (the

@@ -1,6 +1,6 @@
 // Forward throughput of the native kernel on a decoding-like or prefill shape, in wall time
 // (fastest of the rounds) beside the time to read K and V once at this machine's read bandwidth.
-//   g++ -O3 -ffp-contract=fast -std=c++17 -pthread -Icsrc csrc/forward.cc csrc/gemm.cc
+//   g++ -O3 -ffp-contract=fast -std=c++17 -pthread -Icsrc csrc/forward.cc csrc/gemm.cc csrc/lowp.cc
 //       csrc/threads.cc csrc/tests/fwd_bench.cc -o /tmp/fwd_bench &&
 //   /tmp/fwd_bench [OPTIONS] B T S N K H [rounds [causal]]
 // OPTIONS (ab.h): the call's Tuning (--isa, --threads, --blocks ROWS,KEYS, --strip,

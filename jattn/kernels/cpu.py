@@ -138,8 +138,10 @@ AVAILABLE: bool = _lib is not None
 
 
 def isa() -> str | None:
-    """The instruction set the loaded library runs with ('avx512', 'avx2', 'generic'), or None
-    when it is not available."""
+    """The instruction-set level the loaded library runs a call at by default (one of
+    :data:`ISA_LEVELS`), or None when it is not available. "avx512_bf16" is the default only
+    where its dot products were measured to outrun float32 FMAs (not on Intel's, which make
+    them at half the rate); :func:`best_isa` is the best level the CPU has."""
     if _lib is None:
         return None
     fn = _lib.jattn_cpu_isa
@@ -151,8 +153,13 @@ def isa() -> str | None:
 # The kernel.
 
 
-# The instruction-set levels the library is built with, in the order of the native Isa enum.
-ISA_LEVELS = ("generic", "avx2", "avx512")
+# The instruction-set levels the library is built with, in the order of the native Isa enum:
+# the last two run the avx512 code and add a unit for bfloat16 products (AVX-512 BF16 dot
+# products; AMX-BF16 tiles), used on bfloat16 inputs.
+ISA_LEVELS = ("generic", "avx2", "avx512", "avx512_bf16", "amx")
+
+# The native DType codes (attention.h) of the dtypes the kernel takes.
+_DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(jnp.bfloat16): 1, np.dtype(np.float16): 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,8 +182,9 @@ class CpuConfig(Tuning):
       stream_decode: forward: let decoding calls (a few query rows per KV head) stream K and V
         position by position.
       bwd_block_rows, bwd_block_keys: backward: the query and key blocks of a task.
-      isa: the instruction-set level ("generic", "avx2", "avx512"); None: the best this CPU
-        has. A level the CPU lacks is refused.
+      isa: the instruction-set level (one of :data:`ISA_LEVELS`: "generic", "avx2",
+        "avx512", and for bfloat16 products "avx512_bf16" (dot-product instructions) or "amx"
+        (AMX tiles)); None: the best this CPU has. A level the CPU lacks is refused.
       threads: at most this many threads for a call; None: every thread of the kernel's pool
         (the process-wide cap is the environment variable ``JATTN_CPU_THREADS``).
       xla_pool: run on XLA's intra-op thread pool instead of the kernel's own (slower to start
@@ -230,13 +238,8 @@ class CpuConfig(Tuning):
         tuning = None
         # Symbolic (jax.export) or empty dimensions: the kernel chooses when it runs.
         if all(isinstance(d, int) and d > 0 for d in dims):
-            tuning = _default_tuning(*dims, threads or 0)
-        best = best_isa()
-        return cls(
-            **(tuning or {}),
-            isa=None if best is None else ISA_LEVELS[best],
-            threads=threads,
-        )
+            tuning = _default_tuning(*dims, plan.dtype, threads or 0)
+        return cls(**(tuning or {}), isa=isa(), threads=threads)
 
     def attrs(self) -> dict:
         """The FFI attributes: int64 (0 for None: the heuristic's; isa -1: the best) or bool."""
@@ -309,15 +312,16 @@ def num_threads() -> int | None:
     return _query("jattn_cpu_threads", ctypes.c_int64)
 
 
-def _default_tuning(b, t, s, k, g, h, hv, threads=0) -> dict | None:
-    """What the native heuristics pick for this shape (the CpuConfig fields that have one)."""
+def _default_tuning(b, t, s, k, g, h, hv, dtype=np.float32, threads=0) -> dict | None:
+    """What the native heuristics pick for this shape and dtype (the CpuConfig fields that
+    have one)."""
     if _lib is None:
         return None
     out = (ctypes.c_int64 * 7)()
     fn = _lib.jattn_cpu_default_tuning
     fn.restype = None
-    fn.argtypes = [ctypes.c_int64] * 8 + [ctypes.POINTER(ctypes.c_int64)]
-    fn(b, t, s, k, g, h, hv, threads, out)
+    fn.argtypes = [ctypes.c_int64] * 9 + [ctypes.POINTER(ctypes.c_int64)]
+    fn(b, t, s, k, g, h, hv, _DTYPE_CODES[np.dtype(dtype)], threads, out)
     names = (
         "block_rows",
         "block_keys",

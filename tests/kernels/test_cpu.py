@@ -128,7 +128,7 @@ def test_setup_records_why_it_did_not_build(tmp_path):
 def test_default_uses_cpu_for_long_calls():
     assert "cpu" in jattn.kernels.available("cpu")
     assert jattn.kernels.default_order("cpu", 2048, 2048)[0] == "cpu"
-    assert cpu.isa() in ("generic", "avx2", "avx512")
+    assert cpu.isa() in cpu.ISA_LEVELS
 
 
 @needs_lib
@@ -279,7 +279,13 @@ def _cpu_has(level: str) -> bool:
             flags = f.read().split()
     except OSError:
         return False
-    return {"avx2": "avx2", "avx512": "avx512f"}[level] in flags
+    need = {
+        "avx2": ["avx2"],
+        "avx512": ["avx512f"],
+        "avx512_bf16": ["avx512f", "avx512_bf16"],
+        "amx": ["avx512_bf16", "amx_tile", "amx_bf16"],
+    }[level]
+    return all(f in flags for f in need)
 
 
 @needs_lib
@@ -323,6 +329,125 @@ def test_isa_levels(level):
             w = np.asarray(w)
             err = np.abs(np.asarray(g) - w).max()
             assert err <= 2e-4 * (np.abs(w).max() + 1), (h, hv, g.shape, err)
+
+
+def _rel_err(got, want) -> float:
+    want = np.asarray(want, np.float64)
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / (np.abs(want).max() + 1e-30))
+
+
+# (B, T, S, N, K, H, Hv, keyword arguments, key scale): causal and not, GQA, T != S, partial
+# 16-row tiles and 32-key steps (37 rows, 300 keys), a head size that is not a multiple of the
+# 32-deep AMX step (80), head size 128, a window, a padding mask, and large logits (keys x 8).
+_BF16_CASES = [
+    (2, 37, 300, 4, 2, 64, 64, {}, 1.0),
+    (1, 300, 300, 4, 2, 64, 64, dict(is_causal=True), 1.0),
+    (1, 256, 256, 2, 2, 128, 128, dict(is_causal=True), 8.0),
+    (2, 130, 250, 2, 1, 80, 80, dict(local_window_size=(40, 3)), 1.0),
+    (2, 64, 200, 4, 2, 64, 64, dict(key_value_seq_lengths=np.array([150, 7], np.int32)), 1.0),
+]
+
+
+@needs_lib
+@pytest.mark.parametrize("level", ["avx512_bf16", "amx"])
+@pytest.mark.parametrize("case", range(len(_BF16_CASES)))
+def test_bf16_products(level, case):
+    """bfloat16 inputs at the levels with a bfloat16 unit (dot products; AMX tiles): the
+    output and dq, dk, dv against the float64 reference, no more than 2x the error of
+    jax.nn.dot_product_attention computing in bfloat16 on the same inputs (plus a rounding
+    unit), and close to the other unit's results."""
+    if not _cpu_has(level):
+        pytest.skip(f"this CPU has no {level}")
+    b, t, s, n, kh, h, hv, kw, kscale = _BF16_CASES[case]
+    ks = jax.random.split(jax.random.key(case), 4)
+    q = jax.random.normal(ks[0], (b, t, n, h)).astype(jnp.bfloat16)
+    k = (kscale * jax.random.normal(ks[1], (b, s, kh, h))).astype(jnp.bfloat16)
+    v = jax.random.normal(ks[2], (b, s, kh, hv)).astype(jnp.bfloat16)
+    ct = jax.random.normal(ks[3], (b, t, n, hv))
+
+    def run(f, dtype):
+        def loss(q, k, v):
+            out = f(q, k, v)
+            return jnp.sum(out.astype(dtype) * ct.astype(dtype)), out
+
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+            *(x.astype(dtype) for x in (q, k, v))
+        )
+        return [out, *grads]
+
+    ours = lambda lvl: (
+        lambda q, k, v: jattn.attention(  # noqa: E731
+            q, k, v, implementation="cpu", config=cpu.CpuConfig(isa=lvl), **kw
+        )
+    )
+    with jax.enable_x64():
+        want = run(
+            lambda q, k, v: jattn.attention(q, k, v, implementation="reference", **kw), jnp.float64
+        )
+    got = run(ours(level), jnp.float32)
+    peer = run(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, **kw), jnp.float32)
+    for name, g, p, w in zip(["out", "dq", "dk", "dv"], got, peer, want, strict=True):
+        err, peer_err = _rel_err(g, w), _rel_err(p, w)
+        assert err <= 2 * peer_err + 2**-9, (name, err, peer_err)
+    other = "amx" if level == "avx512_bf16" else "avx512_bf16"
+    if _cpu_has(other):
+        for g, o in zip(got, run(ours(other), jnp.float32), strict=True):
+            assert _rel_err(g, o) <= 2**-7
+
+
+_SEG = (
+    np.repeat(np.arange(2, dtype=np.int32), 35)[None].repeat(2, 0),
+    np.repeat(np.arange(3, dtype=np.int32), 50)[None].repeat(2, 0),
+)
+_BF16_FEATURES = [
+    (64, 32, dict(is_causal=True, softcap=4.0)),
+    (48, 64, dict(dropout_rate=0.2, dropout_rng=1, local_window_size=(20, 20))),
+    (64, 64, dict(segment_ids=_SEG, sinks=np.zeros((4,), np.float32))),
+    (32, 24, dict(is_causal=True)),
+]
+
+
+@needs_lib
+@pytest.mark.parametrize("level", ["avx512_bf16", "amx"])
+@pytest.mark.parametrize("case", range(len(_BF16_FEATURES)))
+def test_bf16_products_features(level, case):
+    """What jax.nn lacks (softcap, dropout, a bias and its gradient, value heads of another
+    size, segments, sinks) through the bfloat16 units: within 3x of the float32-product path's
+    error (bfloat16 inputs too) against the float64 reference; value heads of a size that is
+    not a multiple of 16 take the float32 products: the same bits as at avx512."""
+    if not _cpu_has(level):
+        pytest.skip(f"this CPU has no {level}")
+    h, hv, kw = _BF16_FEATURES[case]
+    if "dropout_rng" in kw:
+        kw = dict(kw, dropout_rng=jax.random.key(kw["dropout_rng"]))
+    ks = jax.random.split(jax.random.key(11), 5)
+    b, t, s, n, kh = 2, 70, 150, 4, 2
+    q = jax.random.normal(ks[0], (b, t, n, h)).astype(jnp.bfloat16)
+    k = jax.random.normal(ks[1], (b, s, kh, h)).astype(jnp.bfloat16)
+    v = jax.random.normal(ks[2], (b, s, kh, hv)).astype(jnp.bfloat16)
+    bias = jax.random.normal(ks[3], (b, n, t, s)).astype(jnp.bfloat16)
+    ct = jax.random.normal(ks[4], (b, t, n, hv))
+
+    def run(impl, dtype, lvl=None):
+        def loss(q, k, v, bias):
+            config = lvl and cpu.CpuConfig(isa=lvl)
+            out = jattn.attention(q, k, v, bias, implementation=impl, config=config, **kw)
+            return jnp.sum(out.astype(dtype) * ct.astype(dtype)), out
+
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
+            *(x.astype(dtype) for x in (q, k, v, bias))
+        )
+        return [out, *grads]
+
+    with jax.enable_x64():
+        want = run("reference", jnp.float64)
+    got, base = run("cpu", jnp.float32, level), run("cpu", jnp.float32, "avx512")
+    for g, f, w in zip(got, base, want, strict=True):
+        if hv % 16:
+            np.testing.assert_array_equal(g, f)
+        else:
+            err, base_err = _rel_err(g, w), _rel_err(f, w)
+            assert err <= 3 * base_err + 2**-9, (h, hv, list(kw), err, base_err)
 
 
 @needs_lib
@@ -388,7 +513,7 @@ def test_tuning_attributes():
     ]:
         for g, w in zip(run(**attrs), base, strict=True):
             H.assert_close(g, w, 2e-5)
-    d = cpu._default_tuning(2, 200, 260, 2, 2, 64, 64)
+    d = cpu._default_tuning(2, 200, 260, 2, 2, 64, 64, q.dtype)
     assert set(d) == {
         "block_rows",
         "block_keys",
@@ -400,13 +525,11 @@ def test_tuning_attributes():
     }
     for g, w in zip(run(**d), base, strict=True):
         np.testing.assert_array_equal(g, w)
-    assert cpu.best_isa() in (0, 1, 2) and cpu.num_threads() >= 1
+    assert cpu.best_isa() in range(len(cpu.ISA_LEVELS)) and cpu.num_threads() >= 1
     # The registry's default for the call is those values, with this CPU's level and threads.
     plan = jattn.plan.make_plan(q, k, v, is_causal=True)[0]
     default = cpu.CpuConfig.default_for(plan, "cpu")
-    assert default == cpu.CpuConfig(
-        **d, isa=cpu.ISA_LEVELS[cpu.best_isa()], threads=cpu.num_threads()
-    )
+    assert default == cpu.CpuConfig(**d, isa=cpu.isa(), threads=cpu.num_threads())
     for g, w in zip(run(**dataclasses.asdict(default)), base, strict=True):
         np.testing.assert_array_equal(g, w)
 

@@ -1,0 +1,365 @@
+// Low-precision products (lowp.h): AVX-512 BF16 dot products and AMX tiles.
+//
+// Compiled for AVX-512 BF16 and AMX: only called after isa.h's detection has found them (and,
+// for AMX, after the kernel has asked Linux for the tile state: amx_usable).
+
+#include "lowp.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define JATTN_LOWP 1
+#else
+#define JATTN_LOWP 0
+#endif
+
+namespace jattn {
+namespace lowp {
+
+#if JATTN_LOWP
+
+bool dot_usable() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+    return ((a >> 5) & 1u) != 0 && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  }();
+  return ok;
+}
+
+bool amx_usable() {
+  static const bool ok = [] {
+    if (!dot_usable()) return false;
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool amx_bf16 = (d >> 22) & 1u, amx_tile = (d >> 24) & 1u;
+    if (!amx_bf16 || !amx_tile) return false;
+    // Linux gives a process the AMX tile data state only on request (since 5.16); without it
+    // the first tile instruction faults. The request fails where the kernel or the CPU lacks it.
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")
+
+namespace {
+
+inline uint32_t pair_at(const uint16_t* p) {
+  uint32_t x;
+  std::memcpy(&x, p, 4);
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------
+// AVX-512 BF16: an R x (16 NP) tile of C in registers, one broadcast pair of A and NP panel
+// vectors per depth pair (each vdpbf16ps adds two products per lane, in order: the even then
+// the odd element of the pair, rounded once per instruction).
+
+template <int R, int NP>
+inline void dot_tile(int64_t pairs, const uint16_t* a, int64_t lda, const uint16_t* b,
+                     int64_t panel_stride, float* c, int64_t ldc, bool accumulate) {
+  __m512 acc[R][NP];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int q = 0; q < NP; ++q)
+      acc[r][q] = accumulate ? _mm512_loadu_ps(c + r * ldc + q * kPanel) : _mm512_setzero_ps();
+  for (int64_t l = 0; l < pairs; ++l) {
+    __m512bh bv[NP];
+#pragma GCC unroll 2
+    for (int q = 0; q < NP; ++q)
+      bv[q] = (__m512bh)_mm512_loadu_si512(b + q * panel_stride + l * 2 * kPanel);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair_at(a + r * lda + 2 * l)));
+#pragma GCC unroll 2
+      for (int q = 0; q < NP; ++q) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], av, bv[q]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int q = 0; q < NP; ++q) _mm512_storeu_ps(c + r * ldc + q * kPanel, acc[r][q]);
+}
+
+template <int NP, int R = 12>
+inline void dot_rows(int64_t rows, int64_t pairs, const uint16_t* a, int64_t lda,
+                     const uint16_t* b, int64_t panel_stride, float* c, int64_t ldc,
+                     bool accumulate) {
+  if constexpr (R > 1) {
+    if (rows < R) return dot_rows<NP, R - 1>(rows, pairs, a, lda, b, panel_stride, c, ldc, accumulate);
+  }
+  dot_tile<R, NP>(pairs, a, lda, b, panel_stride, c, ldc, accumulate);
+}
+
+void dot_product(int64_t rows, int64_t n, int64_t depth, const uint16_t* a, int64_t lda,
+                 const uint16_t* panels, int64_t panel_stride, float* c, int64_t ldc,
+                 bool accumulate) {
+  const int64_t pairs = round_up(depth, kDepthStep) / 2;
+  for (int64_t j = 0; j < n; j += 2 * kPanel) {
+    const uint16_t* b = panels + (j / kPanel) * panel_stride;
+    for (int64_t r = 0; r < rows; r += 12) {
+      const int64_t mr = std::min<int64_t>(12, rows - r);
+      if (n - j >= 2 * kPanel)
+        dot_rows<2>(mr, pairs, a + r * lda, lda, b, panel_stride, c + r * ldc + j, ldc, accumulate);
+      else
+        dot_rows<1>(mr, pairs, a + r * lda, lda, b, panel_stride, c + r * ldc + j, ldc, accumulate);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// AMX: tiles 0-3 hold a 32 x 32 block of C (2 x 2 tiles of 16 x 16), 4-5 two 16-row slices of
+// A (16 x 32 bfloat16), 6-7 two panels' steps of B (16 pairs x 16 columns). Every tile is
+// configured 16 rows x 64 bytes; a block with 16 rows or 16 columns uses half of them.
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+template <bool R2, bool C2>
+inline void amx_block(int64_t steps, const uint16_t* a, int64_t lda, const uint16_t* b0,
+                      const uint16_t* b1, float* c, int64_t ldc, bool accumulate) {
+  const int64_t sa = lda * 2, sc = ldc * 4;
+  if (accumulate) {
+    _tile_loadd(0, c, sc);
+    if (R2) _tile_loadd(1, c + 16 * ldc, sc);
+    if (C2) _tile_loadd(2, c + 16, sc);
+    if (R2 && C2) _tile_loadd(3, c + 16 * ldc + 16, sc);
+  } else {
+    _tile_zero(0);
+    if (R2) _tile_zero(1);
+    if (C2) _tile_zero(2);
+    if (R2 && C2) _tile_zero(3);
+  }
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(4, a + s * kDepthStep, sa);
+    _tile_loadd(6, b0 + s * kDepthStep * kPanel, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (R2) {
+      _tile_loadd(5, a + 16 * lda + s * kDepthStep, sa);
+      _tile_dpbf16ps(1, 5, 6);
+    }
+    if (C2) {
+      _tile_loadd(7, b1 + s * kDepthStep * kPanel, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      if (R2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, sc);
+  if (R2) _tile_stored(1, c + 16 * ldc, sc);
+  if (C2) _tile_stored(2, c + 16, sc);
+  if (R2 && C2) _tile_stored(3, c + 16 * ldc + 16, sc);
+}
+
+thread_local bool tt_configured = false;
+
+void amx_configure() {
+  (void)amx_usable();  // the permission request, if no one has made it yet
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+  tt_configured = true;
+}
+
+void amx_product(int64_t rows, int64_t n, int64_t depth, const uint16_t* a, int64_t lda,
+                 const uint16_t* panels, int64_t panel_stride, float* c, int64_t ldc,
+                 bool accumulate) {
+  if (!tt_configured) amx_configure();
+  const int64_t steps = round_up(depth, kDepthStep) / kDepthStep;
+  const int64_t full = rows / kRowStep * kRowStep;
+  if (full < rows) {
+    // The last rows (fewer than a tile's 16) through copies with zero rows below them: A's
+    // and C's rows past `rows` are never touched.
+    const int64_t tail = rows - full, dp = steps * kDepthStep;
+    static thread_local std::vector<uint16_t> at;
+    static thread_local std::vector<float> ct;
+    at.assign(kRowStep * dp, 0);
+    ct.resize(kRowStep * n);
+    for (int64_t r = 0; r < tail; ++r) {
+      std::copy_n(a + (full + r) * lda, dp, at.data() + r * dp);
+      if (accumulate) std::copy_n(c + (full + r) * ldc, n, ct.data() + r * n);
+    }
+    amx_product(kRowStep, n, depth, at.data(), dp, panels, panel_stride, ct.data(), n, accumulate);
+    for (int64_t r = 0; r < tail; ++r) std::copy_n(ct.data() + r * n, n, c + (full + r) * ldc);
+    rows = full;
+  }
+  for (int64_t j = 0; j < n; j += 2 * kPanel) {
+    const uint16_t* b0 = panels + (j / kPanel) * panel_stride;
+    const uint16_t* b1 = b0 + panel_stride;
+    const bool c2 = n - j >= 2 * kPanel;
+    for (int64_t r = 0; r < rows; r += 2 * kRowStep) {
+      const bool r2 = rows - r > kRowStep;
+      const uint16_t* ar = a + r * lda;
+      float* cr = c + r * ldc + j;
+      if (r2 && c2)
+        amx_block<true, true>(steps, ar, lda, b0, b1, cr, ldc, accumulate);
+      else if (r2)
+        amx_block<true, false>(steps, ar, lda, b0, b1, cr, ldc, accumulate);
+      else if (c2)
+        amx_block<false, true>(steps, ar, lda, b0, b1, cr, ldc, accumulate);
+      else
+        amx_block<false, false>(steps, ar, lda, b0, b1, cr, ldc, accumulate);
+    }
+  }
+}
+
+}  // namespace
+
+void product(Unit unit, int64_t rows, int64_t n, int64_t depth, const uint16_t* a, int64_t lda,
+             const uint16_t* panels, int64_t panel_stride, float* c, int64_t ldc,
+             bool accumulate) {
+  if (rows <= 0 || n <= 0) return;
+  if (unit == Unit::kAmx)
+    amx_product(rows, n, depth, a, lda, panels, panel_stride, c, ldc, accumulate);
+  else
+    dot_product(rows, n, depth, a, lda, panels, panel_stride, c, ldc, accumulate);
+}
+
+void to_bf16(const float* src, int64_t n, int64_t npad, uint16_t* dst) {
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + j + 16), _mm512_loadu_ps(src + j));
+    _mm512_storeu_si512(dst + j, (__m512i)h);
+  }
+  for (; j + 16 <= n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
+  if (j < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + j));
+    _mm256_mask_storeu_epi16(dst + j, m, (__m256i)h);
+    j = n;
+  }
+  std::fill(dst + n, dst + std::max(n, npad), uint16_t{0});
+}
+
+// vdpbf16ps makes two products per lane where vfmadd231ps makes one, but at half the rate on
+// some CPUs (Intel's, measured on a Sapphire Rapids class Xeon: one per cycle against two
+// FMAs), where it gains nothing. So time both, each as 24 independent chains for a few
+// thousand iterations (about 0.1 ms), and take the dot products only where they make at
+// least 1.5x the products per second.
+bool dot_pays() {
+  static const bool pays = [] {
+    if (!dot_usable()) return false;
+    auto run = [](bool dot) {
+      __m512 acc[24];
+      for (int i = 0; i < 24; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
+      const __m512 x = _mm512_set1_ps(1.0f);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(0x3F803F80);
+      double best = 1e30;
+      for (int rep = 0; rep < 5; ++rep) {
+        const auto t0 = __rdtsc();
+        for (int it = 0; it < 1000; ++it)
+#pragma GCC unroll 24
+          for (int i = 0; i < 24; ++i) {
+            if (dot)
+              acc[i] = _mm512_dpbf16_ps(acc[i], xb, xb);
+            else
+              acc[i] = _mm512_fmadd_ps(acc[i], x, x);
+            asm volatile("" : "+v"(acc[i]));  // keeps every chain
+          }
+        best = std::min(best, static_cast<double>(__rdtsc() - t0));
+      }
+      return best;
+    };
+    const double fma = run(false), dot = run(true);
+    return 2.0 * fma >= 1.5 * dot;  // products per unit of time, dot against fma
+  }();
+  return pays;
+}
+
+void to_pairs(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* panels,
+              int64_t panel_stride) {
+  // Rows 2r and 2r + 1 of a panel's 16 columns: converted together (the second in the upper
+  // half), then interleaved element by element.
+  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
+                                                       21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
+                                                       11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kInterleave);
+  const int64_t dp = round_up(rows, kDepthStep);
+  for (int64_t j = 0; j < cols; j += kPanel) {
+    const __mmask16 m = cols - j >= kPanel ? 0xFFFF : static_cast<__mmask16>((1u << (cols - j)) - 1);
+    uint16_t* dst = panels + (j / kPanel) * panel_stride;
+    for (int64_t r = 0; r < dp; r += 2) {
+      const __m512 lo = r < rows ? _mm512_maskz_loadu_ps(m, src + r * lds + j) : _mm512_setzero_ps();
+      const __m512 hi =
+          r + 1 < rows ? _mm512_maskz_loadu_ps(m, src + (r + 1) * lds + j) : _mm512_setzero_ps();
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+      _mm512_storeu_si512(dst + r * kPanel, _mm512_permutexvar_epi16(idx, both));
+    }
+  }
+}
+
+void release() {
+  if (tt_configured) {
+    _tile_release();
+    tt_configured = false;
+  }
+}
+
+#pragma GCC pop_options
+
+#else  // not x86-64: no low-precision units
+
+bool dot_usable() { return false; }
+bool dot_pays() { return false; }
+bool amx_usable() { return false; }
+void product(Unit, int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t,
+             float*, int64_t, bool) {}
+void to_bf16(const float*, int64_t, int64_t, uint16_t*) {}
+void to_pairs(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {}
+void release() {}
+
+#endif
+
+// Packing is plain C++ (a pass over K and V per call, not the products' inner loop).
+
+void pack_t(int64_t n, int64_t d, const uint16_t* x, int64_t ldx, uint16_t* panels,
+            int64_t panel_stride) {
+  const int64_t dp = round_up(d, kDepthStep);
+  for (int64_t p = 0; p * kPanel < n; ++p) {
+    uint16_t* dst = panels + p * panel_stride;
+    for (int64_t col = 0; col < kPanel; ++col) {
+      const int64_t row = p * kPanel + col;
+      const uint16_t* src = x + row * ldx;
+      for (int64_t k = 0; k < dp; ++k)
+        dst[(k / 2) * 2 * kPanel + col * 2 + (k & 1)] = row < n && k < d ? src[k] : uint16_t{0};
+    }
+  }
+}
+
+void pack_n(int64_t d, int64_t n, const uint16_t* x, int64_t ldx, uint16_t* panels,
+            int64_t panel_stride) {
+  const int64_t dp = round_up(d, kDepthStep);
+  for (int64_t p = 0; p * kPanel < n; ++p) {
+    uint16_t* dst = panels + p * panel_stride;
+    for (int64_t k = 0; k < dp; ++k) {
+      const uint16_t* src = x + k * ldx + p * kPanel;
+      uint16_t* out = dst + (k / 2) * 2 * kPanel + (k & 1);
+      const int64_t cols = k < d ? std::min<int64_t>(kPanel, n - p * kPanel) : 0;
+      int64_t col = 0;
+      for (; col < cols; ++col) out[col * 2] = src[col];
+      for (; col < kPanel; ++col) out[col * 2] = 0;
+    }
+  }
+}
+
+}  // namespace lowp
+}  // namespace jattn
