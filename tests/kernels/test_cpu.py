@@ -181,7 +181,9 @@ def test_decode_gqa_batch():
 
 
 @needs_lib
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize(
+    "dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name
+)
 @pytest.mark.parametrize("t", [1, 2])
 def test_decode_every_mask_feature(t, dtype):
     """Decoding shapes (a few query rows per KV head, many keys) take the kernel's
