@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from bench.records import MODES, read_records, record_kind
 from bench.roofline import RooflineConfig
 from bench.runners import DTYPES, PEERS
-from bench.shapes import SHAPE_SETS, Shape, parse_shape
+from bench.shapes import SET_DTYPES, SHAPE_SETS, Shape, parse_shape
 from bench.timing import TimingConfig
 
 SUBCOMMANDS = ("run", "report", "list")
@@ -80,7 +80,10 @@ def _parser() -> argparse.ArgumentParser:
         help=f"peers: comma-separated from {', '.join(PEERS)}; 'all' or 'none' (default: all)",
     )
     run.add_argument(
-        "--dtypes", default="float32", help="comma-separated: float32, bfloat16, float16"
+        "--dtypes",
+        default=None,
+        help="comma-separated: float32, bfloat16, float16 (default: float32; float32,bfloat16 "
+        "for the bf16 shape set)",
     )
     run.add_argument(
         "--causal",
@@ -241,13 +244,20 @@ def _config(args: argparse.Namespace):  # -> SweepConfig (imported late: it impo
     from bench.sweep import SweepConfig
 
     dtypes = []
-    for name in _csv(args.dtypes):
+    dtype_text = args.dtypes
+    if dtype_text is None:  # the shape sets' own dtypes, else float32
+        sets = _csv(args.shapes) if args.shapes is not None else []
+        dtype_text = ",".join(
+            dict.fromkeys(d for name in sets for d in SET_DTYPES.get(name, ("float32",)))
+            or ["float32"]
+        )
+    for name in _csv(dtype_text):
         if name not in DTYPES:
             known = ", ".join(sorted(set(DTYPES.values())))
             raise BadOption(f"--dtypes: unknown dtype {name!r}; known: {known}")
         dtypes.append(DTYPES[name])
     if not dtypes:
-        raise BadOption(f"--dtypes {args.dtypes!r} names no dtype")
+        raise BadOption(f"--dtypes {dtype_text!r} names no dtype")
     modes = _csv(args.modes)
     for mode in modes:
         if mode not in MODES:

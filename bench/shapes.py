@@ -138,6 +138,16 @@ GOALS: tuple[Shape, ...] = (
     _self(1, 2048, 8, 64, sinks=True),
 )
 
+# The bfloat16 set (issue 24): the quick shapes, GQA, T != S and decode at S = 4k, run in
+# float32 and bfloat16 unless --dtypes says otherwise (SET_DTYPES), so one run gives bfloat16
+# against the peers' bfloat16 and against our own float32.
+BF16: tuple[Shape, ...] = (
+    *QUICK,
+    *GQA,
+    *CROSS,
+    *(s for s in DECODE if s.S == 4096),
+)
+
 SHAPE_SETS: dict[str, tuple[Shape, ...]] = {
     "quick": QUICK,
     "gqa": GQA,
@@ -146,6 +156,7 @@ SHAPE_SETS: dict[str, tuple[Shape, ...]] = {
     "goals": GOALS,
     "mla": MLA,
     "sinks": SINKS,
+    "bf16": BF16,
     "full": FULL,
     "long": LONG,
 }
@@ -175,3 +186,7 @@ def parse_shape(text: str) -> Shape:
     raise ValueError(
         f"shape {text!r}: expected 6 or 7 numbers B,T,S,N,K,H[,Hv] or 4 numbers B,T,N,H"
     )
+
+
+# The dtypes a set runs in when --dtypes is not given (float32 for the others).
+SET_DTYPES: dict[str, tuple[str, ...]] = {"bf16": ("float32", "bfloat16")}

@@ -165,6 +165,21 @@ def test_bfloat16_runs_with_the_xla_and_torch_peers(tmp_path):
         assert r["dtype"] == "bfloat16" and r["status"] == "ok", r["reason"]
 
 
+def test_the_bf16_set_runs_in_float32_and_bfloat16_unless_told():
+    parser = cli._parser()
+    config = cli._config(parser.parse_args(["run", "--shapes", "bf16", "--impls", "cpu"]))
+    assert list(config.dtypes) == ["float32", "bfloat16"]
+    shapes = [s for _, s in config.shapes]
+    assert any(s.T == 1 for s in shapes) and any(s.T != s.S for s in shapes)
+    assert any(s.K < s.N for s in shapes)
+    config = cli._config(
+        parser.parse_args(["run", "--shapes", "bf16,quick", "--dtypes", "bf16", "--impls", "cpu"])
+    )
+    assert list(config.dtypes) == ["bfloat16"]
+    config = cli._config(parser.parse_args(["run", "--shapes", "quick", "--impls", "cpu"]))
+    assert list(config.dtypes) == ["float32"]
+
+
 # --- --config --------------------------------------------------------------------------------
 
 
