@@ -1,4 +1,5 @@
-"""`python -m bench [run] [options]` measures; `python -m bench report FILE...` reports.
+"""`python -m bench [run] [options]` measures; `python -m bench report FILE...` reports;
+`python -m bench device` is the one-shot check of a GPU machine (bench/device.py).
 
 Run `python -m bench --help` or `python -m bench report --help` for the options.
 """
@@ -18,7 +19,7 @@ from bench.runners import DTYPES, PEERS
 from bench.shapes import SET_DTYPES, SHAPE_SETS, Shape, parse_shape
 from bench.timing import TimingConfig
 
-SUBCOMMANDS = ("run", "report", "list")
+SUBCOMMANDS = ("run", "report", "list", "device")
 
 
 def _csv(text: str) -> list[str]:
@@ -145,6 +146,52 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("list", help="the shape sets and the implementations this machine can run")
+
+    from bench import device
+
+    dev = sub.add_parser(
+        "device",
+        help="one-shot device check: versions, the kernel suite and the benchmark on the GPU, "
+        "within 8 minutes, every file in one folder",
+        description="The one-shot check of a GPU machine, within --budget-s seconds (default "
+        "480): prints the device and software versions (jax, jaxlib, flax, jax plugins, the "
+        "driver via nvidia-smi); runs the shared kernel suite (tests/kernels/test_suite.py "
+        "--impls NAME, float64 reference on the host CPU) on the GPU for each of --impls, each "
+        "stopping at its first failure; runs the benchmark on the GPU (the bf16 matmul rate, "
+        "then bf16 and f16, fwd and fwd+bwd, H=64 and 128, T=1k-16k, causal and not, decode, "
+        "beside jax.nn xla and cudnn and tokamax where it imports); writes summary.txt and "
+        "summary.json. Each phase has its own time budget and a step that runs out is stopped "
+        "and says so. Without a GPU the suite and the benchmark are skipped and the summary "
+        "says so; with --quick they are rehearsed there on tiny selections (not device "
+        "results). Exit code 0 when every step that ran passed. Run it from a clone of the "
+        "repository (the suite lives in tests/).",
+    )
+    dev.add_argument(
+        "--out",
+        default=None,
+        help="the folder every log and record file goes to; new or empty "
+        "(default: results/device-TIME)",
+    )
+    dev.add_argument(
+        "--impls",
+        default=",".join(device.DEFAULT_IMPLS),
+        help="comma-separated jattn implementations the suite checks on the GPU "
+        f"(default {','.join(device.DEFAULT_IMPLS)}); the benchmark measures every one that "
+        "runs there",
+    )
+    dev.add_argument(
+        "--budget-s",
+        type=float,
+        default=device.DEFAULT_BUDGET_S,
+        help=f"seconds for the whole check, shared out among the phases (default "
+        f"{device.DEFAULT_BUDGET_S:.0f}, at least {device.MIN_BUDGET_S:.0f})",
+    )
+    dev.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny selections (two suite tests, a tiny sweep): a smoke test; without a GPU, "
+        "the CPU rehearsal of the suite's and the benchmark's plumbing",
+    )
     return parser
 
 
@@ -390,6 +437,22 @@ def _list() -> int:
     return 0
 
 
+def _device(args: argparse.Namespace) -> int:
+    from bench.device import DeviceCheckError, parse_impls, run_device_check
+
+    try:
+        impls = parse_impls(args.impls)
+        return run_device_check(
+            args.out,
+            impls=impls,
+            budget_s=args.budget_s,
+            quick=args.quick,
+            print_fn=lambda text: print(text, flush=True),
+        )
+    except DeviceCheckError as e:
+        raise BadOption(str(e)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `python -m bench --repeats 3` means `python -m bench run --repeats 3`.
@@ -401,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args)
         if args.command == "list":
             return _list()
+        if args.command == "device":
+            return _device(args)
         return _run(args)
     except BadOption as e:
         print(f"python -m bench: error: {e}", file=sys.stderr)

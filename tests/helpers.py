@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -38,6 +39,10 @@ class Variant:
     config: Any = None
     slow: bool = False
     every: int = 1
+    # It serves a subset of the suite's calls that its registry entry cannot state (cuDNN:
+    # dtypes, head dims, mask shapes, judged when traced): a call it refuses with a
+    # NotImplementedError naming itself is skipped with the reason, not failed (conftest.py).
+    partial: bool = False
 
     @property
     def kw(self) -> dict:
@@ -50,11 +55,54 @@ class Variant:
         return f"{self.name}[{'x'.join(map(str, fields))}]"
 
 
+# The device check (`pytest --impls NAMES`, run by `python -m bench device`): the suite runs
+# the named implementations only, each at its default config, on JAX's default backend, with
+# float32 matmuls at full precision and sequences up to 4k (test_long_sequences). None: the
+# ordinary suite. Set once, by conftest.py, before the test modules are collected.
+DEVICE_RUN: tuple[str, ...] | None = None
+
+# Implementations that may refuse a call when traced (see Variant.partial).
+_PARTIAL = frozenset({"cudnn"})
+
+
+def configure_device_run(text: str) -> tuple[str, ...]:
+    """Selects the device check for the comma-separated implementation names of ``text``.
+    Raises ValueError naming ``--impls`` for a name that is unknown, not registered here, the
+    oracle, or one that would run only emulated on this backend."""
+    global DEVICE_RUN
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    reg, backend = jattn.kernels.REGISTRY, jax.default_backend()
+    if not names:
+        raise ValueError(f"--impls {text!r} names no implementation")
+    for name in names:
+        if name in jattn.kernels.UNAVAILABLE:
+            raise ValueError(
+                f"--impls: {name!r} is not available here: {jattn.kernels.UNAVAILABLE[name]}"
+            )
+        if name not in reg:
+            raise ValueError(f"--impls: unknown implementation {name!r}; known: {sorted(reg)}")
+        if reg[name].oracle:
+            raise ValueError(f"--impls: {name!r} is the oracle the suite compares against")
+        if backend not in reg[name].backends:
+            raise ValueError(
+                f"--impls: {name!r} does not run on this backend ({backend!r}; it runs on "
+                f"{', '.join(sorted(reg[name].backends))}); the device check runs no emulation"
+            )
+    # GPUs multiply float32 in TF32 by default (jax and Triton alike): the suite checks the
+    # kernels' arithmetic against float32 tolerances, so it asks for float32 products.
+    jax.config.update("jax_default_matmul_precision", "highest")
+    DEVICE_RUN = names
+    return names
+
+
 def variants() -> list[Variant]:
     """Every implementation that runs here, and small-block configs that force the blockwise
-    kernels through many blocks, padding and partial blocks even on tiny inputs."""
+    kernels through many blocks, padding and partial blocks even on tiny inputs; on the device
+    check, the named implementations at their default configs."""
     from jattn.kernels.flash import FlashConfig
 
+    if DEVICE_RUN is not None:
+        return [Variant(name, partial=name in _PARTIAL) for name in DEVICE_RUN]
     reg = jattn.kernels.REGISTRY
     native = jattn.kernels.available("cpu")
     out = [Variant(n) for n in native if n != "reference"]
@@ -107,10 +155,35 @@ class Call:
         )
 
 
+def host():
+    """The host CPU, where the float64 reference is computed whatever the backend under test."""
+    return jax.devices("cpu")[0]
+
+
+@contextlib.contextmanager
+def on_host():
+    """Runs the computations inside on the host CPU. Arrays made without a device (as the
+    suite's are) follow the computation there; ``to_host64`` commits an input to it."""
+    with jax.default_device(host()):
+        yield
+
+
+def to_host64(x):
+    """``x`` in float64 on the host CPU (None stays None). Differentiable."""
+    return None if x is None else jax.device_put(jnp.asarray(x), host()).astype(jnp.float64)
+
+
 def oracle(q, k, v, bias=None, **kwargs):
-    """The float64 reference on the given (possibly low-precision) inputs."""
-    f64 = lambda x: None if x is None else jnp.asarray(x).astype(jnp.float64)  # noqa: E731
-    return jattn.attention(f64(q), f64(k), f64(v), f64(bias), implementation="reference", **kwargs)
+    """The float64 reference on the given (possibly low-precision) inputs, on the host CPU."""
+    with on_host():
+        return jattn.attention(
+            to_host64(q),
+            to_host64(k),
+            to_host64(v),
+            to_host64(bias),
+            implementation="reference",
+            **kwargs,
+        )
 
 
 def normal(key, shape, dtype=jnp.float32):

@@ -13,7 +13,8 @@ registered under a guarded import; one that cannot load is left out and the reas
 
 ``implementation=None`` tries, in order, the names of :data:`DEFAULT_ORDER` for the backend and
 the call's size ("short" below :data:`FLASH_MIN_SCORES` scores per head, else "long") that are
-registered, run on the backend and support the call's features.
+registered, verified on the backend (:data:`VERIFIED_ON_DEVICE`), run on it and support the
+call's features.
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ __all__ = [
     "KernelOutput",
     "REGISTRY",
     "UNAVAILABLE",
+    "VERIFIED_ON_DEVICE",
     "available",
     "default_order",
     "select",
     "testable",
+    "verified",
 ]
 
 # What `implementation=` takes everywhere (jattn.attention, the nn modules, ring attention):
@@ -98,8 +101,9 @@ class Implementation:
 # stays O(T + S)). Measured with `python -m bench` on 2-core CPUs; see docs/kernels.md.
 FLASH_MIN_SCORES = 512 * 1024
 
-# implementation=None: the names tried, in order, by backend and call size. Names that are not
-# registered here (their backend is missing) are passed over.
+# implementation=None: the names tried, in order, by backend and call size, where each would go.
+# Names that are not registered here (their backend is missing), and device kernels not yet
+# verified on the backend (VERIFIED_ON_DEVICE), are passed over.
 DEFAULT_ORDER: Mapping[str, Mapping[str, tuple[str, ...]]] = types.MappingProxyType(
     {
         "cpu": {
@@ -119,12 +123,34 @@ DEFAULT_ORDER: Mapping[str, Mapping[str, tuple[str, ...]]] = types.MappingProxyT
     }
 )
 
+# The kernels whose device code is jattn's own (Pallas), and the accelerator backends on which
+# the shared suite (tests/kernels/test_suite.py) has passed on real hardware. Until it has,
+# implementation=None does not choose the kernel there; it stays callable by name. Their tests
+# so far ran on a CPU only (interpret mode, and lowering through the real Triton and Mosaic
+# lowerings), so both sets are empty. To return `pallas_gpu` to the GPU order: run
+# `python -m bench device` on a GPU, check its summary says the suite passed for pallas_gpu,
+# then add "gpu" to its set here, citing the device, the versions and the run's summary.json
+# in the commit. Kernels not named here (the pure-JAX ones, and `cudnn`, which delegates to
+# jax.nn's cuDNN path) need no such entry.
+VERIFIED_ON_DEVICE: Mapping[str, frozenset[str]] = types.MappingProxyType(
+    {
+        "pallas_gpu": frozenset(),
+        "pallas_tpu": frozenset(),
+    }
+)
+
+
+def verified(name: str, backend: str) -> bool:
+    """Whether ``name`` may be chosen by default on ``backend``: it is no device kernel of
+    jattn's own, or the shared suite has passed on that backend's hardware."""
+    return name not in VERIFIED_ON_DEVICE or backend in VERIFIED_ON_DEVICE[name]
+
 
 def default_order(backend: str, q_len: int, kv_len: int) -> list[str]:
-    """The registered implementations ``implementation=None`` tries, in order."""
+    """The registered, verified implementations ``implementation=None`` tries, in order."""
     size = "short" if q_len * kv_len < FLASH_MIN_SCORES else "long"
     order = DEFAULT_ORDER.get(backend, DEFAULT_ORDER["cpu"])[size]
-    return [name for name in order if name in REGISTRY]
+    return [name for name in order if name in REGISTRY and verified(name, backend)]
 
 
 def available(backend: str | None = None) -> list[str]:

@@ -122,11 +122,40 @@ def test_registry_and_default_order():
         assert name not in jattn.kernels.available("cpu")
     assert {"pallas_gpu", "pallas_tpu"} <= set(jattn.kernels.testable("cpu"))
     assert "cudnn" not in jattn.kernels.testable("cpu")
-    # cuDNN first (it refuses what it cannot take when traced), then the Pallas kernel.
-    assert jattn.kernels.default_order("gpu", 4096, 4096)[:2] == ["cudnn", "pallas_gpu"]
-    assert jattn.kernels.default_order("tpu", 4096, 4096)[0] == "pallas_tpu"
+    # cuDNN first (it refuses what it cannot take when traced), then the pure-JAX kernels: the
+    # Pallas kernels have not passed the suite on real hardware, so no default order has them.
+    assert jattn.kernels.default_order("gpu", 4096, 4096) == [
+        "cudnn",
+        "flash",
+        "fused",
+        "reference",
+    ]
+    assert jattn.kernels.default_order("gpu", 8, 8) == ["cudnn", "fused", "flash", "reference"]
+    assert jattn.kernels.default_order("tpu", 4096, 4096) == ["flash", "fused", "reference"]
+    assert jattn.kernels.default_order("tpu", 8, 8) == ["fused", "flash", "reference"]
     # Emulated kernels are never the default on a CPU.
     assert not {"pallas_gpu", "pallas_tpu", "cudnn"} & set(jattn.kernels.default_order("cpu", 8, 8))
+    # Still callable by name.
+    q, k, v, _ = H.random_qkv(jax.random.key(0), (1,), 4, 5, 2, 2, 8)
+    for name in ("pallas_gpu", "pallas_tpu"):
+        H.assert_close(jattn.attention(q, k, v, implementation=name), H.oracle(q, k, v), 2e-5)
+
+
+def test_unverified_kernels_are_left_out_by_data(monkeypatch):
+    """VERIFIED_ON_DEVICE alone keeps the Pallas kernels out: naming a backend there returns
+    each to its place in DEFAULT_ORDER on that backend only."""
+    verified = jattn.kernels.VERIFIED_ON_DEVICE
+    assert verified["pallas_gpu"] == frozenset() and verified["pallas_tpu"] == frozenset()
+    assert not jattn.kernels.verified("pallas_gpu", "gpu")
+    assert jattn.kernels.verified("flash", "gpu") and jattn.kernels.verified("cudnn", "gpu")
+    monkeypatch.setattr(
+        jattn.kernels,
+        "VERIFIED_ON_DEVICE",
+        {"pallas_gpu": frozenset({"gpu"}), "pallas_tpu": frozenset({"tpu"})},
+    )
+    assert jattn.kernels.default_order("gpu", 4096, 4096)[:2] == ["cudnn", "pallas_gpu"]
+    assert jattn.kernels.default_order("tpu", 4096, 4096)[0] == "pallas_tpu"
+    assert "pallas_tpu" not in jattn.kernels.default_order("gpu", 4096, 4096)
 
 
 @pytest.mark.parametrize(

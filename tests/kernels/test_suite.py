@@ -3,6 +3,11 @@
 Each implementation is compared with the float64 reference, forward and gradients, on random
 inputs and random mask combinations. A feature an implementation lacks must raise
 NotImplementedError naming it; the suite checks that instead of skipping.
+
+The reference always runs on the host CPU (``H.oracle``, ``H.on_host``). With ``--impls NAMES``
+(tests/conftest.py) the suite is the device check that ``python -m bench device`` runs: the named
+implementations only, at their default configs, on JAX's default backend, float16 gradients
+too and sequences up to 4k in ``test_long_sequences``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jattn
+from jattn.plan import make_plan
 from tests import helpers as H
 
 
@@ -88,7 +94,10 @@ def test_forward_low_precision(impl, dtype):
     H.assert_close(out, H.oracle(q, k, v, is_causal=True), H.tol(dtype)[0], what=impl)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+GRAD_DTYPES = [jnp.float32, jnp.bfloat16] + ([jnp.float16] if H.DEVICE_RUN else [])
+
+
+@pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradients(impl, dtype, causal):
     q, k, v, b = H.random_qkv(
@@ -112,8 +121,8 @@ def test_gradients(impl, dtype, causal):
 
     argnums = (0, 1, 2) if b is None else (0, 1, 2, 3)
     got = jax.grad(loss(impl, lambda x: x), argnums=argnums)(q, k, v, b)
-    f64 = lambda x: x.astype(jnp.float64)  # noqa: E731
-    want = jax.grad(loss("reference", f64), argnums=argnums)(q, k, v, b)
+    with H.on_host():
+        want = jax.grad(loss("reference", H.to_host64), argnums=argnums)(q, k, v, b)
     gtol = H.tol(dtype)[1]
     for name, g, w in zip("qkvb"[: len(argnums)], got, want, strict=True):
         assert g.dtype == dtype
@@ -138,6 +147,66 @@ def test_value_head_dim(impl):
         H.assert_close(out, H.oracle(q, k, v), H.tol(jnp.float32)[0])
 
     _check_or_raises(impl, ["value_head_dim"], run)
+
+
+# Longer calls, forward and gradients against the float64 reference: on the device check at
+# their full lengths (up to 4k, some not a multiple of any block size), here at a sixteenth.
+_LONG = {
+    # name: (batch, T = S, N, K, H, dtype, mask choices as in H.mask_kwargs, softcap)
+    "bf16_causal_gqa_lengths": ((1,), 4096, 4, 2, 128, jnp.bfloat16, dict(causal=True), None),
+    "f16_window_lengths": ((2,), 4093, 4, 1, 64, jnp.float16, dict(window=(256, 0)), None),
+    "bf16_segments_softcap": ((1,), 2048, 4, 2, 64, jnp.bfloat16, dict(segments=True), 20.0),
+    "f32_causal": ((1,), 2050, 2, 2, 64, jnp.float32, dict(causal=True, lengths=True), None),
+}
+
+
+@pytest.mark.parametrize("name", list(_LONG))
+def test_long_sequences(impl, name):
+    batch, t, n, kh, h, dtype, choices, softcap = _LONG[name]
+    if H.DEVICE_RUN is None:
+        if impl.slow or impl.every > 1:
+            pytest.skip("long calls: default configs of native kernels only, off the device check")
+        t = t // 16 + 3
+    q, k, v, _ = H.random_qkv(jax.random.key(40), batch, t, t, n, kh, h, dtype=dtype)
+    choices = {"lengths": name.endswith("lengths"), **choices}
+    kw, _ = H.mask_kwargs(np.random.default_rng(40), batch, n, t, t, choices)
+    if softcap is not None:
+        kw["softcap"] = softcap
+    features = sorted(make_plan(q, k, v, **kw)[0].features)
+    ct = H.normal(jax.random.key(41), q.shape)
+
+    def loss(impl_kw, cast):
+        def f(q, k, v):
+            o = jattn.attention(cast(q), cast(k), cast(v), **kw, **impl_kw)
+            return jnp.sum(o.astype(jnp.float32 if o.dtype != jnp.float64 else o.dtype) * ct)
+
+        return f
+
+    def run():
+        out = jattn.attention(q, k, v, **kw, **impl.kw)
+        assert out.dtype == dtype and out.shape == q.shape
+        what = f"{impl} {name} T={t}"
+        H.assert_close(out, H.oracle(q, k, v, **kw), H.tol(dtype)[0], what=what)
+        got = jax.grad(loss(impl.kw, lambda x: x), argnums=(0, 1, 2))(q, k, v)
+        with H.on_host():
+            want = jax.grad(loss(H.impl_kw("reference"), H.to_host64), argnums=(0, 1, 2))(q, k, v)
+        for g_name, g, w in zip("qkv", got, want, strict=True):
+            assert g.dtype == dtype
+            scale = float(jnp.max(jnp.abs(w))) + 1e-6
+            H.assert_close(g / scale, w / scale, H.tol(dtype)[1], what=f"{what} d{g_name}")
+
+    _check_or_raises(impl, features, run)
+
+
+def test_oracle_runs_on_host():
+    """The float64 reference is computed on the host CPU whatever the default backend."""
+    q, k, v, _ = H.random_qkv(jax.random.key(42), (1,), 5, 6, 2, 1, 8)
+    out = H.oracle(q, k, v, is_causal=True)
+    assert out.dtype == jnp.float64
+    assert {d.platform for d in out.devices()} == {"cpu"}
+    with H.on_host():
+        g = jax.grad(lambda q: jnp.sum(H.oracle(q, k, v)))(q)
+    assert g.dtype == jnp.float32 and {d.platform for d in g.devices()} == {"cpu"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,12 +316,13 @@ def test_random_masks_gradients(impl, case):
 
     mask_only = {k: v for k, v in call.kwargs.items() if k != "softcap"}
     got = grads(impl, lambda x: x, softcap=call.kwargs.get("softcap"), **mask_only)
-    want = grads(
-        "reference",
-        lambda x: x.astype(jnp.float64),
-        mask=jnp.asarray(call.dense),
-        softcap=call.kwargs.get("softcap"),
-    )
+    with H.on_host():
+        want = grads(
+            "reference",
+            H.to_host64,
+            mask=jnp.asarray(call.dense),
+            softcap=call.kwargs.get("softcap"),
+        )
     for g, w in zip(got, want, strict=True):
         H.assert_close(g, w, 1e-4, what=impl)
 
@@ -394,7 +464,8 @@ def test_dropout(impl):
             )
 
         g = jax.grad(loss)(q, impl, lambda x: x)
-        g_ref = jax.grad(loss)(q, "reference", lambda x: x.astype(jnp.float64))
+        with H.on_host():
+            g_ref = jax.grad(loss)(q, "reference", H.to_host64)
         H.assert_close(g, g_ref, 1e-4)
 
     _check_or_raises(impl, ["dropout"], run)
@@ -496,7 +567,8 @@ def test_sinks(impl, name):
             return jax.grad(f, argnums=argnums)(q, k, v, b, sinks)
 
         got = grads(impl.kw, lambda x: x)
-        ref = grads({"implementation": "reference"}, lambda x: x.astype(jnp.float64))
+        with H.on_host():
+            ref = grads({"implementation": "reference"}, H.to_host64)
         for g, r in zip(got, ref, strict=True):
             H.assert_close(g, r, 1e-4, what=f"{impl} {name} grad")
 
@@ -569,7 +641,8 @@ def test_sinks_fully_masked_rows_and_dropout(impl):
             dropout_rng=key,
             **impl_kw,
         )
-        ref = f({"implementation": "reference"}, lambda x: x.astype(jnp.float64))
+        with H.on_host():
+            ref = f({"implementation": "reference"}, H.to_host64)
         H.assert_close(f(impl.kw, lambda x: x), ref, 1e-5)
 
     _check_or_raises(impl, ["sinks", "dropout"], run_dropout)
