@@ -285,6 +285,61 @@ bool dot_pays() {
   return pays;
 }
 
+// The unpacks and lane shuffles in their masked forms with every lane set: the same
+// instructions, without the undefined source that GCC 12 reports as maybe-uninitialized.
+inline __m512i unpacklo32(__m512i a, __m512i b) { return _mm512_maskz_unpacklo_epi32(0xFFFF, a, b); }
+inline __m512i unpackhi32(__m512i a, __m512i b) { return _mm512_maskz_unpackhi_epi32(0xFFFF, a, b); }
+inline __m512i unpacklo64(__m512i a, __m512i b) { return _mm512_maskz_unpacklo_epi64(0xFF, a, b); }
+inline __m512i unpackhi64(__m512i a, __m512i b) { return _mm512_maskz_unpackhi_epi64(0xFF, a, b); }
+#define JATTN_LANES(a, b, imm) _mm512_maskz_shuffle_i32x4(0xFFFF, a, b, imm)
+
+// A 16 x 16 transpose of 32-bit elements in registers: r[i] lane j -> r[j] lane i.
+static inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = unpacklo32(r[i], r[i + 1]);
+    t[i + 1] = unpackhi32(r[i], r[i + 1]);
+  }
+  // u[4i + j], 128-bit lane L: element 4L + j of rows 4i .. 4i + 3.
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = unpacklo64(t[i], t[i + 2]);
+    u[i + 1] = unpackhi64(t[i], t[i + 2]);
+    u[i + 2] = unpacklo64(t[i + 1], t[i + 3]);
+    u[i + 3] = unpackhi64(t[i + 1], t[i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i a = JATTN_LANES(u[j], u[4 + j], 0x88);
+    const __m512i b = JATTN_LANES(u[j], u[4 + j], 0xDD);
+    const __m512i c = JATTN_LANES(u[8 + j], u[12 + j], 0x88);
+    const __m512i d = JATTN_LANES(u[8 + j], u[12 + j], 0xDD);
+    r[j] = JATTN_LANES(a, c, 0x88);
+    r[8 + j] = JATTN_LANES(a, c, 0xDD);
+    r[4 + j] = JATTN_LANES(b, d, 0x88);
+    r[12 + j] = JATTN_LANES(b, d, 0xDD);
+  }
+}
+#undef JATTN_LANES
+
+// pack_t for an even depth: per panel and 32-deep step, 16 rows of 16 pairs transposed.
+static void pack_t_even(int64_t n, int64_t d, const uint16_t* x, int64_t ldx, uint16_t* panels,
+                 int64_t panel_stride) {
+  const int64_t dp = round_up(d, kDepthStep);
+  for (int64_t p = 0; p * kPanel < n; ++p) {
+    uint16_t* dst = panels + p * panel_stride;
+    const int64_t rows = std::min<int64_t>(kPanel, n - p * kPanel);
+    for (int64_t k = 0; k < dp; k += kDepthStep) {
+      const int64_t pairs = std::max<int64_t>(0, std::min<int64_t>(16, (d - k) / 2));
+      const __mmask16 m = static_cast<__mmask16>((1u << pairs) - 1);
+      __m512i r[16];
+      for (int64_t c = 0; c < 16; ++c)
+        r[c] = c < rows ? _mm512_maskz_loadu_epi32(m, x + (p * kPanel + c) * ldx + k)
+                        : _mm512_setzero_si512();
+      transpose16(r);
+      for (int64_t e = 0; e < 16; ++e) _mm512_storeu_si512(dst + (k + 2 * e) * kPanel, r[e]);
+    }
+  }
+}
+
 void to_pairs(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* panels,
               int64_t panel_stride) {
   // Rows 2r and 2r + 1 of a panel's 16 columns: converted together (the second in the upper
@@ -333,6 +388,9 @@ void release() {}
 
 void pack_t(int64_t n, int64_t d, const uint16_t* x, int64_t ldx, uint16_t* panels,
             int64_t panel_stride) {
+#if JATTN_LOWP
+  if (d % 2 == 0) return pack_t_even(n, d, x, ldx, panels, panel_stride);
+#endif
   const int64_t dp = round_up(d, kDepthStep);
   for (int64_t p = 0; p * kPanel < n; ++p) {
     uint16_t* dst = panels + p * panel_stride;
