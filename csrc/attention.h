@@ -77,6 +77,11 @@ struct Problem {
   // decided by dropout_keep() below from the per-head seeds uint32 [B, K, G].
   float dropout_rate = 0.0f;
   const uint32_t* dropout_seed = nullptr;
+  // Attention sinks, float32 [B, K, G] (nullptr: none): per query head a logit that joins
+  // every row's softmax denominator without a value. The forward counts it in out and lse;
+  // the backward, given that lse, needs nothing more (the sinks' own gradient, from lse and
+  // rowsum(dO * O), is the Python side's).
+  const float* sinks = nullptr;
 };
 
 // Runs fn(i) for i in [0, n) on the kernel's threads and returns when all are done. Which

@@ -9,6 +9,7 @@
 //   mask [Bm, Km, Gm, Tm, Sm]                               uint8 (each dim full or 1)
 //   bias [Bb, Kb, Gb, Tb, Sb]                               float32 (each dim full or 1)
 //   seeds [B, K, G]                                         uint32
+//   sinks [B, K, G]                                         float32 (attention sinks)
 // An optional operand that is absent is passed with zero elements. Backward takes, after
 // those, out [B, T, N, Hv], lse [B, N, T] (float32), dout [B, T, N, Hv], dlse [B, N, T]
 // (float32, or zero elements for a zero cotangent), and returns dq, dk, dv and dbias
@@ -115,8 +116,8 @@ ffi::Error decode(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::A
                   const ffi::AnyBuffer& q_len, const ffi::AnyBuffer& kv_len,
                   const ffi::AnyBuffer& offset, const ffi::AnyBuffer& q_seg,
                   const ffi::AnyBuffer& kv_seg, const ffi::AnyBuffer& mask,
-                  const ffi::AnyBuffer& bias, const ffi::AnyBuffer& seeds, const CallAttrs& a,
-                  Problem& p) {
+                  const ffi::AnyBuffer& bias, const ffi::AnyBuffer& seeds,
+                  const ffi::AnyBuffer& sinks, const CallAttrs& a, Problem& p) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return ffi::Error::InvalidArgument("q, k, v must be 4-D [B, T|S, heads, dim]");
@@ -169,6 +170,11 @@ ffi::Error decode(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::A
   if (present(seeds)) p.dropout_seed = static_cast<const uint32_t*>(seeds.untyped_data());
   if (p.dropout_rate > 0.0f && !p.dropout_seed)
     return ffi::Error::InvalidArgument("dropout needs seeds");
+  if (present(sinks)) {
+    if (sinks.element_type() != ffi::DataType::F32 || static_cast<int64_t>(sinks.element_count()) != p.B * p.K * p.G)
+      return ffi::Error::InvalidArgument("sinks must be float32 [B, K, G]");
+    p.sinks = static_cast<const float*>(sinks.untyped_data());
+  }
   if (auto e = broadcast5<uint8_t>(mask, p, "mask", p.mask); e.failure()) return e;
   if (auto e = broadcast5<float>(bias, p, "bias", p.bias); e.failure()) return e;
   return ffi::Error::Success();
@@ -178,10 +184,11 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                        ffi::AnyBuffer v, ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len,
                        ffi::AnyBuffer offset, ffi::AnyBuffer q_seg, ffi::AnyBuffer kv_seg,
                        ffi::AnyBuffer mask, ffi::AnyBuffer bias, ffi::AnyBuffer seeds,
-                       ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
+                       ffi::AnyBuffer sinks, ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
                        CallAttrs attrs) {
   Problem p;
-  if (auto e = decode(q, k, v, q_len, kv_len, offset, q_seg, kv_seg, mask, bias, seeds, attrs, p);
+  if (auto e =
+          decode(q, k, v, q_len, kv_len, offset, q_seg, kv_seg, mask, bias, seeds, sinks, attrs, p);
       e.failure())
     return e;
   const ScopedPool on(pool, p.tuning.xla_pool);
@@ -195,12 +202,13 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
                         ffi::AnyBuffer v, ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len,
                         ffi::AnyBuffer offset, ffi::AnyBuffer q_seg, ffi::AnyBuffer kv_seg,
                         ffi::AnyBuffer mask, ffi::AnyBuffer bias, ffi::AnyBuffer seeds,
-                        ffi::AnyBuffer out, ffi::AnyBuffer lse, ffi::AnyBuffer dout,
+                        ffi::AnyBuffer sinks, ffi::AnyBuffer out, ffi::AnyBuffer lse, ffi::AnyBuffer dout,
                         ffi::AnyBuffer dlse, ffi::Result<ffi::AnyBuffer> dq,
                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                         ffi::Result<ffi::AnyBuffer> dbias, CallAttrs attrs) {
   Problem p;
-  if (auto e = decode(q, k, v, q_len, kv_len, offset, q_seg, kv_seg, mask, bias, seeds, attrs, p);
+  if (auto e =
+          decode(q, k, v, q_len, kv_len, offset, q_seg, kv_seg, mask, bias, seeds, sinks, attrs, p);
       e.failure())
     return e;
   const ScopedPool on(pool, p.tuning.xla_pool);
@@ -227,7 +235,8 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
       .Arg<ffi::AnyBuffer>() /* kv_seg */ \
       .Arg<ffi::AnyBuffer>() /* mask */ \
       .Arg<ffi::AnyBuffer>() /* bias */ \
-      .Arg<ffi::AnyBuffer>() /* seeds */
+      .Arg<ffi::AnyBuffer>() /* seeds */ \
+      .Arg<ffi::AnyBuffer>() /* sinks */
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     jattn::CallAttrs, ffi::StructMember<float>("scale"), ffi::StructMember<float>("softcap"),

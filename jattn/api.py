@@ -187,6 +187,8 @@ def _run(impl_name: str, q: Array, k: Array, v: Array, plan: Plan):
         # the user's layout and the plan's leaves in their canonical [*B', K', G', ...] form,
         # and index heads themselves.
         res = impl.fn(q, k, v, plan=plan)
+        if impl.applies_sinks:
+            return res.out, res.lse, res.weights
         return _with_sinks(plan, res.out, res.lse, res.weights)
     nb = q.ndim - 3
     *batch, t, n, h = q.shape

@@ -71,6 +71,8 @@ class Implementation:
         CPU): callable by name, for tests, but never chosen by default nor benchmarked.
       oracle: the exact, slow kernel the tests compare against: last in the default order and
         benchmarked only when asked for by name.
+      applies_sinks: whether a batched ``fn`` counts the plan's attention sinks in its ``out``
+        and ``lse`` itself (otherwise ``jattn.attention`` merges them into its results).
     """
 
     name: str
@@ -81,6 +83,7 @@ class Implementation:
     batched: bool = False
     interpret_backends: frozenset[str] = frozenset()
     oracle: bool = False
+    applies_sinks: bool = False
 
     def missing(self, needed: Iterable[str]) -> list[str]:
         """The features of ``needed`` this implementation lacks, sorted."""
@@ -318,6 +321,7 @@ def _cpu() -> Implementation | str:
         frozenset({"cpu"}),
         config_type=cpu.CpuConfig,
         batched=True,
+        applies_sinks=True,
     )
 
 

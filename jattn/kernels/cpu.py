@@ -79,6 +79,7 @@ OPERANDS = (
     "mask",  # [B', K', G', T', S'] uint8, each dim full or 1
     "bias",  # [B', K', G', T', S'] float32, each dim full or 1
     "seeds",  # [B, K, G]       uint32: dropout, one per head
+    "sinks",  # [B, K, G]       float32: attention sinks, one logit per head
 )
 BACKWARD_OPERANDS = OPERANDS + ("out", "lse", "dout", "dlse")  # dlse empty: a zero cotangent
 FORWARD_RESULTS = ("out", "lse")
@@ -86,7 +87,7 @@ BACKWARD_RESULTS = ("dq", "dk", "dv", "dbias")  # dbias float32 [B, K, G, T, S] 
 # The XLA custom-call targets carry the contract's version: a program exported with them
 # (jax.export) names the contract it was built against, and a library with another contract
 # does not take it. Any change to the tables above or to the attributes bumps it.
-ABI_VERSION = 1
+ABI_VERSION = 2
 _FWD = f"jattn_cpu_forward_v{ABI_VERSION}"
 _BWD = f"jattn_cpu_backward_v{ABI_VERSION}"
 EXPORT_TARGETS = (_FWD, _BWD)
@@ -380,6 +381,10 @@ def cpu_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
     bias = None
     if plan.bias is not None:
         bias = masks.flatten_batch(plan.bias, batch).astype(jnp.float32)
+    sinks = None
+    if plan.sinks is not None:  # counted by the kernel itself (APPLIES_SINKS)
+        sinks = masks.flatten_batch(plan.sinks, batch).astype(jnp.float32)
+        sinks = jnp.broadcast_to(sinks, (nb, kh, g))
     st = _Static(
         scale=float(plan.scale),
         softcap=0.0 if plan.softcap is None else float(plan.softcap),
@@ -390,9 +395,9 @@ def cpu_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
         right=0 if mask_plan.right is None else int(mask_plan.right),
         chunk=mask_plan.chunk or 0,
         config=config,
-        vma=_vma(q3, k3, v3, *([] if bias is None else [bias])),
+        vma=_vma(q3, k3, v3, *(x for x in (bias, sinks) if x is not None)),
     )
-    out, lse = _attention(st, q3, k3, v3, bias, ops)
+    out, lse = _attention(st, q3, k3, v3, bias, sinks, ops)
     out = out.reshape(*batch, t, n, hv)
     lse = lse.reshape(*batch, n, t) if plan.return_lse else None
     return KernelOutput(out, lse, None)
@@ -419,31 +424,48 @@ def _vary(x: Array, axes: tuple[str, ...]) -> Array:
     return jax.lax.pcast(x, missing, to="varying")
 
 
-def _forward(st: _Static, q, k, v, bias, ops):
+def _or_empty(x: Array | None) -> Array:
+    return _empty(jnp.float32) if x is None else x
+
+
+def _forward(st: _Static, q, k, v, bias, sinks, ops):
     b, t, n, _ = q.shape
     hv = v.shape[-1]
     out_types = (
         jax.ShapeDtypeStruct((b, t, n, hv), q.dtype),
         jax.ShapeDtypeStruct((b, n, t), jnp.float32),
     )
-    given = dict(ops, q=q, k=k, v=v, bias=_empty(jnp.float32) if bias is None else bias)
+    given = dict(ops, q=q, k=k, v=v, bias=_or_empty(bias), sinks=_or_empty(sinks))
     call = jax.ffi.ffi_call(_FWD, out_types, vmap_method="sequential")
     out, lse = call(*_operands(OPERANDS, given), **st.attrs())
     return _vary(out, st.vma), _vary(lse, st.vma)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(st: _Static, q, k, v, bias, ops):
-    return _forward(st, q, k, v, bias, ops)
+def _attention(st: _Static, q, k, v, bias, sinks, ops):
+    return _forward(st, q, k, v, bias, sinks, ops)
 
 
-def _attention_fwd(st, q, k, v, bias, ops):
-    out, lse = _forward(st, q, k, v, bias, ops)
-    return (out, lse), (q, k, v, bias, ops, out, lse)
+def _attention_fwd(st, q, k, v, bias, sinks, ops):
+    out, lse = _forward(st, q, k, v, bias, sinks, ops)
+    return (out, lse), (q, k, v, bias, sinks, ops, out, lse)
+
+
+def _sinks_gradient(sinks, out, lse, g_out, g_lse) -> Array:
+    """d sink = -sum over the head's rows of p_sink * D, with p_sink = exp(sink - lse) (the
+    sink's weight; lse counts it) and D = rowsum(dO * O) - dlse: the sink raises every row's
+    denominator and has no value."""
+    d = jnp.einsum("btnh,btnh->bnt", g_out.astype(jnp.float32), out.astype(jnp.float32))
+    if g_lse.size:
+        d = d - g_lse
+    b, kh, g = sinks.shape
+    s = sinks.reshape(b, kh * g)[..., None]
+    p = jnp.where(jnp.isneginf(s), 0.0, jnp.exp(s - lse))
+    return -jnp.sum(p * d, axis=-1).reshape(b, kh, g)
 
 
 def _attention_bwd(st, res, cts):
-    q, k, v, bias, ops, out, lse = res
+    q, k, v, bias, sinks, ops, out, lse = res
     g_out, g_lse = cts
     if isinstance(g_lse, jax.custom_derivatives.SymbolicZero) or g_lse is None:
         g_lse = _empty(jnp.float32)
@@ -469,7 +491,8 @@ def _attention_bwd(st, res, cts):
         q=q,
         k=k,
         v=v,
-        bias=_empty(jnp.float32) if bias is None else bias,
+        bias=_or_empty(bias),
+        sinks=_or_empty(sinks),
         out=out,
         lse=lse,
         dout=g_out,
@@ -482,7 +505,10 @@ def _attention_bwd(st, res, cts):
     else:
         axes = tuple(i for i, d in enumerate(bias.shape) if d == 1 and dbias.shape[i] != 1)
         dbias = _vary(jnp.sum(dbias, axis=axes, keepdims=True).astype(bias.dtype), st.vma)
-    return _vary(dq, st.vma), _vary(dk, st.vma), _vary(dv, st.vma), dbias, None
+    dsinks = None
+    if sinks is not None:
+        dsinks = _vary(_sinks_gradient(sinks, out, lse, g_out, g_lse), st.vma)
+    return _vary(dq, st.vma), _vary(dk, st.vma), _vary(dv, st.vma), dbias, dsinks, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
