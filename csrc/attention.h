@@ -77,6 +77,9 @@ struct Problem {
   // decided by dropout_keep() below from the per-head seeds uint32 [B, K, G].
   float dropout_rate = 0.0f;
   const uint32_t* dropout_seed = nullptr;
+  // The keep threshold of dropout_keep(), computed by the caller from the rate as every
+  // kernel computes it (jattn._dropout.threshold: from the Python float, not this float32).
+  uint32_t dropout_threshold = 0;
   // Attention sinks, float32 [B, K, G] (nullptr: none): per query head a logit that joins
   // every row's softmax denominator without a value. The forward counts it in out and lse;
   // the backward, given that lse, needs nothing more (the sinks' own gradient, from lse and
@@ -139,11 +142,6 @@ inline uint32_t dropout_row_hash(uint32_t head_seed, int64_t i) {
 }
 inline bool dropout_keep(uint32_t row_hash, int64_t j, uint32_t threshold) {
   return fmix32(row_hash ^ (static_cast<uint32_t>(j) * 0xC2B2AE3Du + 1u)) >= threshold;
-}
-// min(int(rate * 2**32), 2**32 - 1), as in jattn._dropout.
-inline uint32_t dropout_threshold(float rate) {
-  double t = static_cast<double>(rate) * 4294967296.0;
-  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
 }
 
 

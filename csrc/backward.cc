@@ -123,7 +123,8 @@ void sweep_row_scalar(const RowArgs& r, const SweepConsts& c, int64_t from) {
       th = std::tanh(x * c.inv_cap);
       x = c.cap * th;
     }
-    if (kAdd) x += r.add[t];
+    const bool hid = kAdd && r.add[t] == -INFINITY;  // as in Sweep::row
+    if (kAdd) x = hid ? r.add[t] : x + r.add[t];
     float pv = std::exp(x - r.lse);
     float d = r.dp[t];
     float pd = pv;
@@ -132,9 +133,9 @@ void sweep_row_scalar(const RowArgs& r, const SweepConsts& c, int64_t from) {
       pd = keep ? pv * c.inv_keep : 0.0f;
       d = keep ? d * c.inv_keep : 0.0f;
     }
-    float ds = pv * (d - r.D);
+    float ds = hid ? 0.0f : pv * (d - r.D);
     if (kDb) r.db[t] = ds;
-    if (kCap) ds *= (1.0f - th * th);
+    if (kCap && !hid) ds *= (1.0f - th * th);
     r.s[t] = pd;
     r.dp[t] = ds * c.scale;
   }
@@ -344,7 +345,7 @@ void plan_backward(const Problem& p, Isa isa, BwdPlan& bp) {
   sc.cap = has_cap ? p.softcap : 1.0f;
   sc.inv_cap = has_cap ? 1.0f / p.softcap : 1.0f;
   sc.inv_keep = bp.has_drop ? 1.0f / (1.0f - p.dropout_rate) : 1.0f;
-  sc.threshold = bp.has_drop ? dropout_threshold(p.dropout_rate) : 0u;
+  sc.threshold = bp.has_drop ? p.dropout_threshold : 0u;
   // Full blocks add the bias straight from its row when it is contiguous along keys.
   bp.bias_direct = bp.has_bias && p.bias.ss == 1;
   const bool db = bp.dbias != nullptr;
@@ -397,6 +398,7 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
   const int64_t N = K * G;
   const DType dt = p.dtype;
   if (B <= 0 || N <= 0) return;
+  const CallGuard guard;  // release_kept() waits for the call
   ScopedThreadCap cap(p.tuning.threads);
   const Isa isa = call_isa(p.tuning.isa);
 

@@ -16,6 +16,7 @@
 // (float32 [B, K, G, T, S], or zero elements when the bias needs no gradient).
 // Attributes (all of them, by name; CallAttrs below):
 //   scale, softcap (0: none), dropout_rate                float32
+//   dropout_threshold (int64)                             jattn._dropout.threshold(rate)
 //   has_left, has_right (bool); left, right (int64)       the static window (mask.h)
 //   chunk (int64; 0: none)                                chunked attention (mask.h)
 //   isa (int64; -1: the best the CPU has, else an Isa, capped to the CPU's)
@@ -29,6 +30,7 @@
 
 #include "attention.h"
 #include "isa.h"
+#include "scratch.h"
 #include "threads.h"
 // The XLA FFI headers are not clean under -Wall -Wextra: their warnings are not ours.
 #pragma GCC diagnostic push
@@ -75,6 +77,7 @@ bool present(const ffi::AnyBuffer& b) { return b.element_count() > 0; }
 // members in this order, Tuning's in its own order).
 struct CallAttrs {
   float scale, softcap, dropout_rate;
+  int64_t dropout_threshold;
   bool has_left, has_right;
   int64_t left, right, chunk;
   Tuning tuning;
@@ -150,6 +153,9 @@ ffi::Error decode(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::A
   p.scale = a.scale;
   p.softcap = a.softcap;
   p.dropout_rate = a.dropout_rate;
+  if (a.dropout_threshold < 0 || a.dropout_threshold > 0xFFFFFFFFll)
+    return ffi::Error::InvalidArgument("dropout_threshold must fit in uint32");
+  p.dropout_threshold = static_cast<uint32_t>(a.dropout_threshold);
   p.has_left = a.has_left;
   p.has_right = a.has_right;
   p.left = a.left;
@@ -240,7 +246,8 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     jattn::CallAttrs, ffi::StructMember<float>("scale"), ffi::StructMember<float>("softcap"),
-    ffi::StructMember<float>("dropout_rate"), ffi::StructMember<bool>("has_left"),
+    ffi::StructMember<float>("dropout_rate"), ffi::StructMember<int64_t>("dropout_threshold"),
+    ffi::StructMember<bool>("has_left"),
     ffi::StructMember<bool>("has_right"), ffi::StructMember<int64_t>("left"),
     ffi::StructMember<int64_t>("right"), ffi::StructMember<int64_t>("chunk"),
     ffi::StructMember<int64_t>("isa"), ffi::StructMember<int64_t>("threads"),
@@ -280,6 +287,11 @@ JATTN_EXPORT const char* jattn_cpu_isa() { return jattn::isa_name(jattn::default
 
 // The best level the CPU has (an Isa value: 0 generic ... 4 amx), the cap of Tuning::isa.
 JATTN_EXPORT int jattn_cpu_best_isa() { return static_cast<int>(jattn::cpu_isa()); }
+
+// The bytes the kernel keeps between calls (scratch.h), and their release: it waits for the
+// calls running and returns the bytes freed.
+JATTN_EXPORT int64_t jattn_cpu_kept_bytes() { return jattn::kept_bytes(); }
+JATTN_EXPORT int64_t jattn_cpu_release() { return jattn::release_kept(); }
 
 // The kernel's own pool's thread count (after the JATTN_CPU_THREADS cap).
 JATTN_EXPORT int64_t jattn_cpu_threads() { return jattn::own_pool_threads(); }

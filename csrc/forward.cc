@@ -171,6 +171,7 @@ void forward_defaults(const Problem& p, int64_t threads, Tuning& t) {
 void forward(const Problem& p, const void* q, const void* k, const void* v, void* out,
              float* lse) {
   if (p.B <= 0 || p.T <= 0 || p.K <= 0 || p.G <= 0) return;
+  const CallGuard guard;  // release_kept() waits for the call
   ScopedThreadCap cap(p.tuning.threads);
   advise_huge_pages(out, p.B * p.T * p.K * p.G * p.Hv * dtype_size(p.dtype));
   const Isa isa = call_isa(p.tuning.isa);

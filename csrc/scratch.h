@@ -8,10 +8,14 @@
 
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <new>
+#include <shared_mutex>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -51,9 +55,50 @@ inline AlignedFloats aligned_floats(int64_t n) {
   return AlignedFloats(static_cast<float*>(p));
 }
 
+class Scratch;
+
+// Every Scratch alive, so that release_kept() can free what they keep.
+struct ScratchRegistry {
+  std::mutex mu;
+  std::vector<Scratch*> all;
+  static ScratchRegistry& get() {
+    static ScratchRegistry r;
+    return r;
+  }
+};
+
+// Held (shared) by every kernel call for its duration; release_kept() takes it exclusively,
+// so it frees no buffer a call is using and waits for running calls to end.
+inline std::shared_mutex& call_mutex() {
+  static std::shared_mutex m;
+  return m;
+}
+struct CallGuard {
+  std::shared_lock<std::shared_mutex> lock{call_mutex()};
+};
+
 // One reusable buffer. Use as a `static thread_local` of the function that needs it.
 class Scratch {
  public:
+  Scratch() {
+    ScratchRegistry& r = ScratchRegistry::get();
+    std::lock_guard<std::mutex> g(r.mu);
+    r.all.push_back(this);
+  }
+  ~Scratch() {
+    ScratchRegistry& r = ScratchRegistry::get();
+    std::lock_guard<std::mutex> g(r.mu);
+    r.all.erase(std::remove(r.all.begin(), r.all.end(), this), r.all.end());
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+
+  int64_t kept_bytes() const { return buf_ ? cap_ * static_cast<int64_t>(sizeof(float)) : 0; }
+  void release() {
+    buf_.reset();
+    cap_ = 0;
+  }
+
   // n floats: this buffer (grown as needed, kept for the next call) when n <= keep, else a
   // buffer held by `own` (freed when the caller drops it).
   float* get(int64_t n, int64_t keep, AlignedFloats& own) {
@@ -73,5 +118,28 @@ class Scratch {
   AlignedFloats buf_;
   int64_t cap_ = 0;
 };
+
+// The bytes every Scratch keeps between calls.
+inline int64_t kept_bytes() {
+  ScratchRegistry& r = ScratchRegistry::get();
+  std::lock_guard<std::mutex> g(r.mu);
+  int64_t n = 0;
+  for (const Scratch* s : r.all) n += s->kept_bytes();
+  return n;
+}
+
+// Frees what every Scratch keeps, once no call is running (calls that start meanwhile wait);
+// returns the bytes freed. The next call allocates again what it needs.
+inline int64_t release_kept() {
+  std::unique_lock<std::shared_mutex> calls(call_mutex());
+  ScratchRegistry& r = ScratchRegistry::get();
+  std::lock_guard<std::mutex> g(r.mu);
+  int64_t n = 0;
+  for (Scratch* s : r.all) {
+    n += s->kept_bytes();
+    s->release();
+  }
+  return n;
+}
 
 }  // namespace jattn

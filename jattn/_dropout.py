@@ -39,5 +39,10 @@ def keep_mask(hseed: Array, q_idx: Array, kv_idx: Array, rate: float) -> Array:
     """Boolean ``[bq, bk]``: True where the weight survives dropout at ``rate``."""
     row = _fmix32(hseed ^ (q_idx.astype(_U32) * _U32(0x85EBCA77)))
     bits = _fmix32(row[:, None] ^ (kv_idx.astype(_U32)[None, :] * _U32(0xC2B2AE3D) + _U32(1)))
-    threshold = min(int(rate * 2**32), 2**32 - 1)
-    return bits >= _U32(threshold)
+    return bits >= _U32(threshold(rate))
+
+
+def threshold(rate: float) -> int:
+    """The keep threshold of ``rate``: ``min(int(rate * 2**32), 2**32 - 1)`` from the Python
+    float, the one way every kernel computes it (the native kernel takes it as an attribute)."""
+    return min(int(float(rate) * 2**32), 2**32 - 1)

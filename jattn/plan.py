@@ -208,6 +208,12 @@ def make_plan(
         sinks = shape.canonical_leaf(sinks, "sinks", (), heads=True, broadcast_tail=False)
 
     softcap = _static_number(softcap, "softcap", positive=True)
+    if softcap is not None and softcap < np.finfo(np.float32).tiny:
+        # Kernels take the cap as float32: there it would be 0 (no softcap) or subnormal.
+        raise ValueError(
+            f"softcap={softcap!r} is below float32's smallest normal number "
+            f"({np.finfo(np.float32).tiny:.3g}), where kernels lose it; use a larger cap"
+        )
     dropout_rate = _static_number(dropout_rate, "dropout_rate")
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")

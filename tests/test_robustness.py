@@ -272,3 +272,110 @@ def test_adapter_force_fp32_for_softmax_sows_float32_weights():
     assert want_weights.dtype == weights.dtype
     np.testing.assert_allclose(weights, want_weights, atol=2e-2)
     H.assert_close(out, want, 5e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite inputs, extreme caps and rates: one rule for every kernel (issue 27).
+
+
+def _nan_where(x) -> np.ndarray:
+    return np.isnan(np.asarray(x, np.float32))
+
+
+def _supports(impl: str, feature: str) -> bool:
+    return feature in jattn.kernels.REGISTRY[impl].supports
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("where", ["q", "k", "bias", "v"])
+@pytest.mark.parametrize("t", [1, 40])
+def test_a_nan_that_reaches_a_visible_logit_or_value_stays_nan(impl, where, t):
+    """A NaN in a visible query, key, bias entry or value makes NaN exactly where the
+    reference's output does (never zeros), and the gradients are NaN where the reference's
+    are; everything else agrees with the reference."""
+    q, k, v = _qkv((2,), t, 48, 4, 2, 16)
+    bias = None
+    if _supports(impl, "bias"):
+        bias = H.normal(jax.random.key(3), (2, 4, t, 48))
+    elif where == "bias":
+        pytest.skip(f"{impl} takes no bias")
+    at = {"q": (1, t - 1, 2, 3), "k": (0, 20, 1, 5), "v": (1, 7, 0, 2), "bias": (0, 3, t - 1, 9)}
+    arrays = dict(q=q, k=k, v=v, bias=bias)
+    arrays[where] = arrays[where].at[at[where]].set(jnp.nan)
+
+    def loss(impl):
+        def f(q, k, v, bias):
+            out = jattn.attention(q, k, v, bias, is_causal=t > 1, implementation=impl)
+            return jnp.sum(out * out), out
+
+        return jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True)
+
+    args = [arrays[name] for name in ("q", "k", "v", "bias")]
+    (_, got), g_got = loss(impl)(*args)
+    (_, want), g_want = loss("reference")(*args)
+    assert _nan_where(want).any()
+    np.testing.assert_array_equal(_nan_where(got), _nan_where(want))
+    ok = ~_nan_where(want)
+    np.testing.assert_allclose(np.asarray(got)[ok], np.asarray(want)[ok], atol=2e-5)
+    for name, a, b in zip("qkv", g_got, g_want, strict=False):
+        assert _nan_where(a).any() == _nan_where(b).any(), (name, where)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masked_non_finite_keys_change_nothing(impl):
+    """Keys hidden by segment ids or a dense mask may hold NaN or inf: the output and dk, dv
+    are those of the same call with zeros there (dq goes through dS K, where 0 * NaN is NaN
+    in every kernel, the reference and jax.nn included)."""
+    q, k, v = _qkv((2,), 24, 40, 2, 2, 16)
+    seg_q = jnp.zeros((2, 24), jnp.int32)
+    seg_k = jnp.zeros((2, 40), jnp.int32).at[:, 30:].set(1)
+    dense = None
+    bad = k.at[:, 33, 0, 3].set(jnp.nan)
+    clean = k.at[:, 33].set(0.0)
+    if _supports(impl, "dense_mask"):
+        dense = jnp.ones((2, 1, 24, 40), bool).at[:, :, :, 12].set(False)
+        bad = bad.at[:, 12, 1, 0].set(jnp.inf)
+        clean = clean.at[:, 12].set(0.0)
+
+    def f(k, v):
+        out = jattn.attention(q, k, v, mask=dense, segment_ids=(seg_q, seg_k), implementation=impl)
+        return jnp.sum(out * out), out
+
+    (_, got), (dk, dv) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(bad, v)
+    (_, want), (dk0, dv0) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(clean, v)
+    for a, b in [(got, want), (dk, dk0), (dv, dv0)]:
+        assert np.isfinite(np.asarray(a)).all()
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softcap_holds_at_every_cap(impl):
+    """c tanh(x / c) to float32 rounding for caps from 1 to 1e8, where x / c is tiny and
+    (1 - e) / (1 + e) would cancel."""
+    q, k, v = _qkv((1,), 16, 64, 2, 2, 32)
+    for cap in [1.0, 1e4, 1e6, 1e8]:
+        got = jattn.attention(q, k, v, softcap=cap, implementation=impl)
+        with jax.enable_x64():
+            want = jattn.attention(
+                *(x.astype(jnp.float64) for x in (q, k, v)), softcap=cap, implementation="reference"
+            )
+        H.assert_close(got, want, 2e-6, what=f"{impl} cap {cap}")
+
+
+def test_a_softcap_float32_loses_is_refused():
+    q, k, v = _qkv((1,), 4, 4, 1, 1, 8)
+    with pytest.raises(ValueError, match="softcap=1e-39 is below float32"):
+        jattn.attention(q, k, v, softcap=1e-39)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dropout_draws_one_pattern_from_the_python_rate(impl):
+    """A rate that float32 does not hold exactly (0.5 + 1.5 * 2**-24) gives every kernel the
+    pattern the reference draws from the Python float."""
+    if not _supports(impl, "dropout"):
+        pytest.skip(f"{impl} has no dropout")
+    q, k, v = _qkv((1,), 256, 256, 1, 1, 16)
+    kw = dict(dropout_rate=0.5 + 1.5 * 2**-24, dropout_rng=jax.random.key(1))
+    got = jattn.attention(q, k, v, implementation=impl, **kw)
+    want = jattn.attention(q, k, v, implementation="reference", **kw)
+    H.assert_close(got, want, 2e-5, what=impl)

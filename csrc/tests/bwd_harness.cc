@@ -20,6 +20,13 @@
 
 using namespace jattn;
 
+
+// min(int(rate * 2**32), 2**32 - 1), as jattn._dropout.threshold computes it.
+static uint32_t threshold_of(float rate) {
+  const double t = static_cast<double>(rate) * 4294967296.0;
+  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+}
+
 namespace {
 
 float round_to(float x, DType dt) {
@@ -170,7 +177,11 @@ void make_inputs(const Config& c, std::mt19937& rng, Inputs& in) {
   std::vector<uint32_t>& seeds = in.seeds;
   seeds.resize(B * N);
   for (auto& s : seeds) s = rng();
-  if (c.dropout > 0) { p.dropout_rate = c.dropout; p.dropout_seed = seeds.data(); }
+  if (c.dropout > 0) {
+    p.dropout_rate = c.dropout;
+    p.dropout_seed = seeds.data();
+    p.dropout_threshold = threshold_of(c.dropout);
+  }
   std::vector<float>& dlse = in.dlse;
   dlse.resize(B * N * T);
   for (auto& x : dlse) x = nd(rng);
@@ -197,7 +208,7 @@ void reference(const Config& c, Inputs& in, Reference& r) {
   rdq.assign(B * T * N * H, 0), rdk.assign(B * S * K * H, 0), rdv.assign(B * S * K * Hv, 0);
   rdb.assign(B * N * T * S, 0);
   const double scale = p.scale, rate = c.dropout;
-  const uint32_t thr = dropout_threshold(c.dropout);
+  const uint32_t thr = threshold_of(c.dropout);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t kh = 0; kh < K; ++kh)
       for (int64_t g = 0; g < G; ++g) {

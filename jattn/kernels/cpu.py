@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn import masks
+from jattn import _dropout, masks
 from jattn.kernels._tuning import Tuning, knob
 from jattn.kernels.common import KernelOutput
 from jattn.plan import FEATURES, Plan
@@ -52,6 +52,8 @@ __all__ = [
     "CpuConfig",
     "EXPORT_TARGETS",
     "best_isa",
+    "kept_bytes",
+    "release_buffers",
     "cpu_attention",
     "isa",
     "num_threads",
@@ -285,6 +287,7 @@ class _Static:
             scale=np.float32(self.scale),
             softcap=np.float32(self.softcap),
             dropout_rate=np.float32(self.dropout_rate),
+            dropout_threshold=np.int64(_dropout.threshold(self.dropout_rate)),
             has_left=bool(self.has_left),
             has_right=bool(self.has_right),
             left=np.int64(self.left),
@@ -311,6 +314,20 @@ def best_isa() -> int | None:
 def num_threads() -> int | None:
     """The native kernel's pool's thread count (after JATTN_CPU_THREADS), or None."""
     return _query("jattn_cpu_threads", ctypes.c_int64)
+
+
+def kept_bytes() -> int | None:
+    """The bytes the native kernel keeps between calls (pre-packed keys and values, the
+    backward's copies, decoding's partial results: per calling thread, each buffer up to a
+    bound; larger ones are freed with their call), or None without the library."""
+    return _query("jattn_cpu_kept_bytes", ctypes.c_int64)
+
+
+def release_buffers() -> int | None:
+    """Frees the buffers the native kernel keeps between calls, once the calls running have
+    finished; returns the bytes freed (None without the library). The next call allocates
+    what it needs again: use this after a large call, when the memory is wanted elsewhere."""
+    return _query("jattn_cpu_release", ctypes.c_int64)
 
 
 def _default_tuning(b, t, s, k, g, h, hv, dtype=np.float32, threads=0) -> dict | None:

@@ -675,7 +675,7 @@ def test_operand_contract_matches_the_ffi_bindings():
     assert cpu.ABI_VERSION == 2 and fingerprint == _ABI_2, fingerprint
 
 
-# Version 2 added the sinks operand (version 1: the same without it).
+# Version 2 added the sinks operand and the dropout_threshold attribute.
 _ABI_2 = (
     (
         "q",
@@ -709,6 +709,7 @@ _ABI_2 = (
         ("int64_t", "bwd_block_keys"),
         ("int64_t", "bwd_block_rows"),
         ("int64_t", "chunk"),
+        ("int64_t", "dropout_threshold"),
         ("int64_t", "isa"),
         ("int64_t", "key_splits"),
         ("int64_t", "left"),
@@ -759,3 +760,24 @@ def test_default_call_exports_and_round_trips():
         assert cpu.EXPORT_TARGETS[0] in exported.mlir_module()
         back = export.deserialize(exported.serialize())
         np.testing.assert_array_equal(back.call(q, k, v, lens), jax.jit(fn)(q, k, v, lens))
+
+
+@needs_lib
+def test_kept_buffers_are_released_on_request():
+    """The buffers kept between calls are counted, freed by release_buffers() (which returns
+    the bytes it freed), and the next call allocates again and gives the same results."""
+    q, k, v, _ = H.random_qkv(jax.random.key(5), (2,), 300, 300, 4, 2, 32)
+
+    def f(q, k, v):
+        return jattn.attention(q, k, v, is_causal=True, implementation="cpu")
+
+    out = f(q, k, v)
+    grads = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+    kept = cpu.kept_bytes()
+    assert kept > 0
+    assert cpu.release_buffers() == kept
+    assert cpu.kept_bytes() == 0
+    np.testing.assert_array_equal(f(q, k, v), out)
+    again = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(again, grads, strict=True):
+        np.testing.assert_array_equal(a, b)
