@@ -117,7 +117,11 @@ ForwardPlan plan_forward(const Problem& p, int64_t threads, Isa isa) {
   auto tasks = [&](int64_t bq_) { return p.B * p.K * ((p.T + bq_ - 1) / bq_); };
   while (bq > min_bq && tasks(bq) < 4 * threads) bq = std::max(min_bq, bq / 2);
   const int64_t nqb = (p.T + bq - 1) / bq;
-  const bool positions = p.G * bq <= 8 && nqb == 1 && p.K <= 64 && t.stream_decode;
+  // Decoding streams K and V by position for up to 16 rows per KV head (8 with bfloat16
+  // products, whose blocks win from 9 rows on: measured with MLA's 16 x 576 / 512 heads and
+  // T = 16, G = 1; at 16 rows float32 streaming took 0.8-0.95x the blocks' time).
+  const int64_t stream_rows = lowp_ok ? 8 : 16;
+  const bool positions = p.G * bq <= stream_rows && nqb == 1 && p.K <= 64 && t.stream_decode;
   if (positions && t.block_keys <= 0) {
     // Up to 256 keys per block (fewer partial results to merge: at 64, S = 16k spent a
     // third of its time on them), the score block of every head within 64 KiB, and enough

@@ -384,13 +384,37 @@ static void pack_t_even(int64_t n, int64_t d, const uint16_t* x, int64_t ldx, ui
   }
 }
 
+alignas(64) static const uint16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                      21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                      11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+// The same from two registers: element i of the first, then element i of the second.
+alignas(64) static const uint16_t kInterleave2[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                                       37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                                       11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+
+// pack_n: rows 2r and 2r + 1 of a panel's 16 columns side by side, then interleaved.
+static void pack_n_vec(int64_t d, int64_t n, const uint16_t* x, int64_t ldx, uint16_t* panels,
+                       int64_t panel_stride) {
+  const __m512i idx = _mm512_load_si512(kInterleave2);
+  const int64_t dp = round_up(d, kDepthStep);
+  for (int64_t j = 0; j < n; j += kPanel) {
+    const __mmask32 m = n - j >= kPanel ? 0xFFFF : static_cast<__mmask32>((1u << (n - j)) - 1);
+    uint16_t* dst = panels + (j / kPanel) * panel_stride;
+    for (int64_t r = 0; r < dp; r += 2) {
+      // 16 elements of each row into the low half of a register (masked loads: zeros past
+      // the panel's columns and below the depth).
+      const __m512i lo = _mm512_maskz_loadu_epi16(r < d ? m : 0, x + std::min(r, d - 1) * ldx + j);
+      const __m512i hi =
+          _mm512_maskz_loadu_epi16(r + 1 < d ? m : 0, x + std::min(r + 1, d - 1) * ldx + j);
+      _mm512_storeu_si512(dst + r * kPanel, _mm512_permutex2var_epi16(lo, idx, hi));
+    }
+  }
+}
+
 void to_pairs(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* panels,
               int64_t panel_stride) {
   // Rows 2r and 2r + 1 of a panel's 16 columns: converted together (the second in the upper
   // half), then interleaved element by element.
-  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
-                                                       21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
-                                                       11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i idx = _mm512_load_si512(kInterleave);
   const int64_t dp = round_up(rows, kDepthStep);
   for (int64_t j = 0; j < cols; j += kPanel) {
@@ -449,6 +473,9 @@ void pack_t(int64_t n, int64_t d, const uint16_t* x, int64_t ldx, uint16_t* pane
 
 void pack_n(int64_t d, int64_t n, const uint16_t* x, int64_t ldx, uint16_t* panels,
             int64_t panel_stride) {
+#if JATTN_LOWP
+  return pack_n_vec(d, n, x, ldx, panels, panel_stride);
+#endif
   const int64_t dp = round_up(d, kDepthStep);
   for (int64_t p = 0; p * kPanel < n; ++p) {
     uint16_t* dst = panels + p * panel_stride;

@@ -184,7 +184,7 @@ def test_decode_gqa_batch():
 @pytest.mark.parametrize(
     "dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name
 )
-@pytest.mark.parametrize("t", [1, 2])
+@pytest.mark.parametrize("t", [1, 2, 4])  # 4: 16 rows per KV head, streamed in float32
 def test_decode_every_mask_feature(t, dtype):
     """Decoding shapes (a few query rows per KV head, many keys) take the kernel's
     position-major path: K and V read one position, every head at once, at a time. Each
