@@ -662,8 +662,10 @@ def train_section(records: Sequence[Rec], *, baseline: str = TRAIN_BASELINE) -> 
             up = ups.get((device, r["implementation"], train_key(r)))
             speed[key] = f"{r['tokens_per_s']:.0f}" + ("" if up is None else f" ({up:.2f}×)")
             share = "" if mm is None else f" ({_pct(r['tflops'] / mm['tflops'])})"
-            times[key] = f"{_sig3(r['median_s'] * 1e3)}{share}"
-        keys = sorted({train_key(r) for r in measured})
+            ms = r["median_s"] * 1e3
+            times[key] = f"{ms:.0f}{share}" if ms >= 100 else f"{_sig3(ms)}{share}"
+        # a model's cases by length, then batch
+        keys = sorted({train_key(r) for r in measured}, key=lambda k: (*k[:6], k[7], k[6]))
         for title, cells in (("tokens/s", speed), ("step ms", times)):
             rows = [[*_train_lead(k), *(cells.get((k, i), "") for i in impls)] for k in keys]
             if rows:
