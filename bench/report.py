@@ -648,10 +648,25 @@ def train_section(records: Sequence[Rec], *, baseline: str = TRAIN_BASELINE) -> 
         measured = [r for r in drecs if r["status"] != "absent"]
         impls = _impl_order(measured, baseline)
         mm = limit.get((device, "xla:matmul:float32"))
+        # Each record against the rate measured at the start of its own run (the newest on
+        # the device for a run without one): a shared machine's rate drifts between runs.
+        own = {
+            r["run_id"]: r for r in records
+            if record_kind(r) == "roofline" and r["status"] == "ok" and device_key(r) == device
+            and r["implementation"] == "xla:matmul" and r["dtype"] == "float32"
+        }  # fmt: skip
+        runs = sorted({r.get("run_id", "") for r in measured})
         out.append(f"\n#### {device_label(device)}\n")
         out.append(_machine_line(drecs))
-        if mm is not None:
-            out.append(f"Float32 matmul rate (XLA, {mm['problem']}): {rate(mm['tflops'])}.")
+        rates = [own[run] for run in runs if run in own] or ([mm] if mm is not None else [])
+        if rates:
+            out.append(
+                f"Float32 matmul rate (XLA, {rates[0]['problem']}) at the start of "
+                + ("the run" if len(rates) == 1 else "each run")
+                + ": "
+                + ", ".join(rate(x["tflops"]) for x in rates)
+                + "."
+            )
         speed: dict[tuple[TrainKey, str], str] = {}
         times: dict[tuple[TrainKey, str], str] = {}
         for r in measured:
@@ -661,7 +676,8 @@ def train_section(records: Sequence[Rec], *, baseline: str = TRAIN_BASELINE) -> 
                 continue
             up = ups.get((device, r["implementation"], train_key(r)))
             speed[key] = f"{r['tokens_per_s']:.0f}" + ("" if up is None else f" ({up:.2f}×)")
-            share = "" if mm is None else f" ({_pct(r['tflops'] / mm['tflops'])})"
+            ref = own.get(r.get("run_id", ""), mm)
+            share = "" if ref is None else f" ({_pct(r['tflops'] / ref['tflops'])})"
             ms = r["median_s"] * 1e3
             times[key] = f"{ms:.0f}{share}" if ms >= 100 else f"{_sig3(ms)}{share}"
         # a model's cases by length, then batch
