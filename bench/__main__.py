@@ -504,6 +504,13 @@ def _list() -> int:
     except Exception as e:
         print(f"\njattn is not importable: {e}")
     print(f"peers: {', '.join(PEERS)}")
+    from bench.train import TRAIN_SETS
+
+    print("\ntraining-step sets (python -m bench train --sets NAME):")
+    for name, shapes in TRAIN_SETS.items():
+        print(f"{name}:")
+        for shape in shapes:
+            print(f"  {shape.label}")
     return 0
 
 
