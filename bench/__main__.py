@@ -1,4 +1,5 @@
 """`python -m bench [run] [options]` measures; `python -m bench report FILE...` reports;
+`python -m bench train [options]` measures whole training steps of jattn's models;
 `python -m bench device` is the one-shot check of a GPU machine (bench/device.py).
 
 Run `python -m bench --help` or `python -m bench report --help` for the options.
@@ -19,7 +20,7 @@ from bench.runners import DTYPES, PEERS
 from bench.shapes import SET_DTYPES, SHAPE_SETS, Shape, parse_shape
 from bench.timing import TimingConfig
 
-SUBCOMMANDS = ("run", "report", "list", "device")
+SUBCOMMANDS = ("run", "report", "list", "train", "device")
 
 
 def _csv(text: str) -> list[str]:
@@ -192,6 +193,59 @@ def _parser() -> argparse.ArgumentParser:
         help="tiny selections (two suite tests, a tiny sweep): a smoke test; without a GPU, "
         "the CPU rehearsal of the suite's and the benchmark's plumbing",
     )
+
+    from bench.train import JATTN_IMPLS, TRAIN_PEERS, TRAIN_SETS
+
+    train = sub.add_parser(
+        "train",
+        help="whole training steps (forward, backward, AdamW) of jattn's DecoderLM and "
+        "Transformer beside PyTorch",
+    )
+    train.add_argument(
+        "--sets",
+        default=None,
+        help=f"comma-separated named sets: {', '.join(TRAIN_SETS)} (default: quick, unless "
+        "--case is given)",
+    )
+    train.add_argument(
+        "--case",
+        action="append",
+        default=[],
+        metavar="MODEL,d_model,layers,heads,d_ff,vocab,B,T",
+        help="an extra case, MODEL DecoderLM or Transformer "
+        "(e.g. DecoderLM,384,6,6,1536,96,16,256); repeatable",
+    )
+    train.add_argument(
+        "--impls",
+        default="all",
+        help=f"jattn implementations in the models: comma-separated from {', '.join(JATTN_IMPLS)} "
+        "('auto': jattn's own choice), 'all' or 'none'",
+    )
+    train.add_argument(
+        "--peers",
+        default="all",
+        help=f"peers: comma-separated from {', '.join(TRAIN_PEERS)} (xla: the jattn model with "
+        "jax.nn.dot_product_attention), 'all' or 'none'",
+    )
+    train.add_argument("--repeats", type=int, default=3, help="timed steps per round (default 3)")
+    train.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    train.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time a case's runners in turn this many times, pooling each one's samples "
+        "(default 1)",
+    )
+    train.add_argument("--seed", type=int, default=0, help="seed of parameters and batches")
+    train.add_argument(
+        "--torch-threads", type=int, default=None, help="CPU threads for PyTorch (default: all)"
+    )
+    train.add_argument(
+        "--out", default=None, help="results file, JSON lines (default: results/train-...jsonl)"
+    )
+    train.add_argument(
+        "--no-roofline", action="store_true", help="do not measure the matmul rate first"
+    )
     return parser
 
 
@@ -347,6 +401,77 @@ def _config(args: argparse.Namespace):  # -> SweepConfig (imported late: it impo
     )
 
 
+def _train_config(args: argparse.Namespace):  # -> bench.train.TrainConfig
+    from bench.train import JATTN_IMPLS, TRAIN_PEERS, TRAIN_SETS, TrainConfig, TrainShape
+
+    for option, value, least in (
+        ("--repeats", args.repeats, 1),
+        ("--warmup", args.warmup, 1),
+        ("--rounds", args.rounds, 1),
+        ("--torch-threads", args.torch_threads, 1),
+        ("--seed", args.seed, 0),
+    ):
+        if value is not None and value < least:
+            raise BadOption(f"{option} must be >= {least}, got {value}")
+    chosen: list[tuple[str, TrainShape]] = []
+    named = args.sets if args.sets is not None else ("" if args.case else "quick")
+    for name in _csv(named):
+        if name not in TRAIN_SETS:
+            raise BadOption(f"--sets: unknown set {name!r}; known: {', '.join(TRAIN_SETS)}")
+        chosen.extend((name, shape) for shape in TRAIN_SETS[name])
+    for text in args.case:
+        try:
+            chosen.append(("custom", TrainShape.parse(text)))
+        except ValueError as e:
+            raise BadOption(f"--case: {e}") from None
+    if not chosen:
+        raise BadOption("no case selected: give --sets NAMES or --case MODEL,d,L,N,ff,V,B,T")
+    unique = list({shape: (name, shape) for name, shape in reversed(chosen)}.values())[::-1]
+    impls, peers = _names(args.impls), _names(args.peers)
+    for option, names, known in (("--impls", impls, JATTN_IMPLS), ("--peers", peers, TRAIN_PEERS)):
+        for name in names or ():
+            if name not in known:
+                raise BadOption(
+                    f"{option}: unknown name {name!r}; known: {', '.join(known)}, all, none"
+                )
+    if impls == [] and peers == []:
+        raise BadOption("--impls none --peers none selects nothing to measure")
+    return TrainConfig(
+        shapes=unique,
+        impls=impls,
+        peers=peers,
+        timing=TimingConfig(repeats=args.repeats, warmup=args.warmup, min_time=0.0,
+                            rounds=args.rounds),
+        seed=args.seed,
+        torch_threads=args.torch_threads,
+        roofline=None if args.no_roofline else RooflineConfig(dtypes=("float32",)),
+    )  # fmt: skip
+
+
+def _train(args: argparse.Namespace) -> int:
+    from bench.report import train_run_table
+    from bench.sweep import current_platform
+    from bench.train import run_train
+
+    config = _train_config(args)
+    platform = current_platform()
+    if args.out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        args.out = str(pathlib.Path("results") / f"train-{platform.backend}-{stamp}.jsonl")
+    out = _out_path(args, platform.backend)
+    print(f"backend {platform.backend} ({platform.device_kind}); records -> {out}", flush=True)
+    records = run_train(config, out, log=lambda line: print(line, flush=True))
+    print()
+    print(train_run_table(records))
+    print(f"\n{len(records)} records written to {out}")
+    if not any(r.status == "ok" and r.kind == "train" for r in records):
+        print(
+            "python -m bench train: nothing was measured (the reasons are above)", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from bench.report import run_table
     from bench.sweep import cases, current_platform, run_sweep
@@ -390,13 +515,15 @@ def _report(args: argparse.Namespace) -> int:
             raise BadOption(f"report: {path!r} holds no records")
         records.extend(found)
     attention = [r for r in records if record_kind(r) == "attention"]
-    if not any(r["status"] == "ok" for r in attention):
+    trained = [r for r in records if record_kind(r) == "train" and r["status"] == "ok"]
+    if not any(r["status"] == "ok" for r in attention) and not trained:
         statuses = ", ".join(sorted({r["status"] for r in attention})) or "none"
         raise BadOption(
             f"report: no measured ('ok') attention record in {', '.join(args.files)} "
-            f"({len(attention)} attention records, status {statuses}): nothing to report"
+            f"({len(attention)} attention records, status {statuses}) and no measured "
+            "training step: nothing to report"
         )
-    measured = sorted({r["implementation"] for r in attention if r["status"] == "ok"})
+    measured = sorted({r["implementation"] for r in attention + trained if r["status"] == "ok"})
     baseline = args.baseline or BASELINE
     if args.baseline is not None and args.baseline not in measured:
         raise BadOption(
@@ -434,6 +561,13 @@ def _list() -> int:
     except Exception as e:
         print(f"\njattn is not importable: {e}")
     print(f"peers: {', '.join(PEERS)}")
+    from bench.train import TRAIN_SETS
+
+    print("\ntraining-step sets (python -m bench train --sets NAME):")
+    for name, shapes in TRAIN_SETS.items():
+        print(f"{name}:")
+        for shape in shapes:
+            print(f"  {shape.label}")
     return 0
 
 
@@ -464,6 +598,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args)
         if args.command == "list":
             return _list()
+        if args.command == "train":
+            return _train(args)
         if args.command == "device":
             return _device(args)
         return _run(args)

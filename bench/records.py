@@ -24,17 +24,21 @@ from typing import Any, Literal
 # 2: `kind` ("attention" or "roofline") and the roofline fields `problem`, `bytes`,
 # `gbytes_per_s`. Version 1 records are attention records.
 # 3: `Hv` (value head size) and `sinks`; records of versions 1 and 2 read as Hv = H, no sinks.
-SCHEMA_VERSION = 3
+# 4: kind "train" (a whole training step of a model, `python -m bench train`) with its fields
+# `model`, `d_model`, `layers`, `d_ff`, `vocab`, `tokens`, `params`, `matmul_params`,
+# `tokens_per_s`; status "skipped" (a peer that could not be set up on this machine, such as
+# torch.compile without a working compiler).
+SCHEMA_VERSION = 4
 
-Kind = Literal["attention", "roofline"]
-KINDS: tuple[Kind, ...] = ("attention", "roofline")
+Kind = Literal["attention", "roofline", "train"]
+KINDS: tuple[Kind, ...] = ("attention", "roofline", "train")
 Origin = Literal["ours", "peer", "machine"]
 
 Mode = Literal["fwd", "fwd+bwd"]
 MODES: tuple[Mode, ...] = ("fwd", "fwd+bwd")
 
-Status = Literal["ok", "unsupported", "oom", "error", "absent"]
-STATUSES: tuple[Status, ...] = ("ok", "unsupported", "oom", "error", "absent")
+Status = Literal["ok", "unsupported", "oom", "error", "absent", "skipped"]
+STATUSES: tuple[Status, ...] = ("ok", "unsupported", "oom", "error", "absent", "skipped")
 
 # FlashAttention convention: the backward pass does 2.5x the forward's matmul work
 # (five matmuls against two), so forward + backward is 3.5x the forward.
@@ -90,7 +94,7 @@ class Record:
     dtype: str | None = None
     causal: bool | None = None
     mask: str | None = None  # "causal" or "none"
-    mode: Mode | None = None
+    mode: Mode | Literal["train"] | None = None  # "train" in a train record
     # timing: wall time of one call after warm-up, inputs already on the device
     repeats: int | None = None
     number: int | None = None  # calls per repeat (more than 1 only for very fast calls)
@@ -119,6 +123,18 @@ class Record:
     problem: str | None = None
     bytes: int | None = None
     gbytes_per_s: float | None = None
+    # train records: the model and its sizes (N: heads, H: head size, T: tokens per sequence,
+    # S: the source length of an encoder-decoder), the tokens of a step, the parameter count,
+    # the weights of its matmuls (what `flops` counts 6 per token for) and the throughput
+    model: str | None = None  # "DecoderLM" or "Transformer"
+    d_model: int | None = None
+    layers: int | None = None
+    d_ff: int | None = None
+    vocab: int | None = None
+    tokens: int | None = None
+    params: int | None = None
+    matmul_params: int | None = None
+    tokens_per_s: float | None = None
     # bookkeeping
     run_id: str = ""
     timestamp: str = ""
@@ -142,12 +158,16 @@ REQUIRED_FIELDS: tuple[str, ...] = (
 
 
 _NUMBER_FIELDS = ("median_s", "iqr_s", "min_s", "max_s", "compile_s", "flops", "tflops",
-                  "gbytes_per_s")  # fmt: skip
-_INT_FIELDS = ("B", "T", "S", "N", "K", "H", "Hv", "repeats", "number", "warmup", "bytes")
+                  "gbytes_per_s", "tokens_per_s")  # fmt: skip
+_INT_FIELDS = ("B", "T", "S", "N", "K", "H", "Hv", "repeats", "number", "warmup", "bytes",
+               "d_model", "layers", "d_ff", "vocab", "tokens", "params",
+               "matmul_params")  # fmt: skip
+TRAIN_FIELDS: tuple[str, ...] = ("model", "d_model", "layers", "N", "d_ff", "vocab", "B", "T")
 
 
 def record_kind(record: dict[str, Any]) -> str:
-    """ "attention" or "roofline" (records of schema 1 have no kind: they are attention ones)."""
+    """ "attention", "roofline" or "train" (records of schema 1 have no kind: they are
+    attention ones)."""
     return record.get("kind") or "attention"
 
 
@@ -163,7 +183,7 @@ def validate(record: Any) -> None:
         raise ValueError(f"record kind {kind!r} is not one of {KINDS}")
     if record["status"] not in STATUSES:
         raise ValueError(f"record status {record['status']!r} is not one of {STATUSES}")
-    origins = ("machine",) if kind == "roofline" else ("ours", "peer")
+    origins: tuple[str, ...] = ("machine",) if kind == "roofline" else ("ours", "peer")
     if record["origin"] not in origins:
         raise ValueError(f"a {kind} record's origin {record['origin']!r} is not one of {origins}")
     for name in _NUMBER_FIELDS:
@@ -181,6 +201,8 @@ def validate(record: Any) -> None:
             needed: tuple[str, ...] = ("dtype", "median_s")
             if record.get("tflops") is None and record.get("gbytes_per_s") is None:
                 raise ValueError(f"a roofline record lacks tflops or gbytes_per_s: {record!r:.200}")
+        elif kind == "train":
+            needed = (*TRAIN_FIELDS, "dtype", "median_s", "flops", "tflops", "tokens_per_s")
         else:
             needed = (*CASE_FIELDS, "median_s", "tflops")
         lacking = [n for n in needed if record.get(n) is None]

@@ -209,7 +209,10 @@ def markdown_report(records: Sequence[Rec], *, baseline: str = BASELINE) -> str:
     """Per device: the machine, then one row per case and one column per implementation,
     each cell `TFLOP/s (speed-up over the baseline)`."""
     limit = limits(records)
+    train = train_section(records)
     records = latest(attention_only(records))
+    if not records:
+        return train
     ups = speedups(records, baseline)
     by_device: dict[tuple[str, str], list[Rec]] = collections.defaultdict(list)
     for r in records:
@@ -259,6 +262,8 @@ def markdown_report(records: Sequence[Rec], *, baseline: str = BASELINE) -> str:
             out.append("\nNot measured:\n\n" + "\n".join(notes[:20]))
             if len(notes) > 20:
                 out.append(f"- ... and {len(notes) - 20} more")
+    if train:
+        out.append("\n" + train)
     return "\n".join(out) + "\n"
 
 
@@ -523,13 +528,207 @@ def plot(
 def write_report(
     records: Sequence[Rec], out_dir: str | os.PathLike[str], *, baseline: str = BASELINE
 ) -> dict[str, pathlib.Path]:
-    """Write report.md, throughput.png and speedup.png into `out_dir`; return their paths."""
+    """Write report.md, and throughput.png and speedup.png when there are attention records
+    and train.png when there are training-step records, into `out_dir`; return their paths."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    throughput = plot(records, out / "throughput.png", metric="tflops", baseline=baseline)
-    speedup = plot(records, out / "speedup.png", metric="speedup", baseline=baseline)
     md = markdown_report(records, baseline=baseline)
-    md += f"\n![throughput]({throughput.name})\n\n![speed-up over {baseline}]({speedup.name})\n"
+    paths: dict[str, pathlib.Path] = {}
+    if any(r["status"] == "ok" for r in attention_only(records)):
+        throughput = plot(records, out / "throughput.png", metric="tflops", baseline=baseline)
+        speedup = plot(records, out / "speedup.png", metric="speedup", baseline=baseline)
+        md += f"\n![throughput]({throughput.name})\n\n![speed-up over {baseline}]({speedup.name})\n"
+        paths.update(throughput=throughput, speedup=speedup)
+    if any(r["status"] == "ok" for r in train_only(records)):
+        paths["train"] = plot_train(records, out / "train.png")
+        md += f"\n\n![training steps]({paths['train'].name})\n"
     report = out / "report.md"
     report.write_text("# jattn benchmark report\n\n" + md, encoding="utf-8")
-    return {"markdown": report, "throughput": throughput, "speedup": speedup}
+    return {"markdown": report, **paths}
+
+
+# --- training steps (`python -m bench train`) ----------------------------------------------
+
+TRAIN_BASELINE = "torch:eager"
+
+TrainKey = tuple[Any, ...]  # (model, d_model, layers, heads, d_ff, vocab, B, T)
+
+
+def train_only(records: Iterable[Rec]) -> list[Rec]:
+    """The training-step records."""
+    return [r for r in records if record_kind(r) == "train"]
+
+
+def train_key(r: Rec) -> TrainKey:
+    return (r["model"], r["d_model"], r["layers"], r["N"], r["d_ff"], r["vocab"], r["B"], r["T"])
+
+
+def latest_train(records: Iterable[Rec]) -> list[Rec]:
+    """One training record per (device, implementation, case): the newest."""
+    best: dict[tuple[Any, ...], Rec] = {}
+    for r in train_only(records):
+        case = None if r["status"] == "absent" else train_key(r)
+        key = (device_key(r), r["implementation"], case)
+        if key not in best or r.get("timestamp", "") >= best[key].get("timestamp", ""):
+            best[key] = r
+    return list(best.values())
+
+
+def _train_lead(key: TrainKey) -> list[str]:
+    model, d, L, N, ff, V, B, T = key
+    return [model, str(d), str(L), str(N), str(ff), str(V), str(B), str(T)]
+
+
+_TRAIN_DIMS = ["model", "d_model", "layers", "heads", "d_ff", "vocab", "B", "T"]
+
+
+def train_run_table(records: Sequence[Any]) -> str:
+    """The table printed after `python -m bench train`: one row per training record."""
+    headers = [*_TRAIN_DIMS, "implementation", "step ms", "IQR ms", "tokens/s", "GFLOP/s",
+               "compile s", "status"]  # fmt: skip
+    rows, absent = [], []
+    for rec in records:
+        r = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else rec
+        if record_kind(r) != "train":
+            continue
+        if r["status"] == "absent":
+            absent.append(f"  {r['implementation']}: {r['reason']}")
+            continue
+        ok = r["status"] == "ok"
+        rows.append([
+            *_train_lead(train_key(r)), r["implementation"],
+            _ms(r["median_s"]), _ms(r["iqr_s"]),
+            _num(r.get("tokens_per_s"), ".0f"),
+            _num(None if r["tflops"] is None else r["tflops"] * 1e3, ".1f"),
+            _num(r["compile_s"], ".1f"),
+            "ok" if ok else f"{r['status']}: {r['reason']}"[:70],
+        ])  # fmt: skip
+    text = format_table(headers, rows, markdown=False)
+    if absent:
+        text += "\n\nnot measured:\n" + "\n".join(absent)
+    return text
+
+
+def train_speedups(records: Iterable[Rec], baseline: str = TRAIN_BASELINE) -> dict[Any, float]:
+    """{(device, implementation, case): baseline median step time / this one's}."""
+    ok = [r for r in train_only(records) if r["status"] == "ok"]
+    base = {(device_key(r), train_key(r)): r["median_s"] for r in ok
+            if r["implementation"] == baseline}  # fmt: skip
+    out = {}
+    for r in ok:
+        ref = base.get((device_key(r), train_key(r)))
+        if ref is not None and r["median_s"] > 0:
+            out[(device_key(r), r["implementation"], train_key(r))] = ref / r["median_s"]
+    return out
+
+
+def train_section(records: Sequence[Rec], *, baseline: str = TRAIN_BASELINE) -> str:
+    """Markdown for the training-step records, per device: tokens per second with the
+    speed-up over `baseline`, then the median step time with its share of the machine's
+    float32 matmul rate. Empty when there are no training records."""
+    limit = limits(records)
+    recs = latest_train(records)
+    if not recs:
+        return ""
+    ups = train_speedups(recs, baseline)
+    by_device: dict[tuple[str, str], list[Rec]] = collections.defaultdict(list)
+    for r in recs:
+        by_device[device_key(r)].append(r)
+    out = [
+        "### Training step\n",
+        "A whole training step (forward, backward, AdamW update; float32, no dropout) of "
+        "each model. First table: tokens per second and, in brackets, the speed-up over "
+        f"`{baseline}` (its median step time divided by this one's). Second: the median step "
+        "time in ms and, in brackets, the step's matmul FLOPs (6 x weights in matmuls x tokens, "
+        "plus attention by the FlashAttention convention) per second as a share of the "
+        "machine's float32 matmul rate measured in the same run.",
+    ]
+    for device in sorted(by_device):
+        drecs = by_device[device]
+        measured = [r for r in drecs if r["status"] != "absent"]
+        impls = _impl_order(measured, baseline)
+        mm = limit.get((device, "xla:matmul:float32"))
+        # Each record against the rate measured at the start of its own run (the newest on
+        # the device for a run without one): a shared machine's rate drifts between runs.
+        own = {
+            r["run_id"]: r for r in records
+            if record_kind(r) == "roofline" and r["status"] == "ok" and device_key(r) == device
+            and r["implementation"] == "xla:matmul" and r["dtype"] == "float32"
+        }  # fmt: skip
+        runs = sorted({r.get("run_id", "") for r in measured})
+        out.append(f"\n#### {device_label(device)}\n")
+        out.append(_machine_line(drecs))
+        rates = [own[run] for run in runs if run in own] or ([mm] if mm is not None else [])
+        if rates:
+            out.append(
+                f"Float32 matmul rate (XLA, {rates[0]['problem']}) at the start of "
+                + ("the run" if len(rates) == 1 else "each run")
+                + ": "
+                + ", ".join(rate(x["tflops"]) for x in rates)
+                + "."
+            )
+        speed: dict[tuple[TrainKey, str], str] = {}
+        times: dict[tuple[TrainKey, str], str] = {}
+        for r in measured:
+            key = (train_key(r), r["implementation"])
+            if r["status"] != "ok":
+                speed[key] = times[key] = _STATUS_CELL.get(r["status"], r["status"])
+                continue
+            up = ups.get((device, r["implementation"], train_key(r)))
+            speed[key] = f"{r['tokens_per_s']:.0f}" + ("" if up is None else f" ({up:.2f}×)")
+            ref = own.get(r.get("run_id", ""), mm)
+            share = "" if ref is None else f" ({_pct(r['tflops'] / ref['tflops'])})"
+            ms = r["median_s"] * 1e3
+            times[key] = f"{ms:.0f}{share}" if ms >= 100 else f"{_sig3(ms)}{share}"
+        # a model's cases by length, then batch
+        keys = sorted({train_key(r) for r in measured}, key=lambda k: (*k[:6], k[7], k[6]))
+        for title, cells in (("tokens/s", speed), ("step ms", times)):
+            rows = [[*_train_lead(k), *(cells.get((k, i), "") for i in impls)] for k in keys]
+            if rows:
+                out.append(f"\n{title}:\n\n" + format_table([*_TRAIN_DIMS, *impls], rows,
+                                                             markdown=True))  # fmt: skip
+        notes = sorted({f"- `{r['implementation']}`: {r['status']}: {r['reason']}"
+                        for r in drecs if r["status"] != "ok"})  # fmt: skip
+        if notes:
+            out.append("\nNot measured:\n\n" + "\n".join(notes))
+    return "\n".join(out)
+
+
+def plot_train(records: Sequence[Rec], path: str | os.PathLike[str]) -> pathlib.Path:
+    """A PNG of tokens per second, one panel per device, a group of bars per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in latest_train(records) if r["status"] == "ok"]
+    devices = sorted({device_key(r) for r in ok}) or [("none", "none")]
+    impls = _impl_order(ok, TRAIN_BASELINE)
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(impls)}
+    fig, axes = plt.subplots(1, len(devices), figsize=(7 * len(devices), 4), squeeze=False)
+    for col, device in enumerate(devices):
+        ax = axes[0][col]
+        recs = [r for r in ok if device_key(r) == device]
+        keys = sorted({train_key(r) for r in recs})
+        width = 0.8 / max(1, len(impls))
+        by = {(train_key(r), r["implementation"]): r["tokens_per_s"] for r in recs}
+        for j, impl in enumerate(impls):
+            xs = [i + j * width for i, k in enumerate(keys) if (k, impl) in by]
+            ys = [by[(k, impl)] for k in keys if (k, impl) in by]
+            ax.bar(xs, ys, width, label=impl, color=colors[impl])
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
+        ax.set_xticklabels([f"{k[0]} d={k[1]}\nB={k[6]} T={k[7]}" for k in keys], fontsize=8)
+        ax.set_ylabel("tokens / s")
+        ax.set_title(f"{device_label(device)}\ntraining step, float32", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        if not recs:
+            ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes)
+    if impls:
+        fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(impls)),
+                   fontsize=8, frameon=False)  # fmt: skip
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -213,16 +213,65 @@ class MultiHeadAttention(nnx.Module):
     def _heads(self, x: jax.Array, heads: int) -> jax.Array:
         return x.reshape(*x.shape[:-1], heads, self.head_dim)
 
+    def _project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Self-attention's query, key and value heads of ``x`` from one matmul.
+
+        The three kernels (and biases) are concatenated for the call, so the parameters stay
+        ``query``, ``key`` and ``value`` (checkpoints, sharding rules) while the step runs one
+        ``[d, (N + 2K) * head_dim]`` product forward and one for each gradient instead of
+        three of each; the result is the same as three ``nnx.Linear`` calls.
+        """
+        layers = (self.query, self.key, self.value)
+        kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=-1)
+        bias = None
+        if self.query.bias is not None:
+            bias = jnp.concatenate([layer.bias[...] for layer in layers], axis=-1)
+        x, kernel, bias = self.query.promote_dtype((x, kernel, bias), dtype=self.query.dtype)
+        y = self.query.dot_general(
+            x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.query.precision
+        )
+        if bias is not None:
+            y = y + bias
+        nq = self.num_heads * self.head_dim
+        nk = self.num_kv_heads * self.head_dim
+        q, k, v = jnp.split(y, [nq, nq + nk], axis=-1)
+        return (
+            self._heads(q, self.num_heads),
+            self._heads(k, self.num_kv_heads),
+            self._heads(v, self.num_kv_heads),
+        )
+
+    def _fuses_qkv(self) -> bool:
+        """Whether the three projections can be one matmul (same input width, one dtype
+        policy, no custom dot_general on one of them)."""
+        q, k, v = self.query, self.key, self.value
+        return (
+            self.kv_features == self.in_features
+            and q.dtype == k.dtype == v.dtype
+            and q.precision == k.precision == v.precision
+            and q.dot_general is k.dot_general is v.dot_general
+            and q.preferred_element_type is None
+            and k.preferred_element_type is None
+            and v.preferred_element_type is None
+        )
+
     def _project_kv(
-        self, inputs_kv: jax.Array, positions: jax.Array | None
+        self,
+        inputs_kv: jax.Array,
+        positions: jax.Array | None,
+        projected: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        if inputs_kv.shape[-1] != self.kv_features:
-            raise ValueError(
-                f"inputs_kv has {inputs_kv.shape[-1]} features but the module expects "
-                f"kv_features={self.kv_features} (inputs_kv.shape={inputs_kv.shape})"
-            )
-        k = self._heads(self.key(inputs_kv), self.num_kv_heads)
-        v = self._heads(self.value(inputs_kv), self.num_kv_heads)
+        """Key and value heads of ``inputs_kv`` (or the ``projected`` ones), keys rotated."""
+        if projected is not None:
+            k, v = projected
+        else:
+            if inputs_kv.shape[-1] != self.kv_features:
+                raise ValueError(
+                    f"inputs_kv has {inputs_kv.shape[-1]} features but the module expects "
+                    f"kv_features={self.kv_features} (inputs_kv.shape={inputs_kv.shape})"
+                )
+            k = self._heads(self.key(inputs_kv), self.num_kv_heads)
+            v = self._heads(self.value(inputs_kv), self.num_kv_heads)
         if self.rotary is not None:
             if positions is None:
                 positions = jnp.arange(inputs_kv.shape[-2])
@@ -327,7 +376,14 @@ class MultiHeadAttention(nnx.Module):
                 f"in_features={self.in_features} (inputs_q.shape={inputs_q.shape})"
             )
         t = inputs_q.shape[-2]
-        q = self._heads(self.query(inputs_q), self.num_heads)
+        # Self-attention that projects its own keys (not decoding against a cross cache):
+        # query, key and value in one matmul.
+        own_kv = inputs_kv is None and not (decode and self.cache_index is None)
+        kv_new = None
+        if own_kv and self._fuses_qkv():
+            q, *kv_new = self._project_qkv(inputs_q)
+        else:
+            q = self._heads(self.query(inputs_q), self.num_heads)
 
         if decode:
             if self.cached_key is None:
@@ -354,7 +410,7 @@ class MultiHeadAttention(nnx.Module):
                     positions = index + jnp.arange(t)
                 if self.rotary is not None:
                     q = self.rotary(q, positions)
-                k_new, v_new = self._project_kv(inputs_q, positions)
+                k_new, v_new = self._project_kv(inputs_q, positions, kv_new)
                 cache_shape = self.cached_key.shape
                 if k_new.shape[:-3] != cache_shape[:-3]:
                     raise ValueError(
@@ -373,7 +429,7 @@ class MultiHeadAttention(nnx.Module):
         else:
             if inputs_kv is None:
                 k, v = self._project_kv(
-                    inputs_q, positions if kv_positions is None else kv_positions
+                    inputs_q, positions if kv_positions is None else kv_positions, kv_new
                 )
             else:
                 k, v = self._project_kv(inputs_kv, kv_positions)

@@ -53,10 +53,14 @@ def cross_entropy(
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing=}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    vocab = logits.shape[-1]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    loss = (1.0 - label_smoothing) * nll - (label_smoothing / vocab) * logp.sum(axis=-1)
+    # From the log-sum-exp, without the log-probabilities [*B, T, V]: -log p_t = lse - x_t, and
+    # the smoothing term -(1/V)·Σ log p = lse - mean(x) (only computed when smoothing).
+    x = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(x, axis=-1)
+    nll = lse - jnp.take_along_axis(x, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    loss = nll
+    if label_smoothing:
+        loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - x.mean(axis=-1))
     keep = jnp.ones(targets.shape, bool)
     if pad_id is not None:
         keep = keep & (targets != pad_id)

@@ -152,11 +152,16 @@ def apply_rotary(
     half = head_dim // 2
     inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
     angle = jnp.asarray(positions, jnp.float32)[..., None] * inv_freq  # [*B, T, H/2]
-    sin = jnp.sin(angle)[..., None, :]  # broadcast over heads
-    cos = jnp.cos(angle)[..., None, :]
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    # [*B, T, 1 (heads), 1 or 2 (halves), H/2]: the halves (x1, x2) of x become an axis, so
+    # that (x1 cos - x2 sin, x2 cos + x1 sin) is x·cos + flip(x)·(-sin, sin): elementwise with
+    # a reversal of a length-2 axis, one loop forward and one backward, where slicing x into
+    # halves and concatenating them back costs a pad and a concatenate in the gradient.
+    cos = jnp.cos(angle)[..., None, None, :]
+    sin = jnp.sin(angle)[..., None, None, :]
+    signed_sin = jnp.concatenate([-sin, sin], axis=-2)
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], 2, half)
+    out = pairs * cos + jnp.flip(pairs, axis=-2) * signed_sin
+    return out.reshape(x.shape).astype(x.dtype)
 
 
 class RotaryEmbedding(nnx.Module):
