@@ -161,24 +161,36 @@ def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.1f}"
 
 
-def run_table(records: Sequence[Any]) -> str:
-    """The table printed after a sweep: one row per record, in the order they were made."""
+def limits_line(records: Sequence[Any]) -> str:
+    """'machine limits: float32 matmul 132 GFLOP/s (2048x2048x2048); memory read ...' from the
+    roofline records among ``records`` (one that failed gives its reason); '' when none."""
+    machine = []
+    for rec in records:
+        r = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else rec
+        if record_kind(r) == "attention":
+            continue
+        if r["status"] != "ok":
+            machine.append(f"{r['implementation']} {r['dtype']}: {r['reason']}")
+        elif r.get("tflops") is not None:
+            machine.append(f"{r['dtype']} matmul {rate(r['tflops'])} ({r['problem']})")
+        else:
+            machine.append(f"memory read {r['gbytes_per_s']:.1f} GB/s ({r['problem']})")
+    return "machine limits: " + "; ".join(machine) if machine else ""
+
+
+def run_table(records: Sequence[Any], *, limits: bool = True) -> str:
+    """The table printed after a sweep: one row per record, in the order they were made;
+    ``limits``: led by the line of the machine's limits (`python -m bench` prints that line
+    when it measures them, and passes False)."""
     headers = [
         "implementation", "mode", "mask", "dtype", "B", "T", "S", "N", "K", "H",
         "median ms", "IQR ms", "TFLOP/s", "compile s", "XLA MiB", "status",
     ]  # fmt: skip
     rows = []
     absent = []
-    machine = []
     for rec in records:
         r = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else rec
         if record_kind(r) != "attention":
-            if r["status"] != "ok":
-                machine.append(f"{r['implementation']} {r['dtype']}: {r['reason']}")
-            elif r.get("tflops") is not None:
-                machine.append(f"{r['dtype']} matmul {rate(r['tflops'])} ({r['problem']})")
-            else:
-                machine.append(f"memory read {r['gbytes_per_s']:.1f} GB/s ({r['problem']})")
             continue
         if r["status"] == "absent":
             absent.append(f"  {r['implementation']}: {r['reason']}")
@@ -195,8 +207,9 @@ def run_table(records: Sequence[Any]) -> str:
             r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"[:60],
         ])  # fmt: skip
     text = format_table(headers, rows, markdown=False)
-    if machine:
-        text = "machine limits: " + "; ".join(machine) + "\n\n" + text
+    machine = limits_line(records)
+    if machine and limits:
+        text = machine + "\n\n" + text
     if absent:
         text += "\n\nnot measured:\n" + "\n".join(absent)
     return text
