@@ -119,6 +119,36 @@ def test_char_lm_default_text_and_alpha() -> None:
         char_lm.parse_args(["--alpha", "2", "--temperature", "1"])
 
 
+def test_char_lm_default_prompt_is_prose() -> None:
+    args = char_lm.parse_args([])
+    text, source = char_lm_task.load_text(args)
+    data = char_lm_task.make_data(text, args.val_fraction, args.seq_len, None, source)
+    prompt = char_lm_task.default_prompt(data)
+    # the held-out text starts inside an indented code example: mostly spaces
+    start = data.decode(data.val[:40])
+    assert sum(c.isspace() for c in start) > 10
+    assert 20 <= len(prompt) <= 40 and prompt[0].isalpha() and prompt == prompt.strip()
+    assert sum(c.isspace() for c in prompt) <= len(prompt) // 4 and "  " not in prompt
+    assert prompt in " ".join(data.decode(data.val).split())  # whole words of the held-out text
+    # a text of one line without prose falls back to its start
+    one_line = char_lm_task.CharData("ab ", np.array([0, 1]), np.array([0, 2, 1, 1, 0]))
+    assert char_lm_task.default_prompt(one_line) == "a bba"
+
+
+@pytest.mark.parametrize("module", [char_lm, chatbot, classifier])
+def test_help_shows_the_defaults(module, capsys) -> None:
+    defaults = module.parse_args([])
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
+    flags = ["--steps", "--seed", "--lr", "--batch-size"]  # --batch-size: no help text
+    flags += [] if module is classifier else ["--d-model", "--heads"]  # no help text either
+    for flag in flags:
+        name = flag[2:].replace("-", "_")
+        entry = shown.split(f" {flag} {name.upper()} ", 1)[1].split(" --", 1)[0]
+        assert entry.endswith(f"(default: {getattr(defaults, name)})"), (flag, entry)
+
+
 def test_strip_gutenberg_markers() -> None:
     text = "header\nTITLE\nbody\nFOOTER\nlicence\n"
     assert strip_gutenberg(text, start_marker="TITLE", end_marker="FOOTER") == ("TITLE\nbody\n")
