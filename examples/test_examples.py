@@ -12,12 +12,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import pytest
 
+import jattn
 from examples import char_lm, chatbot, classifier
 from examples.checkpoints import read_checkpoint
 from examples.data import strip_gutenberg
+from examples.fit import kernels_line
 from examples.tasks import char_lm as char_lm_task
 from examples.tasks import chatbot as chatbot_task
 from examples.tasks import classifier as classifier_task
@@ -86,7 +89,7 @@ licence text that must not be learnt
 """
 
 
-def test_char_lm(tmp_path: Path) -> None:
+def test_char_lm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     body = "the island rose out of the sea, and the engineer looked at it.\n" * 12
     text = tmp_path / "book.txt"
     text.write_text(GUTENBERG.format(body=body).replace("\n", "\r\n"), encoding="utf-8-sig")
@@ -96,6 +99,14 @@ def test_char_lm(tmp_path: Path) -> None:
         "--prompt", "the ", "--temperature", "0.8", "--gen-length", "8", "--top-k", "5",
     ]  # fmt: skip
     first, second = check_run_and_resume(char_lm, argv, tmp_path / "run")
+    # --implementation auto (the default) says which kernel it ran: one for every layer
+    ran = [
+        line.rsplit(" ", 1)[1]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("attention: --implementation auto runs ")
+    ]
+    assert len(ran) == 2  # once per run (the resumed one too)
+    assert ran[0] == ran[1] and ran[0] in jattn.kernels.default_order(jax.default_backend(), 16, 16)
     # The same seed trains the same model (initialisation, batches and dropout masks).
     again_argv = [*argv, "--out-dir", str(tmp_path / "again"), "--no-progress", "--seed", "3"]
     again = flat(char_lm.run([*again_argv, "--steps", "2"]).trainer.checkpoint_tree()["params"])
@@ -163,6 +174,8 @@ def test_chatbot_generated_task(tmp_path: Path) -> None:
     ]  # fmt: skip
     first, second = check_run_and_resume(chatbot, argv, tmp_path / "run")
     assert first["data"] == "generated digit reversal"
+    assert kernels_line(["cpu"] * 3) == "cpu"
+    assert kernels_line(["fused", "flash", "fused"]) == "fused (2 calls), flash (1 call)"
     answers = second["answers"]
     assert [a["question"] for a in answers] == ["1 2 3", "4 5 6 7"]
     for a in answers:

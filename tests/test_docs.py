@@ -13,6 +13,7 @@ import pytest
 MODULES = [
     "jattn.api",
     "jattn.plan",
+    "jattn.kernels",
     "jattn.masks",
     "jattn.optim",
     "jattn.nn.attention",
