@@ -9,6 +9,8 @@ reuse the compiled steps (same model structure, same optimizer settings).
 from __future__ import annotations
 
 import json
+import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 
 import jattn
-from examples import char_lm, chatbot, classifier
+from examples import char_lm, chatbot, classifier, plots
 from examples.checkpoints import read_checkpoint
 from examples.data import strip_gutenberg
 from examples.fit import kernels_line
@@ -257,3 +259,64 @@ def test_char_lm_on_a_mesh_matches_one_device(tmp_path):
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
     single, sharded = json.loads(line.split(" ", 1)[1])
     assert abs(single - sharded) < 1e-4 * max(1.0, abs(single))
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.parametrize("font", ["installed", "absent"])
+def test_heatmap_draws_hangul_tokens_and_fits_its_title(tmp_path, monkeypatch, font) -> None:
+    import matplotlib.pyplot as plt
+
+    if font == "installed" and not plots.fallback_fonts():
+        pytest.skip("no font with Hangul installed (pip install koreanize-matplotlib)")
+    if font == "absent":
+        monkeypatch.setattr(plots, "fallback_fonts", lambda: ())
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its labels
+    questions, answers = ["안녕", "하세요", "?"], ["<s>", "나는", "학생", "입니다", "⏎"]
+    title = "cross-attention of the last decoder layer (mean over heads)"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = plots.plot_attention(
+            np.random.default_rng(0).random((5, 3)),
+            tmp_path / "attention.png",
+            row_labels=answers,
+            col_labels=questions,
+            title=title,
+            xlabel="question token",
+            ylabel="answer token (decoder input)",
+        )
+    (fig,) = figures
+    ax = fig.axes[0]
+    xs = [label.get_text() for label in ax.get_xticklabels()]
+    ys = [label.get_text() for label in ax.get_yticklabels()]
+    missing = [str(w.message) for w in caught if "missing from" in str(w.message)]
+    shown = " ".join(fig._suptitle.get_text().split())
+    if font == "installed":
+        assert (xs, ys) == (questions, answers)
+        assert not missing, missing
+        assert shown == title
+    else:  # what cannot be drawn is numbered, and the title says so
+        assert xs == ["#0", "#1", "?"] and ys == ["<s>", "#1", "#2", "#3", "⏎"]
+        assert shown.startswith(title) and "cannot draw" in shown
+    # the image holds the title (wrapped to its width), the labels and the colorbar
+    width, height = _png_size(path)
+    assert width >= 400 and height >= 330, (width, height)
+    renderer = fig.canvas.get_renderer()
+    box = fig._suptitle.get_window_extent(renderer)
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox)
+    for f in figures:
+        close(f)
+
+
+def test_the_font_package_is_in_the_examples_and_dev_extras() -> None:
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    for module, _ in plots._FONT_PACKAGES:
+        name = module.replace("_", "-")
+        for extra in ("examples", "dev"):
+            block = pyproject.split(f"\n{extra} = [", 1)[1].split("]", 1)[0]
+            assert f'"{name}>=' in block, (name, extra)
