@@ -390,16 +390,15 @@ def share_note(keys: Sequence[CaseKey], over: Sequence[CaseKey] = ()) -> str:
         "can outrun XLA's matmul at that size; and with a causal mask the count is half of the "
         "T·S scores while, where T < S, the mask (top-left aligned, as jax.nn's) leaves only "
         "T(T+1)/2 of them, so kernels that skip masked blocks do S/(T+1) times less work than "
-        "counted. The backward is counted as 2.5× the forward whatever it recomputes."
+        "counted. (The backward is counted as 2.5× the forward whatever a kernel recomputes: that "
+        "lowers a share, never raises it.)"
     )
-    overcounted = sorted(
-        {(k[3], k[4], k[5], causal_overcount(k[4], k[5])) for k in keys if k[2]},
-    )
-    overcounted = [x for x in overcounted if x[3] > 1.05]
+    causal = {(k[4], k[5]) for k in keys if k[2]}  # (T, S) of the causal cases
+    overcounted = sorted((T, S) for T, S in causal if causal_overcount(T, S) > 1.05)
     if overcounted:
         note += (
-            " Causal cases counted above their visible scores: "
-            + ", ".join(f"B={B} T={T} S={S} {f:.2f}×" for B, T, S, f in overcounted)
+            " Causal cases counted above their visible scores here: "
+            + ", ".join(f"T={T} S={S} {causal_overcount(T, S):.2f}×" for T, S in overcounted)
             + "."
         )
     if over:

@@ -215,5 +215,5 @@ def test_shares_above_the_matmul_rate_are_explained():
     gpu = md.split("### gpu: FAKE GPU (test fixture)")[1]
     assert "150%" in gpu
     assert "can pass 100%" in gpu and "skip masked blocks" in gpu
-    assert "B=1 T=640 S=1536 2.40×" in gpu
+    assert "counted above their visible scores here: T=640 S=1536 2.40×." in gpu
     assert "Shares above 100% here: fwd causal bfloat16 T=640 S=1536." in gpu
