@@ -487,7 +487,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"backend {platform.backend} ({platform.device_kind}); records -> {out}", flush=True)
     records = run_sweep(config, out, progress=not args.no_progress, log=print)
     print()
-    print(run_table(records))
+    print(run_table(records, limits=False))  # the limits' line was printed when measured
     print(f"\n{len(records)} records written to {out}")
     attention = [r for r in records if r.kind == "attention"]
     if not any(r.status == "ok" for r in attention):
@@ -497,6 +497,7 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    print(f"markdown table and plots of these results: python -m bench report {out}")
     return 0
 
 

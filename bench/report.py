@@ -161,24 +161,36 @@ def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.1f}"
 
 
-def run_table(records: Sequence[Any]) -> str:
-    """The table printed after a sweep: one row per record, in the order they were made."""
+def limits_line(records: Sequence[Any]) -> str:
+    """'machine limits: float32 matmul 132 GFLOP/s (2048x2048x2048); memory read ...' from the
+    roofline records among ``records`` (one that failed gives its reason); '' when none."""
+    machine = []
+    for rec in records:
+        r = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else rec
+        if record_kind(r) == "attention":
+            continue
+        if r["status"] != "ok":
+            machine.append(f"{r['implementation']} {r['dtype']}: {r['reason']}")
+        elif r.get("tflops") is not None:
+            machine.append(f"{r['dtype']} matmul {rate(r['tflops'])} ({r['problem']})")
+        else:
+            machine.append(f"memory read {r['gbytes_per_s']:.1f} GB/s ({r['problem']})")
+    return "machine limits: " + "; ".join(machine) if machine else ""
+
+
+def run_table(records: Sequence[Any], *, limits: bool = True) -> str:
+    """The table printed after a sweep: one row per record, in the order they were made;
+    ``limits``: led by the line of the machine's limits (`python -m bench` prints that line
+    when it measures them, and passes False)."""
     headers = [
         "implementation", "mode", "mask", "dtype", "B", "T", "S", "N", "K", "H",
         "median ms", "IQR ms", "TFLOP/s", "compile s", "XLA MiB", "status",
     ]  # fmt: skip
     rows = []
     absent = []
-    machine = []
     for rec in records:
         r = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else rec
         if record_kind(r) != "attention":
-            if r["status"] != "ok":
-                machine.append(f"{r['implementation']} {r['dtype']}: {r['reason']}")
-            elif r.get("tflops") is not None:
-                machine.append(f"{r['dtype']} matmul {rate(r['tflops'])} ({r['problem']})")
-            else:
-                machine.append(f"memory read {r['gbytes_per_s']:.1f} GB/s ({r['problem']})")
             continue
         if r["status"] == "absent":
             absent.append(f"  {r['implementation']}: {r['reason']}")
@@ -195,8 +207,9 @@ def run_table(records: Sequence[Any]) -> str:
             r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"[:60],
         ])  # fmt: skip
     text = format_table(headers, rows, markdown=False)
-    if machine:
-        text = "machine limits: " + "; ".join(machine) + "\n\n" + text
+    machine = limits_line(records)
+    if machine and limits:
+        text = machine + "\n\n" + text
     if absent:
         text += "\n\nnot measured:\n" + "\n".join(absent)
     return text
@@ -320,6 +333,7 @@ def _roofline_tables(
 
     compute = sorted((k for k, b in bound.items() if not b), key=_case_sort)
     rows = []
+    over: list[CaseKey] = []  # cases where some result passes the matmul rate
     for key in compute:
         mm = matmul.get(key[1])
         if mm is None:
@@ -327,12 +341,16 @@ def _roofline_tables(
         cells = []
         for impl in impls:
             r = by_cell.get((key, impl))
+            if r is not None and r["tflops"] > mm["tflops"]:
+                over.append(key)
             cells.append("" if r is None else _pct(r["tflops"] / mm["tflops"]))
         rows.append([*_lead(key), *cells])
     if rows:
         parts.append(
             "\nCompute-bound cases, each result as a share of the matmul rate of its dtype:\n\n"
             + format_table([*dims, *impls], rows, markdown=True)
+            + "\n\n"
+            + share_note([k for k in compute if k[1] in matmul], over)
         )
     memory = sorted((k for k, b in bound.items() if b), key=_case_sort)
     rows = []
@@ -356,6 +374,45 @@ def _roofline_tables(
             + format_table([*dims, "K+V read ms", *impls], rows, markdown=True)
         )
     return parts
+
+
+def causal_overcount(T: int, S: int) -> float:
+    """How many times the FLOP count's causal half (T·S/2 scores) exceeds the scores a causal
+    mask leaves visible, aligned at the top-left corner as ``jax.nn``'s ``is_causal``
+    (query i sees keys 0..i): T(T+1)/2 when T <= S. 1 at T = S (up to the diagonal), S/(T+1)
+    for T < S: kernels that skip masked blocks do that much less work than counted."""
+    visible = T * (T + 1) / 2 if T <= S else S * (S + 1) / 2 + (T - S) * S
+    return (T * S / 2) / visible
+
+
+def share_note(keys: Sequence[CaseKey], over: Sequence[CaseKey] = ()) -> str:
+    """What a share of the matmul rate is, and why one may pass 100%: the FLOP count is a
+    convention, not the work done, and the rate is XLA's at one size, not the machine's peak."""
+    note = (
+        "A share is the result's TFLOP/s, whose FLOPs are counted by the convention above (not "
+        "the work the kernel does), over the rate of one XLA matmul of the size shown, which is "
+        "not the machine's peak. So a share can pass 100%: a kernel with its own micro-kernels "
+        "can outrun XLA's matmul at that size; and with a causal mask the count is half of the "
+        "T·S scores while, where T < S, the mask (top-left aligned, as jax.nn's) leaves only "
+        "T(T+1)/2 of them, so kernels that skip masked blocks do S/(T+1) times less work than "
+        "counted. (The backward is counted as 2.5× the forward whatever a kernel recomputes: that "
+        "lowers a share, never raises it.)"
+    )
+    causal = {(k[4], k[5]) for k in keys if k[2]}  # (T, S) of the causal cases
+    overcounted = sorted((T, S) for T, S in causal if causal_overcount(T, S) > 1.05)
+    if overcounted:
+        note += (
+            " Causal cases counted above their visible scores here: "
+            + ", ".join(f"T={T} S={S} {causal_overcount(T, S):.2f}×" for T, S in overcounted)
+            + "."
+        )
+    if over:
+        note += (
+            " Shares above 100% here: "
+            + ", ".join(f"{' '.join(_lead(k)[:3])} T={k[4]} S={k[5]}" for k in dict.fromkeys(over))
+            + "."
+        )
+    return note
 
 
 def _case_sort(key: CaseKey) -> tuple[Any, ...]:
@@ -384,25 +441,23 @@ def _machine_line(recs: Sequence[Rec]) -> str:
 
 
 def _series_key(r: Rec) -> tuple[Any, ...]:
-    """What a line joins: points of one implementation that differ only in length (and batch,
-    which fixed-token sweeps shrink as the length grows)."""
+    """What a line joins: points of one implementation whose shapes differ only in length
+    (S, and T with it when T = S). Everything else, batch size included, makes another line."""
     return (
-        r["dtype"], r["N"], r["K"], r["H"], value_heads(r), has_sinks(r),
+        r["dtype"], r["B"], r["N"], r["K"], r["H"], value_heads(r), has_sinks(r),
         r["T"] if r["T"] != r["S"] else None,
     )  # fmt: skip
 
 
-def _series_label(key: tuple[Any, ...], batch: int | None = None) -> str:
-    dtype, N, K, H, Hv, sinks, T = key
-    label = f"{dtype} N={N}" + (f" K={K}" if K != N else "") + f" H={H}"
+def _series_label(key: tuple[Any, ...]) -> str:
+    dtype, B, N, K, H, Hv, sinks, T = key
+    label = f"{dtype} B={B} N={N}" + (f" K={K}" if K != N else "") + f" H={H}"
     if Hv != H:
         label += f" Hv={Hv}"
     if sinks:
         label += " sinks"
     if T is not None:
         label += f" T={T}"
-    if batch is not None:
-        label += f" B={batch}"
     return label
 
 
@@ -413,6 +468,65 @@ def _length(x: float) -> str:
 
 _STYLES = ("-", "--", ":", "-.")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlotLine:
+    """One line of a plot: one implementation's points of one shape series in one panel."""
+
+    device: tuple[str, str]
+    panel: tuple[str, bool]  # (mode, causal)
+    implementation: str
+    series: tuple[Any, ...]  # _series_key
+    xs: tuple[int, ...]  # key/value lengths S, increasing
+    ys: tuple[float, ...]
+
+
+def implementation_colors(records: Iterable[Rec], baseline: str = BASELINE) -> dict[str, Any]:
+    """One colour per implementation measured in ``records`` (the baseline included): the same
+    in every plot of a report, whether or not a plot draws the implementation."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps[
+        "tab10" if len(names := _measured(records, baseline)) <= 10 else "tab20"
+    ]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def _measured(records: Iterable[Rec], baseline: str) -> list[str]:
+    ok = [r for r in latest(attention_only(records)) if r["status"] == "ok"]
+    return _impl_order(ok, baseline)
+
+
+def plot_lines(
+    records: Sequence[Rec], *, metric: str = "tflops", baseline: str = BASELINE
+) -> list[PlotLine]:
+    """The lines :func:`plot` draws: y is TFLOP/s (``metric="tflops"``) or the speed-up over
+    ``baseline`` (``"speedup"``; the baseline itself is the reference line at 1)."""
+    if metric not in ("tflops", "speedup"):
+        raise ValueError(f"metric must be 'tflops' or 'speedup', got {metric!r}")
+    ok = [r for r in latest(attention_only(records)) if r["status"] == "ok"]
+    ups = speedups(ok, baseline)
+
+    def y_of(r: Rec) -> float | None:
+        if metric == "tflops":
+            return r["tflops"]
+        if r["implementation"] == baseline:
+            return None  # 1 by definition: drawn as the reference line instead
+        return ups.get((device_key(r), r["implementation"], case_key(r)))
+
+    grouped: dict[tuple[Any, ...], list[tuple[int, float]]] = collections.defaultdict(list)
+    for r in ok:
+        if (y := y_of(r)) is not None:
+            key = (device_key(r), (r["mode"], r["causal"]), r["implementation"], _series_key(r))
+            grouped[key].append((r["S"], y))
+    lines = []
+    for (device, panel, impl, series), pts in sorted(grouped.items(), key=lambda i: str(i[0])):
+        pts.sort()
+        xs = tuple(x for x, _ in pts)
+        assert len(set(xs)) == len(xs), f"two points of one line at one length: {series}"
+        lines.append(PlotLine(device, panel, impl, series, xs, tuple(y for _, y in pts)))
+    return lines
 
 
 def plot(
@@ -426,7 +540,9 @@ def plot(
 
     x is the key/value length S (the sequence length when T = S, the cache length for decode
     shapes); y is TFLOP/s (`metric="tflops"`) or the speed-up over `baseline`
-    (`metric="speedup"`). Colour = implementation, line style = shape series.
+    (`metric="speedup"`). Colour = implementation (the same in every plot of the records:
+    :func:`implementation_colors`), line style and marker = shape series; a line joins only
+    points that differ in length (:func:`plot_lines`).
     """
     import matplotlib
 
@@ -435,27 +551,13 @@ def plot(
     from matplotlib import ticker
     from matplotlib.lines import Line2D
 
-    if metric not in ("tflops", "speedup"):
-        raise ValueError(f"metric must be 'tflops' or 'speedup', got {metric!r}")
-    ok = [r for r in latest(attention_only(records)) if r["status"] == "ok"]
-    ups = speedups(ok, baseline)
-
-    def y_of(r: Rec) -> float | None:
-        if metric == "tflops":
-            return r["tflops"]
-        if r["implementation"] == baseline:
-            return None  # 1 by definition: drawn as the reference line instead
-        return ups.get((device_key(r), r["implementation"], case_key(r)))
-
-    points = [(r, y) for r in ok if (y := y_of(r)) is not None]
-    devices = sorted({device_key(r) for r, _ in points}) or [("none", "none")]
-    panels = sorted(
-        {(r["mode"], r["causal"]) for r, _ in points}, key=lambda p: (p[0] != "fwd", p[1])
-    )
+    lines = plot_lines(records, metric=metric, baseline=baseline)
+    colors = implementation_colors(records, baseline)
+    devices = sorted({line.device for line in lines}) or [("none", "none")]
+    panels = sorted({line.panel for line in lines}, key=lambda p: (p[0] != "fwd", p[1]))
     panels = panels or [("fwd", False)]
-    impls = _impl_order((r for r, _ in points), baseline)
-    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(impls)}
-    all_series = sorted({_series_key(r) for r, _ in points}, key=str)
+    impls = [name for name in colors if any(line.implementation == name for line in lines)]
+    all_series = sorted({line.series for line in lines}, key=str)
     style_of = {k: (_STYLES[i % 4], _MARKERS[i % 7]) for i, k in enumerate(all_series)}
 
     fig, axes = plt.subplots(
@@ -464,28 +566,20 @@ def plot(
     for col, device in enumerate(devices):
         for row, (mode, causal) in enumerate(panels):
             ax = axes[row][col]
-            lines: dict[tuple[Any, ...], list[tuple[Rec, float]]] = collections.defaultdict(list)
-            for r, y in points:
-                if device_key(r) == device and (r["mode"], r["causal"]) == (mode, causal):
-                    lines[(r["implementation"], _series_key(r))].append((r, y))
-            for (impl, series), pts in sorted(lines.items(), key=lambda item: str(item[0])):
-                # Two shapes of one series at the same length (batch sizes differ): split by B.
-                split = len({r["S"] for r, _ in pts}) < len(pts)
-                by_batch: dict[int | None, list[tuple[Rec, float]]] = collections.defaultdict(list)
-                for r, y in pts:
-                    by_batch[r["B"] if split else None].append((r, y))
-                for batch, line in by_batch.items():
-                    line.sort(key=lambda p: p[0]["S"])
-                    style, marker = style_of[series]
-                    ax.plot(
-                        [r["S"] for r, _ in line],
-                        [y for _, y in line],
-                        linestyle=style,
-                        marker=marker,
-                        markersize=4,
-                        color=colors[impl],
-                        label=f"{impl} {_series_label(series, batch)}",
-                    )
+            drawn = [
+                line for line in lines if (line.device, line.panel) == (device, (mode, causal))
+            ]
+            for line in drawn:
+                style, marker = style_of[line.series]
+                ax.plot(
+                    line.xs,
+                    line.ys,
+                    linestyle=style,
+                    marker=marker,
+                    markersize=4,
+                    color=colors[line.implementation],
+                    label=f"{line.implementation} {_series_label(line.series)}",
+                )
             if metric == "speedup":
                 ax.axhline(1.0, color="grey", linewidth=0.8)
                 ax.set_ylim(bottom=0)
@@ -497,7 +591,7 @@ def plot(
             ax.set_xlabel("key/value length S")
             ax.set_ylabel("TFLOP/s" if metric == "tflops" else f"speed-up over {baseline}")
             ax.grid(True, which="both", alpha=0.3)
-            if not lines:
+            if not drawn:
                 ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes)
 
     handles = [Line2D([], [], color=colors[name], label=name) for name in impls]

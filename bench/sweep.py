@@ -19,7 +19,8 @@ from bench.records import (
     now,
     versions,
 )
-from bench.roofline import Limit, RooflineConfig, describe, measure_limits
+from bench.report import limits_line
+from bench.roofline import Limit, RooflineConfig, measure_limits
 from bench.runners import (
     Case,
     ConfigSpec,
@@ -262,14 +263,12 @@ def run_sweep(
         if not runners:
             return records  # nothing can run: the absent records say why
         if config.roofline is not None:
-            limit_records, limits = roofline_records(
-                config.roofline, platform, run_id, config.dtypes
-            )
+            limit_records, _ = roofline_records(config.roofline, platform, run_id, config.dtypes)
             for record in limit_records:
                 writer.write(record)
                 records.append(record)
             if log is not None:
-                log(f"machine limits: {describe(limits) or 'none measured'}")
+                log(limits_line(limit_records) or "machine limits: none measured")
         n_rounds = config.timing.rounds
         bar = tqdm(
             total=len(todo) * len(runners) * n_rounds,

@@ -66,7 +66,12 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=flags.probability, default=0.0)
     g.add_argument("--weight-decay", type=flags.at_least(0.0, float), default=0.01)
     g = p.add_argument_group("generation")
-    g.add_argument("--prompt", default=None, help="default: the start of the held-out text")
+    g.add_argument(
+        "--prompt",
+        default=None,
+        help="text the samples continue (default: the start of the first line of prose in the "
+        "held-out text, up to 40 characters)",
+    )
     g.add_argument(
         "--temperature",
         type=flags.at_least(0.0, float),
@@ -152,7 +157,7 @@ def train_and_sample(args, checkpoints, restored):
 
     # Samples and plots from the trained model.
     lm = trainer.model
-    prompt = args.prompt if args.prompt is not None else data.decode(data.val[:40])
+    prompt = args.prompt if args.prompt is not None else task.default_prompt(data)
     samples = []
     for temperature in args.temperature:
         sample = task.generate_text(

@@ -10,6 +10,7 @@ from the diverged state.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import math
 import sys
@@ -100,6 +101,9 @@ def fit(
         return {"args": jsonable_args(args), **meta, "history": history}
 
     start = trainer.step
+    if not isinstance(args.implementation_value, str):  # 'auto' or a list: say what it chose
+        ran = kernels_line(trainer.attention_kernels(get_batch(start)))
+        print(f"attention: --implementation {args.implementation} runs {ran}", flush=True)
     interactive = sys.stderr.isatty()
     bar = tqdm(
         total=args.steps,
@@ -203,6 +207,15 @@ def fit(
         resumed_from=resumed_from,
         params=count_params(trainer.model),
     )
+
+
+def kernels_line(names: list[str]) -> str:
+    """'cpu' when every attention call runs one kernel, else each with its calls:
+    'fused (2 calls), flash (1 call)'."""
+    counts = collections.Counter(names)
+    if len(counts) <= 1:
+        return names[0] if names else "no jattn kernel (no attention call)"
+    return ", ".join(f"{n} ({c} call{'s' if c > 1 else ''})" for n, c in counts.items())
 
 
 def _validate(

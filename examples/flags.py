@@ -207,7 +207,8 @@ def add_training_args(
         "--max-minutes",
         type=positive_float,
         default=None,
-        help="stop training after this many minutes (then validate, save and report)",
+        help="stop training after this many minutes (then validate, save and report; "
+        "default: no limit)",
     )
     g.add_argument(
         "--seed", type=non_negative, default=0, help="seeds initialisation, batches, dropout"
@@ -258,6 +259,32 @@ def add_training_args(
     )
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` as the examples show it: the docstring's own line breaks, and every flag with
+    a default says it, unless its help already speaks of its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if not _has_default(action) or "default" in help:
+            return help
+        return f"{help} (default: %(default)s)".lstrip()
+
+
+def _has_default(action: argparse.Action) -> bool:
+    # 0 and 0.0 are defaults to show; None (unset) and False (a switch's off) are not.
+    return bool(action.option_strings) and not any(
+        action.default is x for x in (None, False, argparse.SUPPRESS)
+    )
+
+
+def _say_defaults(parser: argparse.ArgumentParser) -> None:
+    # argparse shows nothing for a flag without help, default included: such flags get the
+    # default as their help.
+    for action in parser._actions:
+        if action.help is None and _has_default(action):
+            action.help = "(default: %(default)s)"
+
+
 def parse(
     prog: str,
     doc: str,
@@ -272,9 +299,10 @@ def parse(
         prog=prog,
         description=doc.split("\n\n")[0],
         epilog=doc.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_flags(parser)
+    _say_defaults(parser)
     args = parser.parse_args(argv)
     if args.ckpt_dir is None:
         args.ckpt_dir = args.out_dir / "ckpt"

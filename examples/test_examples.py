@@ -9,15 +9,20 @@ reuse the compiled steps (same model structure, same optimizer settings).
 from __future__ import annotations
 
 import json
+import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import pytest
 
-from examples import char_lm, chatbot, classifier
+import jattn
+from examples import char_lm, chatbot, classifier, plots
 from examples.checkpoints import read_checkpoint
 from examples.data import strip_gutenberg
+from examples.fit import kernels_line
 from examples.tasks import char_lm as char_lm_task
 from examples.tasks import chatbot as chatbot_task
 from examples.tasks import classifier as classifier_task
@@ -86,7 +91,7 @@ licence text that must not be learnt
 """
 
 
-def test_char_lm(tmp_path: Path) -> None:
+def test_char_lm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     body = "the island rose out of the sea, and the engineer looked at it.\n" * 12
     text = tmp_path / "book.txt"
     text.write_text(GUTENBERG.format(body=body).replace("\n", "\r\n"), encoding="utf-8-sig")
@@ -96,6 +101,14 @@ def test_char_lm(tmp_path: Path) -> None:
         "--prompt", "the ", "--temperature", "0.8", "--gen-length", "8", "--top-k", "5",
     ]  # fmt: skip
     first, second = check_run_and_resume(char_lm, argv, tmp_path / "run")
+    # --implementation auto (the default) says which kernel it ran: one for every layer
+    ran = [
+        line.rsplit(" ", 1)[1]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("attention: --implementation auto runs ")
+    ]
+    assert len(ran) == 2  # once per run (the resumed one too)
+    assert ran[0] == ran[1] and ran[0] in jattn.kernels.default_order(jax.default_backend(), 16, 16)
     # The same seed trains the same model (initialisation, batches and dropout masks).
     again_argv = [*argv, "--out-dir", str(tmp_path / "again"), "--no-progress", "--seed", "3"]
     again = flat(char_lm.run([*again_argv, "--steps", "2"]).trainer.checkpoint_tree()["params"])
@@ -119,6 +132,36 @@ def test_char_lm_default_text_and_alpha() -> None:
         char_lm.parse_args(["--alpha", "2", "--temperature", "1"])
 
 
+def test_char_lm_default_prompt_is_prose() -> None:
+    args = char_lm.parse_args([])
+    text, source = char_lm_task.load_text(args)
+    data = char_lm_task.make_data(text, args.val_fraction, args.seq_len, None, source)
+    prompt = char_lm_task.default_prompt(data)
+    # the held-out text starts inside an indented code example: mostly spaces
+    start = data.decode(data.val[:40])
+    assert sum(c.isspace() for c in start) > 10
+    assert 20 <= len(prompt) <= 40 and prompt[0].isalpha() and prompt == prompt.strip()
+    assert sum(c.isspace() for c in prompt) <= len(prompt) // 4 and "  " not in prompt
+    assert prompt in " ".join(data.decode(data.val).split())  # whole words of the held-out text
+    # a text of one line without prose falls back to its start
+    one_line = char_lm_task.CharData("ab ", np.array([0, 1]), np.array([0, 2, 1, 1, 0]))
+    assert char_lm_task.default_prompt(one_line) == "a bba"
+
+
+@pytest.mark.parametrize("module", [char_lm, chatbot, classifier])
+def test_help_shows_the_defaults(module, capsys) -> None:
+    defaults = module.parse_args([])
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
+    flags = ["--steps", "--seed", "--lr", "--batch-size"]  # --batch-size: no help text
+    flags += [] if module is classifier else ["--d-model", "--heads"]  # no help text either
+    for flag in flags:
+        name = flag[2:].replace("-", "_")
+        entry = shown.split(f" {flag} {name.upper()} ", 1)[1].split(" --", 1)[0]
+        assert entry.endswith(f"(default: {getattr(defaults, name)})"), (flag, entry)
+
+
 def test_strip_gutenberg_markers() -> None:
     text = "header\nTITLE\nbody\nFOOTER\nlicence\n"
     assert strip_gutenberg(text, start_marker="TITLE", end_marker="FOOTER") == ("TITLE\nbody\n")
@@ -133,6 +176,8 @@ def test_chatbot_generated_task(tmp_path: Path) -> None:
     ]  # fmt: skip
     first, second = check_run_and_resume(chatbot, argv, tmp_path / "run")
     assert first["data"] == "generated digit reversal"
+    assert kernels_line(["cpu"] * 3) == "cpu"
+    assert kernels_line(["fused", "flash", "fused"]) == "fused (2 calls), flash (1 call)"
     answers = second["answers"]
     assert [a["question"] for a in answers] == ["1 2 3", "4 5 6 7"]
     for a in answers:
@@ -214,3 +259,64 @@ def test_char_lm_on_a_mesh_matches_one_device(tmp_path):
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
     single, sharded = json.loads(line.split(" ", 1)[1])
     assert abs(single - sharded) < 1e-4 * max(1.0, abs(single))
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.parametrize("font", ["installed", "absent"])
+def test_heatmap_draws_hangul_tokens_and_fits_its_title(tmp_path, monkeypatch, font) -> None:
+    import matplotlib.pyplot as plt
+
+    if font == "installed" and not plots.fallback_fonts():
+        pytest.skip("no font with Hangul installed (pip install koreanize-matplotlib)")
+    if font == "absent":
+        monkeypatch.setattr(plots, "fallback_fonts", lambda: ())
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its labels
+    questions, answers = ["안녕", "하세요", "?"], ["<s>", "나는", "학생", "입니다", "⏎"]
+    title = "cross-attention of the last decoder layer (mean over heads)"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = plots.plot_attention(
+            np.random.default_rng(0).random((5, 3)),
+            tmp_path / "attention.png",
+            row_labels=answers,
+            col_labels=questions,
+            title=title,
+            xlabel="question token",
+            ylabel="answer token (decoder input)",
+        )
+    (fig,) = figures
+    ax = fig.axes[0]
+    xs = [label.get_text() for label in ax.get_xticklabels()]
+    ys = [label.get_text() for label in ax.get_yticklabels()]
+    missing = [str(w.message) for w in caught if "missing from" in str(w.message)]
+    shown = " ".join(fig._suptitle.get_text().split())
+    if font == "installed":
+        assert (xs, ys) == (questions, answers)
+        assert not missing, missing
+        assert shown == title
+    else:  # what cannot be drawn is numbered, and the title says so
+        assert xs == ["#0", "#1", "?"] and ys == ["<s>", "#1", "#2", "#3", "⏎"]
+        assert shown.startswith(title) and "cannot draw" in shown
+    # the image holds the title (wrapped to its width), the labels and the colorbar
+    width, height = _png_size(path)
+    assert width >= 400 and height >= 330, (width, height)
+    renderer = fig.canvas.get_renderer()
+    box = fig._suptitle.get_window_extent(renderer)
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox)
+    for f in figures:
+        close(f)
+
+
+def test_the_font_package_is_in_the_examples_and_dev_extras() -> None:
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    for module, _ in plots._FONT_PACKAGES:
+        name = module.replace("_", "-")
+        for extra in ("examples", "dev"):
+            block = pyproject.split(f"\n{extra} = [", 1)[1].split("]", 1)[0]
+            assert f'"{name}>=' in block, (name, extra)

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+import jattn
 from jattn.nn import sharding
 
 __all__ = ["Trainer", "count_params", "flatten", "make_optimizer"]
@@ -155,6 +156,19 @@ class Trainer:
             self.graphdef, self.loss_fn, self.state, batch, self.dropout_key
         )
         return loss
+
+    def attention_kernels(self, batch: Batch) -> list[str]:
+        """The jattn implementation each attention call of a training step on ``batch`` runs,
+        in call order. The step's loss is traced abstractly (``jax.eval_shape``: nothing is
+        computed or compiled), so this holds however often the step was compiled before."""
+
+        def loss(state: Any, batch: Batch) -> jax.Array:
+            model, _ = nnx.merge(self.graphdef, state)
+            return self.loss_fn(model, batch)[0]
+
+        with jattn.kernels.record_choices() as names:
+            jax.eval_shape(loss, self.state, dict(batch))
+        return names
 
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
         """Sums the loss function's stats over ``batches``."""

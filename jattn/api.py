@@ -129,6 +129,7 @@ def attention(
         for impl, impl_plan in candidates:
             try:
                 out, lse, weights = _run(impl.name, q, k, v, impl_plan)
+                kernels.note_choice(impl.name)
                 break
             except NotImplementedError as e:
                 # A kernel may refuse a call only it can judge (cuDNN: dtypes, head dims, mask

@@ -231,3 +231,25 @@ def test_a_kernel_refusing_at_trace_time_passes_to_the_next(monkeypatch):
         jattn.attention(Q, K, V, implementation="refuser")
     with pytest.raises(NotImplementedError, match="'refuser': refuses head dim 8"):
         jattn.attention(Q, K, V, implementation=["refuser"])
+
+
+def test_record_choices_names_the_implementation_each_call_runs():
+    q = jnp.ones((1, 8, 2, 4))
+    with jattn.kernels.record_choices() as outer:
+        jattn.attention(q, q, q)  # implementation=None: the first of the default order
+        with jattn.kernels.record_choices() as inner:
+            # flash cannot return weights: the list's next name runs
+            jattn.attention(q, q, q, implementation=["flash", "fused"], return_weights=True)
+        jax.eval_shape(lambda q: jattn.attention(q, q, q, implementation="reference"), q)
+    default = jattn.kernels.select(jattn.plan.make_plan(q, q, q)[0])[0][0].impl.name
+    assert default in jattn.kernels.default_order(jax.default_backend(), 8, 8)
+    assert outer == [default, "fused", "reference"]
+    assert inner == ["fused"]
+    jattn.attention(q, q, q)  # outside any block: recorded nowhere
+    assert len(outer) == 3
+
+    step = jax.jit(lambda q: jattn.attention(q, q, q, implementation="flash"))
+    with jattn.kernels.record_choices() as ran:
+        step(q)
+        step(q)  # the compiled program again: not traced, not recorded
+    assert ran == ["flash"]

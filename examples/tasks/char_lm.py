@@ -51,6 +51,23 @@ class CharData:
         return "".join(self.vocab[i] for i in ids)
 
 
+def default_prompt(data: CharData, length: int = 40) -> str:
+    """The prompt when none is given: the start of the first held-out line that reads as prose
+    (starts with a letter, at least 20 characters, mostly letters and spaces), cut to whole
+    words within ``length`` characters. The held-out text itself may start mid-line or in an
+    indented code block (the Python documentation does), which makes a poor prompt."""
+    text = data.decode(data.val[: 200 * length])
+    for line in text.splitlines()[1:]:  # the first line may start mid-sentence
+        line = " ".join(line.split())
+        wordy = sum(c.isalpha() or c == " " for c in line)
+        if len(line) >= 20 and line[0].isalpha() and wordy >= 0.8 * len(line):
+            if len(line) > length:
+                cut = line[: length + 1]
+                line = cut[: cut.rindex(" ")] if " " in cut else cut[:length]
+            return line
+    return text[:length].strip() or text[:length]
+
+
 def make_data(
     text: str, val_fraction: float, seq_len: int, vocab: str | None, source: str = "the text"
 ) -> CharData:

@@ -19,10 +19,12 @@ call's features.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import importlib
 import types
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -45,6 +47,7 @@ __all__ = [
     "VERIFIED_ON_DEVICE",
     "available",
     "default_order",
+    "record_choices",
     "select",
     "testable",
     "verified",
@@ -170,6 +173,43 @@ def testable(backend: str | None = None) -> list[str]:
         for name, impl in REGISTRY.items()
         if backend in impl.backends or backend in impl.interpret_backends
     ]
+
+
+# The lists that record_choices() blocks, open in this context, are filling.
+_RECORDERS: contextvars.ContextVar[tuple[list[str], ...]] = contextvars.ContextVar(
+    "jattn_kernels_recorders", default=()
+)
+
+
+@contextlib.contextmanager
+def record_choices() -> Iterator[list[str]]:
+    """Lists the implementation that each :func:`jattn.attention` call inside the block runs
+    (after any that refused it when traced), in call order: what ``implementation=None`` or a
+    list of names resolved to. A call records when it is traced: a jitted function that runs
+    its compiled program again records nothing, so trace it inside the block (``jax.eval_shape``
+    of a fresh function computes and compiles nothing). Blocks may nest; each sees its calls.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jattn
+      >>> q = jnp.ones((1, 8, 2, 4))
+      >>> with jattn.kernels.record_choices() as ran:
+      ...     _ = jax.eval_shape(lambda q: jattn.attention(q, q, q, implementation="flash"), q)
+      >>> ran
+      ['flash']
+    """
+    names: list[str] = []
+    token = _RECORDERS.set((*_RECORDERS.get(), names))
+    try:
+        yield names
+    finally:
+        _RECORDERS.reset(token)
+
+
+def note_choice(name: str) -> None:
+    """Called by :func:`jattn.attention` with the implementation a call runs."""
+    for names in _RECORDERS.get():
+        names.append(name)
 
 
 class Candidate(NamedTuple):

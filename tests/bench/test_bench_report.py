@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import pathlib
 import struct
@@ -11,7 +12,14 @@ import pytest
 
 from bench import __main__ as cli
 from bench.records import read_records
-from bench.report import latest, markdown_report, plot, speedups
+from bench.report import (
+    causal_overcount,
+    latest,
+    markdown_report,
+    plot,
+    plot_lines,
+    speedups,
+)
 from bench.runners import default_jattn_names
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "fake_gpu_records.jsonl"
@@ -123,3 +131,89 @@ def test_bad_lines_name_the_file_and_line(tmp_path):
     bad.write_text(FIXTURE.read_text().splitlines()[0] + "\n{not json\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
         list(read_records([bad]))
+
+
+def _with_extra_shapes() -> list[dict]:
+    """The fixture plus fused at B=4 (one length shared with B=1, one not) and a causal T < S
+    case faster than the matmul rate by the FLOP count."""
+    records = list(read_records([FIXTURE]))
+    fused = next(
+        r
+        for r in records
+        if r["implementation"] == "jattn:fused" and r["status"] == "ok" and r["T"] == 512
+    )
+    extra = [
+        {**fused, "B": 4, "T": 1024, "S": 1024},
+        {**fused, "B": 4, "T": 4096, "S": 4096},
+    ]
+    matmul = next(
+        r for r in records if r["implementation"] == "xla:matmul" and r["dtype"] == fused["dtype"]
+    )
+    extra.append(
+        {**fused, "causal": True, "mask": "causal", "T": 640, "S": 1536,
+         "tflops": 1.5 * matmul["tflops"]}
+    )  # fmt: skip
+    return records + extra
+
+
+def test_a_plot_line_never_joins_shapes_other_than_by_length():
+    records = _with_extra_shapes()
+    lines = plot_lines(records)
+    fused = [
+        line
+        for line in lines
+        if line.implementation == "jattn:fused" and line.panel == ("fwd", False)
+    ]
+    by_batch = {line.series[1]: line.xs for line in fused if line.series[7] is None}
+    assert by_batch == {1: (512, 1024, 2048), 4: (1024, 4096)}
+    for line in lines:
+        members = [
+            r
+            for r in records
+            if r.get("kind", "attention") == "attention"
+            and r["status"] == "ok"
+            and r["implementation"] == line.implementation
+            and (r["mode"], r["causal"]) == line.panel
+            and r["S"] in line.xs
+        ]
+        # every point of a line has the line's batch, heads, dtype and (T != S) query length
+        assert {(r["B"], r["N"], r["K"], r["H"], r["dtype"]) for r in members if
+                (r["T"] if r["T"] != r["S"] else None) == line.series[7]
+                and r["B"] == line.series[1]} == {
+            (line.series[1], line.series[2], line.series[3], line.series[4], line.series[0])
+        }  # fmt: skip
+
+
+def test_each_implementation_has_one_colour_in_both_plots(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figures to read their lines
+    records = _with_extra_shapes()
+    plot(records, tmp_path / "t.png", metric="tflops")
+    plot(records, tmp_path / "s.png", metric="speedup")
+    colours: dict[str, set] = collections.defaultdict(set)
+    for fig in figures:
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                if not line.get_label().startswith("_"):  # not the reference line
+                    colours[line.get_label().split()[0]].add(tuple(line.get_color()))
+        for handle in fig.legends[0].legend_handles:
+            if handle.get_label() in colours:
+                colours[handle.get_label()].add(tuple(handle.get_color()))
+    assert {"jattn:fused", "jax.nn:cudnn", "torch.sdpa", "jax.nn:xla"} <= set(colours)
+    assert all(len(c) == 1 for c in colours.values()), colours
+    assert len({next(iter(c)) for c in colours.values()}) == len(colours)
+    for fig in figures:
+        close(fig)
+
+
+def test_shares_above_the_matmul_rate_are_explained():
+    assert causal_overcount(1024, 1024) == pytest.approx(1024 / 1025)
+    assert causal_overcount(640, 1536) == pytest.approx(1536 / 641)
+    md = markdown_report(_with_extra_shapes())
+    gpu = md.split("### gpu: FAKE GPU (test fixture)")[1]
+    assert "150%" in gpu
+    assert "can pass 100%" in gpu and "skip masked blocks" in gpu
+    assert "counted above their visible scores here: T=640 S=1536 2.40×." in gpu
+    assert "Shares above 100% here: fwd causal bfloat16 T=640 S=1536." in gpu

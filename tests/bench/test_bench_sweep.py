@@ -100,6 +100,15 @@ def test_tiny_sweep_writes_a_valid_record_per_implementation_and_case(tiny_run):
     assert table.startswith("machine limits: float32 matmul ") and "memory read " in table
 
 
+def test_a_run_prints_the_limits_once_and_ends_with_the_report_command(tiny_run):
+    printed = tiny_run.with_suffix(".stdout").read_text(encoding="utf-8")
+    assert printed.count("machine limits:") == 1, printed
+    assert "float32 matmul " in printed and "memory read " in printed
+    last = printed.strip().splitlines()[-1]
+    assert last.endswith(f"python -m bench report {tiny_run}"), last
+    assert "machine limits:" not in run_table(read_records([tiny_run]), limits=False)
+
+
 def test_the_cli_prints_a_table(tmp_path, capsys):
     out = tmp_path / "r.jsonl"
     cli.main(["--shape", "1,16,16,1,1,8", "--impls", "none", "--peers", "xla", "--modes", "fwd",
