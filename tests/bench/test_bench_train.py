@@ -44,7 +44,8 @@ def test_transformer_flops_by_hand():
 @pytest.mark.parametrize("shape", [LM, SEQ2SEQ], ids=["DecoderLM", "Transformer"])
 def test_torch_twin_has_the_jattn_models_parameters(shape):
     import jax
-    import torch
+
+    torch = pytest.importorskip("torch")  # the bench extra
     from flax import nnx
 
     from bench import torch_models
@@ -82,6 +83,7 @@ def train_run(tmp_path_factory):
 
 
 def test_cli_writes_one_train_record_per_runner(train_run):
+    pytest.importorskip("torch")  # the bench extra: without it torch's record is "absent"
     records = list(read_records([train_run]))
     assert {r["implementation"] for r in records} == {
         "jattn:cpu", "jattn:flash", "jax.nn:xla", "torch:eager",
@@ -101,6 +103,7 @@ def test_cli_writes_one_train_record_per_runner(train_run):
 
 
 def test_report_has_speedups_over_torch_and_matmul_shares(train_run):
+    pytest.importorskip("torch")
     records = list(read_records([train_run]))
     section = train_section(records)
     assert "### Training step" in section
@@ -127,7 +130,7 @@ def test_report_cli_takes_a_train_only_file(train_run, tmp_path):
 
 
 def test_torch_compile_failure_is_a_skipped_record(monkeypatch, tmp_path):
-    import torch
+    torch = pytest.importorskip("torch")
 
     def broken(fn, *a, **k):
         def call(*args):
@@ -166,8 +169,8 @@ def test_bad_options_are_named(argv, message, capsys, tmp_path):
 
 
 def test_an_ok_train_record_needs_its_throughput(train_run):
-    line = train_run.read_text().splitlines()[0]
-    record = json.loads(line)
+    records = [json.loads(line) for line in train_run.read_text().splitlines()]
+    record = next(r for r in records if r["status"] == "ok")
     del record["tokens_per_s"]
     with pytest.raises(ValueError, match="tokens_per_s"):
         validate(record)
