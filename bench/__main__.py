@@ -365,15 +365,7 @@ def _config(args: argparse.Namespace):  # -> SweepConfig (imported late: it impo
             raise BadOption(f"--modes: unknown mode {mode!r}; known: {', '.join(MODES)}")
     if not modes:
         raise BadOption(f"--modes {args.modes!r} names no mode")
-    for option, value, least in (
-        ("--repeats", args.repeats, 1),
-        ("--warmup", args.warmup, 1),
-        ("--rounds", args.rounds, 1),
-        ("--torch-threads", args.torch_threads, 1),
-        ("--seed", args.seed, 0),
-    ):
-        if value is not None and value < least:
-            raise BadOption(f"{option} must be >= {least}, got {value}")
+    _check_counts(args)
     if not (math.isfinite(args.min_time) and args.min_time >= 0):
         raise BadOption(f"--min-time must be a number of seconds >= 0, got {args.min_time}")
     shapes = _shapes(args)
@@ -401,9 +393,8 @@ def _config(args: argparse.Namespace):  # -> SweepConfig (imported late: it impo
     )
 
 
-def _train_config(args: argparse.Namespace):  # -> bench.train.TrainConfig
-    from bench.train import JATTN_IMPLS, TRAIN_PEERS, TRAIN_SETS, TrainConfig, TrainShape
-
+def _check_counts(args: argparse.Namespace) -> None:
+    """The timing and seed options that `run` and `train` share, each at least its minimum."""
     for option, value, least in (
         ("--repeats", args.repeats, 1),
         ("--warmup", args.warmup, 1),
@@ -413,6 +404,12 @@ def _train_config(args: argparse.Namespace):  # -> bench.train.TrainConfig
     ):
         if value is not None and value < least:
             raise BadOption(f"{option} must be >= {least}, got {value}")
+
+
+def _train_config(args: argparse.Namespace):  # -> bench.train.TrainConfig
+    from bench.train import JATTN_IMPLS, TRAIN_PEERS, TRAIN_SETS, TrainConfig, TrainShape
+
+    _check_counts(args)
     chosen: list[tuple[str, TrainShape]] = []
     named = args.sets if args.sets is not None else ("" if args.case else "quick")
     for name in _csv(named):

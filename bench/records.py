@@ -165,6 +165,23 @@ _INT_FIELDS = ("B", "T", "S", "N", "K", "H", "Hv", "repeats", "number", "warmup"
 TRAIN_FIELDS: tuple[str, ...] = ("model", "d_model", "layers", "N", "d_ff", "vocab", "B", "T")
 
 
+def measured_fields(timing: Any, xla_memory: dict[str, int] | None) -> dict[str, Any]:
+    """The Record fields of a measurement: its samples' statistics (a `bench.timing.Timing`)
+    and XLA's memory analysis of the compiled program (keys argument, output, temp, alias,
+    total; None when unknown)."""
+    mem = xla_memory or {}
+    return dict(
+        repeats=timing.repeats,
+        number=timing.number,
+        warmup=timing.warmup,
+        median_s=timing.median_s,
+        iqr_s=timing.iqr_s,
+        min_s=timing.min_s,
+        max_s=timing.max_s,
+        **{f"xla_{k}_bytes": mem.get(k) for k in ("argument", "output", "temp", "alias", "total")},
+    )
+
+
 def record_kind(record: dict[str, Any]) -> str:
     """ "attention", "roofline" or "train" (records of schema 1 have no kind: they are
     attention ones)."""

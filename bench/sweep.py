@@ -15,6 +15,7 @@ from bench.records import (
     attention_flops,
     host_cores,
     host_cpu,
+    measured_fields,
     new_run_id,
     now,
     versions,
@@ -198,25 +199,13 @@ def case_record(
             return Record(**fields, status=status, reason=reason)  # type: ignore[arg-type]
     m = rounds[0]
     t = pool([r.timing for r in rounds]) if len(rounds) > 1 else m.timing
-    mem = m.xla_memory or {}
     return Record(
         **fields,  # type: ignore[arg-type]
+        **measured_fields(t, m.xla_memory),
         status="ok",
         reason=None,
-        repeats=t.repeats,
-        number=t.number,
-        warmup=t.warmup,
-        median_s=t.median_s,
-        iqr_s=t.iqr_s,
-        min_s=t.min_s,
-        max_s=t.max_s,
         compile_s=m.compile_s,
         tflops=flops / t.median_s / 1e12 if t.median_s > 0 else None,
-        xla_argument_bytes=mem.get("argument"),
-        xla_output_bytes=mem.get("output"),
-        xla_temp_bytes=mem.get("temp"),
-        xla_alias_bytes=mem.get("alias"),
-        xla_total_bytes=mem.get("total"),
         device_peak_bytes=m.device_peak_bytes,
         device_peak_scope=m.device_peak_scope,
         threads=m.threads,

@@ -37,6 +37,7 @@ from bench.records import (
     attention_flops,
     host_cores,
     host_cpu,
+    measured_fields,
     new_run_id,
     now,
     versions,
@@ -463,27 +464,15 @@ def train_record(
             return Record(**fields, status=status, reason=reason)
     assert prepared is not None
     t = pool(list(rounds)) if len(rounds) > 1 else rounds[0]  # type: ignore[arg-type]
-    mem = prepared.xla_memory or {}
     return Record(
         **fields,
+        **measured_fields(t, prepared.xla_memory),
         status="ok",
         reason=None,
         params=prepared.params,
-        repeats=t.repeats,
-        number=t.number,
-        warmup=t.warmup,
-        median_s=t.median_s,
-        iqr_s=t.iqr_s,
-        min_s=t.min_s,
-        max_s=t.max_s,
         compile_s=prepared.compile_s,
         tflops=flops / t.median_s / 1e12,
         tokens_per_s=shape.tokens / t.median_s,
-        xla_argument_bytes=mem.get("argument"),
-        xla_output_bytes=mem.get("output"),
-        xla_temp_bytes=mem.get("temp"),
-        xla_alias_bytes=mem.get("alias"),
-        xla_total_bytes=mem.get("total"),
         threads=prepared.threads,
     )
 
