@@ -94,9 +94,12 @@ void parallel_for(int64_t n, const std::function<void(int64_t)>& fn);
 // JATTN_CPU_THREADS and by the call's Tuning::threads (ScopedThreadCap, threads.h).
 int num_threads();
 
-// out, lse (lse may be nullptr when not wanted).
+// out, lse and lse_lo (either may be nullptr when not wanted). lse_lo is what rounding lse
+// to float32 left out (lse + lse_lo is the row's log-sum-exp to about twice float32's
+// precision): the backward scales dout and dlse by exp(-lse_lo), so that a row whose lse
+// rounds away its sum's logarithm (logits near 1e38) still gets weights that sum to 1.
 void forward(const Problem& p, const void* q, const void* k, const void* v, void* out,
-             float* lse);
+             float* lse, float* lse_lo = nullptr);
 
 // What the heuristics pick for this shape at `threads` threads (the knobs of Tuning that
 // concern each pass; the others are left alone): passing them explicitly gives the same plan.

@@ -10,7 +10,9 @@
 //   bias [Bb, Kb, Gb, Tb, Sb]                               float32 (each dim full or 1)
 //   seeds [B, K, G]                                         uint32
 //   sinks [B, K, G]                                         float32 (attention sinks)
-// An optional operand that is absent is passed with zero elements. Backward takes, after
+// An optional operand that is absent is passed with zero elements. Forward returns out
+// [B, T, N, Hv], lse [B, N, T] and lse_lo [B, N, T] (float32: lse's rounding residual,
+// attention.h). Backward takes, after
 // those, out [B, T, N, Hv], lse [B, N, T] (float32), dout [B, T, N, Hv], dlse [B, N, T]
 // (float32, or zero elements for a zero cotangent), and returns dq, dk, dv and dbias
 // (float32 [B, K, G, T, S], or zero elements when the bias needs no gradient).
@@ -191,7 +193,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                        ffi::AnyBuffer offset, ffi::AnyBuffer q_seg, ffi::AnyBuffer kv_seg,
                        ffi::AnyBuffer mask, ffi::AnyBuffer bias, ffi::AnyBuffer seeds,
                        ffi::AnyBuffer sinks, ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
-                       CallAttrs attrs) {
+                       ffi::Result<ffi::AnyBuffer> lse_lo, CallAttrs attrs) {
   Problem p;
   if (auto e =
           decode(q, k, v, q_len, kv_len, offset, q_seg, kv_seg, mask, bias, seeds, sinks, attrs, p);
@@ -199,8 +201,9 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
     return e;
   const ScopedPool on(pool, p.tuning.xla_pool);
   float* lse_ptr = present(*lse) ? static_cast<float*>(lse->untyped_data()) : nullptr;
+  float* lo_ptr = present(*lse_lo) ? static_cast<float*>(lse_lo->untyped_data()) : nullptr;
   forward(p, q.untyped_data(), k.untyped_data(), v.untyped_data(), out->untyped_data(),
-          lse_ptr);
+          lse_ptr, lo_ptr);
   return ffi::Error::Success();
 }
 
@@ -264,7 +267,8 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JattnCpuForward, jattn::ForwardImpl,
                               ffi::Ffi::Bind() JATTN_COMMON_ARGS
                                   .Ret<ffi::AnyBuffer>() /* out */
-                                  .Ret<ffi::AnyBuffer>() /* lse */ JATTN_ATTRS);
+                                  .Ret<ffi::AnyBuffer>() /* lse */
+                                  .Ret<ffi::AnyBuffer>() /* lse_lo */ JATTN_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JattnCpuBackward, jattn::BackwardImpl,
                               ffi::Ffi::Bind() JATTN_COMMON_ARGS

@@ -55,6 +55,7 @@ struct Ctx {
   const void* v;
   void* out;
   float* lse;
+  float* lse_lo;  // lse's rounding residual, or nullptr
   int64_t bq, bk, ldS, nqb, nkb, nsplit;
   bool use_prepack = false;
   bool positions = false;  // decoding: attend_positions over every KV head of a key block
@@ -173,14 +174,14 @@ void forward_defaults(const Problem& p, int64_t threads, Tuning& t) {
 }
 
 void forward(const Problem& p, const void* q, const void* k, const void* v, void* out,
-             float* lse) {
+             float* lse, float* lse_lo) {
   if (p.B <= 0 || p.T <= 0 || p.K <= 0 || p.G <= 0) return;
   const CallGuard guard;  // release_kept() waits for the call
   ScopedThreadCap cap(p.tuning.threads);
   advise_huge_pages(out, p.B * p.T * p.K * p.G * p.Hv * dtype_size(p.dtype));
   const Isa isa = call_isa(p.tuning.isa);
   const ForwardPlan f = plan_forward(p, num_threads(), isa);
-  Ctx c{p, q, k, v, out, lse, f.bq, f.bk, (f.bk + 15) / 16 * 16, f.nqb, f.nkb, f.nsplit};
+  Ctx c{p, q, k, v, out, lse, lse_lo, f.bq, f.bk, (f.bk + 15) / 16 * 16, f.nqb, f.nkb, f.nsplit};
   c.positions = f.positions;
   c.use_prepack = f.use_prepack;
   c.strip = f.strip;

@@ -379,3 +379,62 @@ def test_dropout_draws_one_pattern_from_the_python_rate(impl):
     got = jattn.attention(q, k, v, implementation=impl, **kw)
     want = jattn.attention(q, k, v, implementation="reference", **kw)
     H.assert_close(got, want, 2e-5, what=impl)
+
+
+def _against_float64(impl, args, kw, argnums, cotangent_key=4):
+    """The output, lse and the gradients of (out * dO).sum() with respect to ``args[i]`` for
+    ``i`` in ``argnums``, from ``impl`` and from the float64 reference, each as a list."""
+    do = H.normal(jax.random.key(cotangent_key), args[0].shape[:-1] + (args[2].shape[-1],))
+
+    def run(impl, args, do):
+        def f(*a):
+            out, lse = jattn.attention(*a, implementation=impl, return_lse=True, **kw)
+            return jnp.sum(out * do), (out, lse)
+
+        grads, (out, lse) = jax.grad(f, argnums=argnums, has_aux=True)(*args)
+        return [out, lse, *grads]
+
+    got = run(impl, args, do)
+    with jax.enable_x64():
+        want = run("reference", [x.astype(jnp.float64) for x in args], do.astype(jnp.float64))
+        want = [np.asarray(w) for w in want]
+    return got, want
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_finite_bias_however_negative_is_a_bias(impl, causal):
+    """Biases beyond +-2.4e38, where bias * log2(e) overflows float32, are biases, not masks:
+    a row whose every bias is float32's most negative value averages its values (as the
+    reference and jax.nn do); rows of such biases keep their order (-1.7e38 beats -3.1e38),
+    and one key at bias 0, or a bias of +3.4e38, wins. Output, lse and the gradients of q,
+    k, v and the bias against the float64 reference (item 3 of issue 27)."""
+    if not _supports(impl, "bias"):
+        pytest.skip(f"{impl} takes no bias")
+    q, k, v = _qkv((2,), 6, 300, 4, 2, 16)
+    fmin = float(np.finfo(np.float32).min)
+    bias = H.normal(jax.random.key(5), (2, 4, 6, 300))
+    bias = bias.at[:, :, 0].set(fmin)
+    bias = bias.at[:, :, 1, :50].set(fmin * 0.5).at[:, :, 1, 50:].set(fmin * 0.9)
+    bias = bias.at[:, :, 2].set(fmin).at[:, :, 2, 123].set(0.0)
+    bias = bias.at[:, :, 3].set(-fmin).at[:, :, 3, 7].set(-fmin * 0.99)
+    bias = bias.at[:, :, 4].set(fmin * 0.7)
+    got, want = _against_float64(impl, [q, k, v, bias], dict(is_causal=causal), (0, 1, 2, 3))
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv", "dbias"], got, want, strict=True):
+        a = np.asarray(a, np.float64)
+        assert np.isfinite(a).all(), name
+        scale = np.abs(b[np.isfinite(b)]).max() if name == "lse" else np.abs(b).max()
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=1e-5, err_msg=f"{impl} {name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_values_near_float32s_largest_stay_finite(impl, causal):
+    """Values of 1e37 over 300 keys: every output row is a weighted mean of values, finite,
+    though an unnormalised sum of them overflows float32 (item 4 of issue 27). Output, lse
+    and gradients against the float64 reference, relative to their largest entry."""
+    q, k, v = _qkv((2,), 40, 300, 4, 2, 16)
+    v = jnp.where(v > -0.5, 1e37, -2e37) * (1 + 0.1 * v)
+    got, want = _against_float64(impl, [q, k, v], dict(is_causal=causal), (0, 1, 2))
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], got, want, strict=True):
+        H.assert_close(a, b, 2e-6 * np.abs(b).max(), 0.0, what=f"{impl} {name}")

@@ -114,6 +114,13 @@ class Static:
     config: Any  # the kernel's tuning dataclass, for its launch parameters
     interpret: bool
 
+    @property
+    def shift(self) -> float:
+        """ceil(log2 sp): the forward's weights are ``2^(s - m - shift)``, so that no sum of
+        them exceeds 1 and the unnormalised accumulator stays within the values' range;
+        :func:`normalize` adds it back to the log-sum-exp."""
+        return float(math.ceil(math.log2(max(self.sp, 1))))
+
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
@@ -276,14 +283,14 @@ def rescale(m: Array, row_max: Array):
     return m_new, m_use, jnp.exp2(m - m_use)
 
 
-def normalize(acc: Array, m: Array, l: Array, widen: Callable, valid=None):
-    """The output and base-2 log-sum-exp of a finished online softmax. ``widen`` brings a
-    per-row array to ``acc``'s width. A row with nothing visible gets zeros and ``-inf``, and
-    so does a row where ``valid`` is False (padding past ``q_len``: the backward then gives it
-    nothing)."""
+def normalize(acc: Array, m: Array, l: Array, widen: Callable, valid=None, shift: float = 0.0):
+    """The output and base-2 log-sum-exp of a finished online softmax whose weights were
+    ``2^(s - m - shift)``. ``widen`` brings a per-row array to ``acc``'s width. A row with
+    nothing visible gets zeros and ``-inf``, and so does a row where ``valid`` is False
+    (padding past ``q_len``: the backward then gives it nothing)."""
     safe = jnp.where(l > 0.0, l, 1.0)
     out = acc / widen(safe)
-    lse2 = jnp.where(l > 0.0, m + jnp.log2(safe), -jnp.inf)
+    lse2 = jnp.where(l > 0.0, m + (shift + jnp.log2(safe)), -jnp.inf)
     if valid is not None:
         out = jnp.where(widen(valid), out, 0.0)
         lse2 = jnp.where(valid, lse2, -jnp.inf)

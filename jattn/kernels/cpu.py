@@ -84,12 +84,15 @@ OPERANDS = (
     "sinks",  # [B, K, G]       float32: attention sinks, one logit per head
 )
 BACKWARD_OPERANDS = OPERANDS + ("out", "lse", "dout", "dlse")  # dlse empty: a zero cotangent
-FORWARD_RESULTS = ("out", "lse")
+# lse_lo [B, N, T] float32: what rounding lse to float32 left out (csrc/attention.h); the
+# backward scales dout and dlse by exp(-lse_lo), so that rows whose lse rounds away the log of
+# their sum (logits near 1e38) still get weights that sum to 1.
+FORWARD_RESULTS = ("out", "lse", "lse_lo")
 BACKWARD_RESULTS = ("dq", "dk", "dv", "dbias")  # dbias float32 [B, K, G, T, S] or empty
 # The XLA custom-call targets carry the contract's version: a program exported with them
 # (jax.export) names the contract it was built against, and a library with another contract
 # does not take it. Any change to the tables above or to the attributes bumps it.
-ABI_VERSION = 2
+ABI_VERSION = 3
 _FWD = f"jattn_cpu_forward_v{ABI_VERSION}"
 _BWD = f"jattn_cpu_backward_v{ABI_VERSION}"
 EXPORT_TARGETS = (_FWD, _BWD)
@@ -451,27 +454,30 @@ def _forward(st: _Static, q, k, v, bias, sinks, ops):
     out_types = (
         jax.ShapeDtypeStruct((b, t, n, hv), q.dtype),
         jax.ShapeDtypeStruct((b, n, t), jnp.float32),
+        jax.ShapeDtypeStruct((b, n, t), jnp.float32),
     )
     given = dict(ops, q=q, k=k, v=v, bias=_or_empty(bias), sinks=_or_empty(sinks))
     call = jax.ffi.ffi_call(_FWD, out_types, vmap_method="sequential")
-    out, lse = call(*_operands(OPERANDS, given), **st.attrs())
-    return _vary(out, st.vma), _vary(lse, st.vma)
+    out, lse, lse_lo = call(*_operands(OPERANDS, given), **st.attrs())
+    return _vary(out, st.vma), _vary(lse, st.vma), _vary(lse_lo, st.vma)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(st: _Static, q, k, v, bias, sinks, ops):
-    return _forward(st, q, k, v, bias, sinks, ops)
+    out, lse, _ = _forward(st, q, k, v, bias, sinks, ops)
+    return out, lse
 
 
 def _attention_fwd(st, q, k, v, bias, sinks, ops):
-    out, lse = _forward(st, q, k, v, bias, sinks, ops)
-    return (out, lse), (q, k, v, bias, sinks, ops, out, lse)
+    out, lse, lse_lo = _forward(st, q, k, v, bias, sinks, ops)
+    return (out, lse), (q, k, v, bias, sinks, ops, out, lse, lse_lo)
 
 
 def _sinks_gradient(sinks, out, lse, g_out, g_lse) -> Array:
     """d sink = -sum over the head's rows of p_sink * D, with p_sink = exp(sink - lse) (the
     sink's weight; lse counts it) and D = rowsum(dO * O) - dlse: the sink raises every row's
-    denominator and has no value."""
+    denominator and has no value. Given cotangents scaled by exp(-lse_lo) (as the kernel's
+    are), exp(sink - lse) is exp(lse_lo) times the sink's weight: the product is exact."""
     d = jnp.einsum("btnh,btnh->bnt", g_out.astype(jnp.float32), out.astype(jnp.float32))
     if g_lse.size:
         d = d - g_lse
@@ -482,13 +488,17 @@ def _sinks_gradient(sinks, out, lse, g_out, g_lse) -> Array:
 
 
 def _attention_bwd(st, res, cts):
-    q, k, v, bias, sinks, ops, out, lse = res
+    q, k, v, bias, sinks, ops, out, lse, lse_lo = res
     g_out, g_lse = cts
+    # The kernel's weights exp(logit - lse) are exp(lse_lo) times the true ones (lse_lo: what
+    # rounding lse left out); scaling the cotangents by exp(-lse_lo) instead of the weights is
+    # the same product, and costs a pass over dout rather than one over every logit.
+    fix = jnp.exp(-lse_lo)
     if isinstance(g_lse, jax.custom_derivatives.SymbolicZero) or g_lse is None:
         g_lse = _empty(jnp.float32)
     else:
-        g_lse = g_lse.astype(jnp.float32)
-    g_out = g_out.astype(q.dtype)
+        g_lse = g_lse.astype(jnp.float32) * fix
+    g_out = (g_out.astype(jnp.float32) * jnp.swapaxes(fix, 1, 2)[..., None]).astype(q.dtype)
     b, t, n, _ = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh

@@ -10,7 +10,13 @@ scores, so training needs O(T + S) memory per head as well.
 
 Logits live in base-2 units (``log2(e)`` is folded into the scale, ``exp2`` replaces ``exp``),
 and the row sum comes out of the ``p @ v`` product through a column of ones appended to ``v``:
-on a CPU both save a pass over every block.
+on a CPU both save a pass over every block. With a bias they stay in natural units (a finite
+bias, however large, must stay finite; ``bias * log2(e)`` overflows from 2.4e38 on) and are
+converted after the max is subtracted. The weights are ``2^(x - m - shift)``, ``shift =
+ceil(log2 S)``: no sum of them exceeds 1, so the unnormalised accumulator stays within the
+values' range. The saved log-sum-exp comes with what rounding it left out (``lo``); the
+backward scales the cotangents by ``2^-lo``, so rows whose lse rounds away the log of their
+sum (logits near 1e38) still get weights that sum to 1.
 """
 
 from __future__ import annotations
@@ -78,6 +84,13 @@ class _Static:
     bk: int
     q_len: int
     kv_len: int
+    natural: bool  # logits in natural units (a bias is given), else base 2
+    shift: float  # ceil(log2 S): the weights' exponent offset
+
+    @property
+    def unit(self) -> float:
+        """What a logit or a max times gives base 2."""
+        return LOG2E if self.natural else 1.0
 
 
 def flash_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
@@ -86,7 +99,9 @@ def flash_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput
     t, s = q.shape[0], k.shape[0]
     bq, bk = min(cfg.block_q, t), min(cfg.block_k, s)
     tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
-    st = _Static(plan.scale, plan.softcap, plan.dropout_rate, bq, bk, t, s)
+    natural = plan.bias is not None
+    shift = float(math.ceil(math.log2(max(sp, 1))))
+    st = _Static(plan.scale, plan.softcap, plan.dropout_rate, bq, bk, t, s, natural, shift)
 
     qp = jnp.pad(q, ((0, tp - t), (0, 0)))
     kp = jnp.pad(k, ((0, sp - s), (0, 0)))
@@ -98,8 +113,8 @@ def flash_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput
     if bias is not None:
         pads = [(0, 0 if d == 1 else n - d) for d, n in zip(bias.shape, (tp, sp), strict=True)]
         bias = jnp.pad(bias, pads)
-    out, lse2 = _flash(st, qp, kp, vp, bias, mask, plan.dropout_seed)
-    lse = lse2[:t] * LN2 if plan.return_lse else None
+    out, lse_u = _flash(st, qp, kp, vp, bias, mask, plan.dropout_seed)
+    lse = (lse_u[:t] if natural else lse_u[:t] * LN2) if plan.return_lse else None
     return KernelOutput(out[:t], lse, None)
 
 
@@ -108,18 +123,19 @@ def flash_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput
 
 
 def _logits(st: _Static, qi: Array, kj: Array, bias: Array | None, q0, k0):
-    """Base-2 logits of a block and, with softcap, the tanh needed by its derivative."""
+    """Logits of a block (base 2, or natural with a bias) and, with softcap, the tanh needed by
+    its derivative."""
     acc = jnp.promote_types(qi.dtype, jnp.float32)
     s = jnp.einsum("td,sd->ts", qi, kj, preferred_element_type=acc)
     if qi.dtype not in (jnp.float32, jnp.float64):
-        s = s * (st.scale * LOG2E)  # low-precision q was not pre-scaled, to keep its bits
+        s = s * (st.scale * (1.0 if st.natural else LOG2E))  # low-precision q: not pre-scaled
     th = None
     if st.softcap is not None:
-        c2 = st.softcap * LOG2E
+        c2 = st.softcap * (1.0 if st.natural else LOG2E)
         th = jnp.tanh(s / c2)
         s = c2 * th
     if bias is not None:
-        s = s + _bias_block(bias, q0, k0, st.bq, st.bk).astype(s.dtype) * LOG2E
+        s = s + _bias_block(bias, q0, k0, st.bq, st.bk).astype(s.dtype)  # natural units
     return s, th
 
 
@@ -136,7 +152,7 @@ def _i32(*xs):
 
 def _prescaled(st: _Static, q: Array) -> Array:
     if q.dtype in (jnp.float32, jnp.float64):
-        return q * jnp.asarray(st.scale * LOG2E, q.dtype)
+        return q * jnp.asarray(st.scale * (1.0 if st.natural else LOG2E), q.dtype)
     return q
 
 
@@ -198,11 +214,11 @@ def _forward(st: _Static, q, k, v, bias, mask, seed):
                 s = jnp.where(mask.block(q0, k0, st.bq, st.bk), s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1))
             m_use = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-            alpha = jnp.exp2(m - m_use)
+            alpha = jnp.exp2((m - m_use) * st.unit)
             # Clamped: XLA may recompute the scaled logits inside this fusion with a fused
             # multiply-add, so at logits of ~1e9 `s - max` can be a few ulps above 0 and exp2
             # overflow (bfloat16 inputs, whose scale is applied after the product).
-            p = jnp.exp2(jnp.minimum(s - m_use[:, None], 0.0))
+            p = jnp.exp2(jnp.minimum(s - m_use[:, None], 0.0) * st.unit - st.shift)
             if dropout:
                 l = l * alpha + p.sum(axis=1)
                 keep = _keep(st, seed, q0, k0)
@@ -234,32 +250,39 @@ def _forward(st: _Static, q, k, v, bias, mask, seed):
             acc, l = acc[:, :dv], acc[:, dv]
         safe_l = jnp.where(l > 0, l, 1.0)
         out = (acc / safe_l[:, None]).astype(q.dtype)
-        lse2 = jnp.where(l > 0, m + jnp.log2(safe_l), -jnp.inf)
-        return out, lse2
+        # lse = m + (shift + log2 l) in m's units, and lo: what its rounding left out (m - lse
+        # is exact where it matters, near m).
+        t = (st.shift + jnp.log2(safe_l)) / st.unit
+        lse = jnp.where(l > 0, m + t, -jnp.inf)
+        lo = jnp.where(l > 0, (m - lse) + t, 0.0)
+        return out, lse, lo
 
     if nq == 1:
-        out, lse2 = q_block(0)
-        return out, lse2
-    outs, lses = jax.lax.map(q_block, jnp.arange(nq))
-    return outs.reshape(tp, dv), lses.reshape(tp)
+        return q_block(0)
+    outs, lses, los = jax.lax.map(q_block, jnp.arange(nq))
+    return outs.reshape(tp, dv), lses.reshape(tp), los.reshape(tp)
 
 
 # ---------------------------------------------------------------------------------------------
 # Backward: recompute each block's probabilities from the saved log-sum-exp.
 
 
-def _backward(st: _Static, q, k, v, bias, mask, seed, out, lse2, g_out, g_lse2):
+def _backward(st: _Static, q, k, v, bias, mask, seed, out, lse, lo, g_out, g_lse):
     tp, sp, d = q.shape[0], k.shape[0], q.shape[1]
     nq = tp // st.bq
     dropout = st.dropout_rate > 0.0
     acc_dt = jnp.promote_types(q.dtype, jnp.float32)
     qs = _prescaled(st, q)
+    # The weights 2^((s - lse) unit) are 2^(lo unit) times the true ones: the cotangents are
+    # scaled by 2^(-lo unit) instead (the same products; a pass over dO, not over the logits).
+    fix = jnp.exp2(-lo * st.unit).astype(acc_dt)
+    g_out = (g_out.astype(acc_dt) * fix[:, None]).astype(g_out.dtype)
     # dL/dlogits = p * (dp - delta); delta = rowsum(dO * O) minus the lse cotangent.
     delta = jnp.sum(g_out.astype(acc_dt) * out.astype(acc_dt), axis=1)
-    if g_lse2 is not None:
-        delta = delta - g_lse2.astype(acc_dt)
+    if g_lse is not None:
+        delta = delta - g_lse.astype(acc_dt) * fix
     # Rows with no visible key (lse = -inf) have p = 0 everywhere.
-    lse_use = jnp.where(jnp.isneginf(lse2), jnp.inf, lse2)
+    lse_use = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
 
     def q_block(i, carry):
         dk, dv, dbias = carry
@@ -280,7 +303,7 @@ def _backward(st: _Static, q, k, v, bias, mask, seed, out, lse2, g_out, g_lse2):
             s, th = _logits(st, qsi, kj, bias, q0, k0)
             if masked:
                 s = jnp.where(mask.block(q0, k0, st.bq, st.bk), s, -jnp.inf)
-            p = jnp.exp2(jnp.minimum(s - lsei[:, None], 0.0))  # as in the forward
+            p = jnp.exp2(jnp.minimum(s - lsei[:, None], 0.0) * st.unit)  # as in the forward
             dp = jnp.einsum("td,sd->ts", doi, vj, preferred_element_type=acc_dt)
             pd = p
             if dropout:
@@ -368,24 +391,25 @@ def _add_bias_block(dbias: Array, ds: Array, q0, k0, st: _Static) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(st: _Static, q, k, v, bias, mask: Any, seed):
-    return _forward(st, q, k, v, bias, mask, seed)
+    out, lse, _ = _forward(st, q, k, v, bias, mask, seed)
+    return out, lse
 
 
 def _flash_fwd(st, q, k, v, bias, mask, seed):
-    out, lse2 = _forward(st, q, k, v, bias, mask, seed)
-    return (out, lse2), (q, k, v, bias, mask, seed, out, lse2)
+    out, lse, lo = _forward(st, q, k, v, bias, mask, seed)
+    return (out, lse), (q, k, v, bias, mask, seed, out, lse, lo)
 
 
 def _flash_bwd(st, res, cts):
-    q, k, v, bias, mask, seed, out, lse2 = res
-    g_out, g_lse2 = cts
-    if isinstance(g_lse2, jax.custom_derivatives.SymbolicZero) or g_lse2 is None:
-        g_lse2 = None
-    else:
+    q, k, v, bias, mask, seed, out, lse, lo = res
+    g_out, g_lse = cts
+    if isinstance(g_lse, jax.custom_derivatives.SymbolicZero) or g_lse is None:
+        g_lse = None
+    elif not st.natural:
         # The cotangent of lse2 = lse / ln2 is ln2 times that of the natural lse, and
         # d lse / d logit = p in natural units: the logits need the natural one.
-        g_lse2 = g_lse2 / LN2
-    dq, dk, dv, dbias = _backward(st, q, k, v, bias, mask, seed, out, lse2, g_out, g_lse2)
+        g_lse = g_lse / LN2
+    dq, dk, dv, dbias = _backward(st, q, k, v, bias, mask, seed, out, lse, lo, g_out, g_lse)
     return dq, dk, dv, dbias, None, None
 
 

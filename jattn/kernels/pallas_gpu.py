@@ -282,7 +282,7 @@ def _fwd_kernel(*refs, st: pc.Static):
             kv_ids = None if kvseg_ref is None else kvseg_ref[pl.ds(k0, bk)]
             s = _mask(st, sc, s, rows, k0 + _iota(bk), q_ids, kv_ids)
         m_new, m_use, alpha = pc.rescale(m, s.max(axis=1))
-        p = jnp.exp2(s - m_use[:, None])
+        p = jnp.exp2(s - m_use[:, None] - st.shift)
         l = l * alpha + p.sum(axis=1)
         return m_new, l, acc * alpha[:, None] + _dot(p.astype(vj.dtype), vj)
 
@@ -297,7 +297,7 @@ def _fwd_kernel(*refs, st: pc.Static):
     bounds = st.plan.kv_blocks(sc, q0, bq, bk, st.sp)
     m, l, acc = _run_blocks(st, bounds, step, init, overlap)
     valid = (rows < sc.q_len) if st.plan.q_len else None
-    out, lse2 = pc.normalize(acc, m, l, lambda x: x[:, None], valid)
+    out, lse2 = pc.normalize(acc, m, l, lambda x: x[:, None], valid, st.shift)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse2
 

@@ -277,7 +277,7 @@ def _fwd_kernel(*refs, st: pc.Static):
             )
         m_prev, l_prev = m_ref[...], l_ref[...]
         m_new, m_use, alpha = pc.rescale(m_prev, s.max(axis=1, keepdims=True))
-        p = jnp.exp2(s - _lanes(m_use, bk))
+        p = jnp.exp2(s - _lanes(m_use, bk) - st.shift)
         m_ref[...] = m_new
         l_ref[...] = alpha * l_prev + p.sum(axis=1, keepdims=True)
         vj = v_ref[...]
@@ -289,7 +289,7 @@ def _fwd_kernel(*refs, st: pc.Static):
     def _finish():
         valid = (q0 + _iota((bq, LANES), 0) < sc.q_len) if plan.q_len else None
         widen = lambda x: _lanes(x, dv)
-        out, lse2 = pc.normalize(acc_ref[...], m_ref[...], l_ref[...], widen, valid)
+        out, lse2 = pc.normalize(acc_ref[...], m_ref[...], l_ref[...], widen, valid, st.shift)
         o_ref[...] = out.astype(o_ref.dtype)
         lse_ref[...] = jnp.transpose(lse2)[:1, :]  # lane-dense [1, bq]
 

@@ -671,12 +671,18 @@ def test_operand_contract_matches_the_ffi_bindings():
         assert isinstance(passed[name], kinds[kind]), (name, kind, type(passed[name]))
     # The contract's version names the targets an exported program calls: a change to any of
     # the above must come with a new ABI_VERSION (update this fingerprint then).
-    fingerprint = (cpu.BACKWARD_OPERANDS, cpu.BACKWARD_RESULTS, tuple(sorted(members)))
-    assert cpu.ABI_VERSION == 2 and fingerprint == _ABI_2, fingerprint
+    fingerprint = (
+        cpu.BACKWARD_OPERANDS,
+        cpu.FORWARD_RESULTS,
+        cpu.BACKWARD_RESULTS,
+        tuple(sorted(members)),
+    )
+    assert cpu.ABI_VERSION == 3 and fingerprint == _ABI_3, fingerprint
 
 
-# Version 2 added the sinks operand and the dropout_threshold attribute.
-_ABI_2 = (
+# Version 2 added the sinks operand and the dropout_threshold attribute; version 3 the
+# forward's lse_lo result.
+_ABI_3 = (
     (
         "q",
         "k",
@@ -695,6 +701,7 @@ _ABI_2 = (
         "dout",
         "dlse",
     ),
+    ("out", "lse", "lse_lo"),
     ("dq", "dk", "dv", "dbias"),
     (
         ("bool", "has_left"),
