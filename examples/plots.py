@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import itertools
 import math
 import textwrap
 from collections.abc import Iterator, Mapping, Sequence
@@ -119,6 +120,8 @@ def plot_losses(history: Mapping[str, list], path: Path, *, title: str, ylabel: 
 CELL = 0.13
 MIN_PANEL = (3.6, 3.0)
 MAX_PANEL = 9.0
+# Tick labels: 7 points in cells of CELL, larger (up to 9) where fewer tokens leave room.
+TICK_POINTS = (7.0, 9.0)
 
 
 def plot_attention(
@@ -136,7 +139,9 @@ def plot_attention(
 
     Tick labels are the tokens; a token no available font can draw is shown by its position
     instead, and a note says so. Each panel is sized to its tokens, at least ``MIN_PANEL``
-    inches; the title is wrapped to the figure's width.
+    inches, and its labels to the room a token gets (``TICK_POINTS``); the key (x) labels are
+    written horizontally, turned vertical only where neighbours would overlap. The title is
+    wrapped to the figure's width.
     """
     plt = _pyplot()
     weights = np.asarray(weights, np.float32)
@@ -149,6 +154,9 @@ def plot_attention(
         nrows = math.ceil(panels / ncols)
         panel_w = min(max(1.4 + CELL * cols, MIN_PANEL[0]), MAX_PANEL)
         panel_h = min(max(1.2 + CELL * rows, MIN_PANEL[1]), MAX_PANEL)
+        # the room of a token, in points: the panel less its margins, over the tokens
+        pitch = 72 * min((panel_w - 1.4) / cols, (panel_h - 1.2) / rows)
+        ticks = min(max(0.75 * pitch, TICK_POINTS[0]), TICK_POINTS[1])
         fig, axes = plt.subplots(
             nrows,
             ncols,
@@ -161,8 +169,8 @@ def plot_attention(
                 ax.axis("off")
                 continue
             im = ax.imshow(weights[p], cmap="viridis", aspect="auto", vmin=0.0)
-            ax.set_xticks(range(cols), col_labels, fontsize=7, rotation=90 if cols > 1 else 0)
-            ax.set_yticks(range(rows), row_labels, fontsize=7)
+            ax.set_xticks(range(cols), col_labels, fontsize=ticks)
+            ax.set_yticks(range(rows), row_labels, fontsize=ticks)
             ax.set_xlabel(xlabel, fontsize=8)
             ax.set_ylabel(ylabel, fontsize=8)
             if panel_titles is not None:
@@ -170,7 +178,21 @@ def plot_attention(
             fig.colorbar(im, ax=ax, fraction=0.05)
         full = title + (f"\n{note}" if note else "")
         fig.suptitle(_wrap(full, panel_w * ncols - 0.3, 10), fontsize=10)
+        _turn_crowded_xticks(fig, axes.flat[:panels])
         return _save(plt, fig, path)
+
+
+def _turn_crowded_xticks(fig: Any, axes: Sequence[Any]) -> None:
+    """Turns a panel's key labels vertical where, horizontal, two neighbours would overlap
+    (long tokens in narrow cells), after a first layout; short tokens, Hangul above all, read
+    best horizontal."""
+    fig.canvas.draw()  # lays the figure out, as saving it will
+    renderer = fig.canvas.get_renderer()
+    for ax in axes:
+        boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+        gap = 2 * fig.dpi / 72  # two points between neighbours
+        if any(a.x1 + gap > b.x0 for a, b in itertools.pairwise(boxes)):
+            ax.tick_params(axis="x", labelrotation=90)
 
 
 def plot_token_weights(

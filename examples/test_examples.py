@@ -309,8 +309,61 @@ def test_heatmap_draws_hangul_tokens_and_fits_its_title(tmp_path, monkeypatch, f
     renderer = fig.canvas.get_renderer()
     box = fig._suptitle.get_window_extent(renderer)
     assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox)
+    # three short tokens in wide cells: larger labels, the keys horizontal, none overlapping
+    assert [t.get_rotation() for t in ax.get_xticklabels()] == [0.0] * 3
+    assert min(t.get_fontsize() for t in [*ax.get_xticklabels(), *ax.get_yticklabels()]) > 7
+    _assert_tick_labels_apart_and_inside(fig, ax)
     for f in figures:
         close(f)
+
+
+def _assert_tick_labels_apart_and_inside(fig: Any, ax: Any) -> None:
+    """No two neighbouring tick labels overlap and each lies inside the figure."""
+    renderer = fig.canvas.get_renderer()
+    for labels, lo, hi in ((ax.get_xticklabels(), "x0", "x1"), (ax.get_yticklabels(), "y0", "y1")):
+        boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
+        if lo == "y0":
+            boxes.sort(key=lambda b: b.y0)
+        for a, b in zip(boxes, boxes[1:], strict=False):
+            assert getattr(a, hi) <= getattr(b, lo), (a, b)
+        for b in boxes:
+            assert b.x0 >= 0 and b.y0 >= 0, b
+            assert b.x1 <= fig.bbox.width and b.y1 <= fig.bbox.height, (b, fig.bbox)
+
+
+@pytest.mark.parametrize(
+    "labels, turned",
+    [
+        (list("The engineer, and the was not have he was the is"), False),  # horizontal
+        (["␣좋아하는", "␣사람이", "␣생겼어", "␣그런데", "␣말을", "␣못하겠어"] * 4, True),
+    ],
+    ids=["characters", "long-hangul-tokens"],
+)
+def test_heatmap_turns_the_key_labels_only_where_they_would_overlap(
+    tmp_path, monkeypatch, labels, turned
+) -> None:
+    import matplotlib.pyplot as plt
+
+    if not plots.fallback_fonts():
+        pytest.skip("no font with Hangul installed (pip install koreanize-matplotlib)")
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    labels = [c.replace(" ", "␣") for c in labels]
+    plots.plot_attention(
+        np.random.default_rng(0).random((2, 5, len(labels))),
+        tmp_path / "attention.png",
+        row_labels=["a", "b", "c", "d", "e"],
+        col_labels=labels,
+        title="t",
+        panel_titles=["head 1", "head 2"],
+    )
+    (fig,) = figures
+    for ax in fig.axes[:2]:  # the two panels (their colorbars come after them)
+        assert ax.get_xticklabels()[0].get_text() == labels[0]
+        rotations = {t.get_rotation() for t in ax.get_xticklabels()}
+        assert rotations == ({90.0} if turned else {0.0}), rotations
+        _assert_tick_labels_apart_and_inside(fig, ax)
+    close(fig)
 
 
 def test_the_font_package_is_in_the_examples_and_dev_extras() -> None:
