@@ -780,6 +780,9 @@ def test_kept_buffers_are_released_on_request():
 
     out = f(q, k, v)
     grads = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+    # Dispatch is asynchronous: a call still running could allocate between the count and
+    # the release (seen under load: 4,800 bytes more freed than counted).
+    jax.block_until_ready((out, grads))
     kept = cpu.kept_bytes()
     assert kept > 0
     assert cpu.release_buffers() == kept
