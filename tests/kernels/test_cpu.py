@@ -271,6 +271,10 @@ def test_decode_tiled(case, level, dtype, masked):
     got = jattn.attention(q, k, v, bias, **kw, implementation="cpu", config=config)
     want = H.oracle(q, k, v, bias, **kw)
     H.assert_close(got, want, H.tol(dtype)[0], what=f"{level} {jnp.dtype(dtype).name}")
+    if case == 0:  # key blocks longer than the bfloat16 path's chunks of 256 keys
+        long = dataclasses.replace(config, block_keys=300)
+        got = jattn.attention(q, k, v, bias, **kw, implementation="cpu", config=long)
+        H.assert_close(got, want, H.tol(dtype)[0], what=f"{level} block_keys=300")
 
     k = k.at[0, seen, 0, h // 2].set(jnp.nan)
     got = np.asarray(
