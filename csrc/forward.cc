@@ -3,9 +3,11 @@
 // Work is split over batch x KV heads x query blocks (and, when that leaves threads idle, as
 // in decoding, over key ranges too, merged afterwards through their log-sum-exp). Decoding
 // calls (a few query rows per KV head) take one key range of every KV head per work item and
-// read K and V in memory order, a position's [K, H] row at a time (attend_positions). A task packs
-// the G query heads of its KV head as rows of one float32 block (K/V read once per group),
-// then per visible key block: S = Q K^T (gemm_nt) into a cache-resident block, one fused
+// read K and V in memory order, a position's [K, H] row at a time (attend_positions; with 9 to
+// 16 rows per KV head, as multi-head latent attention has, in register or AMX tiles over a
+// block of positions: attend_positions_tiled / _lowp). A task packs the G query heads of its
+// KV head as rows of one float32 block (K/V read once per group), then per visible key
+// block: S = Q K^T (gemm_nt) into a cache-resident block, one fused
 // vectorised sweep per row (softcap, bias, and on mixed blocks only the mask; row max), exp2 and
 // row sum, rescaling of the accumulator, O += P V (gemm_nn). Logits are in base-2 units
 // (log2 e folded into the query scale). Blocks that no row can see are skipped, and blocks
@@ -88,7 +90,7 @@ struct ForwardPlan {
   bool positions;  // decoding: one key block of every KV head per work item
   bool tiled;      // ... in register or AMX tiles (9 to 16 rows per KV head)
   bool use_prepack;
-  lowp::Unit unit;  // bfloat16 products (pre-packed path only)
+  lowp::Unit unit;  // bfloat16 products (pre-packed path, bfloat16 decode tiles)
 };
 
 ForwardPlan plan_forward(const Problem& p, int64_t threads, Isa isa) {
