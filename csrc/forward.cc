@@ -3,9 +3,11 @@
 // Work is split over batch x KV heads x query blocks (and, when that leaves threads idle, as
 // in decoding, over key ranges too, merged afterwards through their log-sum-exp). Decoding
 // calls (a few query rows per KV head) take one key range of every KV head per work item and
-// read K and V in memory order, a position's [K, H] row at a time (attend_positions). A task packs
-// the G query heads of its KV head as rows of one float32 block (K/V read once per group),
-// then per visible key block: S = Q K^T (gemm_nt) into a cache-resident block, one fused
+// read K and V in memory order, a position's [K, H] row at a time (attend_positions; with 9 to
+// 16 rows per KV head, as multi-head latent attention has, in register or AMX tiles over a
+// block of positions: attend_positions_tiled / _lowp). A task packs the G query heads of its
+// KV head as rows of one float32 block (K/V read once per group), then per visible key
+// block: S = Q K^T (gemm_nt) into a cache-resident block, one fused
 // vectorised sweep per row (softcap, bias, and on mixed blocks only the mask; row max), exp2 and
 // row sum, rescaling of the accumulator, O += P V (gemm_nn). Logits are in base-2 units
 // (log2 e folded into the query scale). Blocks that no row can see are skipped, and blocks
@@ -59,6 +61,9 @@ struct Ctx {
   int64_t bq, bk, ldS, nqb, nkb, nsplit;
   bool use_prepack = false;
   bool positions = false;  // decoding: attend_positions over every KV head of a key block
+  // Decoding with many rows per KV head: attend_positions in tiles (float32 K/V, or bfloat16
+  // with bfloat16 products when unit is set).
+  bool tiled = false;
   // Pre-packed K and V blocks (prepack), or nullptr: block (b, kh, kb) at
   // Kp + ((b * K + kh) * nkb + kb) * kblk, panel stride kps (and the same for V).
   const float* Kp = nullptr;
@@ -84,8 +89,9 @@ struct Ctx {
 struct ForwardPlan {
   int64_t rows_target, bq, bk, nqb, nkb, nsplit, strip;
   bool positions;  // decoding: one key block of every KV head per work item
+  bool tiled;      // ... in register or AMX tiles (9 to 16 rows per KV head)
   bool use_prepack;
-  lowp::Unit unit;  // bfloat16 products (pre-packed path only)
+  lowp::Unit unit;  // bfloat16 products (pre-packed path, bfloat16 decode tiles)
 };
 
 ForwardPlan plan_forward(const Problem& p, int64_t threads, Isa isa) {
@@ -118,11 +124,11 @@ ForwardPlan plan_forward(const Problem& p, int64_t threads, Isa isa) {
   auto tasks = [&](int64_t bq_) { return p.B * p.K * ((p.T + bq_ - 1) / bq_); };
   while (bq > min_bq && tasks(bq) < 4 * threads) bq = std::max(min_bq, bq / 2);
   const int64_t nqb = (p.T + bq - 1) / bq;
-  // Decoding streams K and V by position for up to 16 rows per KV head (8 with bfloat16
-  // products, whose blocks win from 9 rows on: measured with MLA's 16 x 576 / 512 heads and
-  // T = 16, G = 1; at 16 rows float32 streaming took 0.8-0.95x the blocks' time).
-  const int64_t stream_rows = lowp_ok ? 8 : 16;
-  const bool positions = p.G * bq <= stream_rows && nqb == 1 && p.K <= 64 && t.stream_decode;
+  // Decoding streams K and V by position for up to 16 rows per KV head. From 9 rows on, in
+  // tiles (attend_positions_tiled / _lowp) where K and V are float32, or bfloat16 with
+  // bfloat16 products; with up to 8 rows, or other types, as dot products.
+  const bool positions = p.G * bq <= 16 && nqb == 1 && p.K <= 64 && t.stream_decode;
+  const bool tiled = positions && p.G * bq > 8 && (p.dtype == DType::kF32 || lowp_ok);
   if (positions && t.block_keys <= 0) {
     // Up to 256 keys per block (fewer partial results to merge: at 64, S = 16k spent a
     // third of its time on them), the score block of every head within 64 KiB, and enough
@@ -148,13 +154,14 @@ ForwardPlan plan_forward(const Problem& p, int64_t threads, Isa isa) {
   f.nkb = nkb;
   f.nsplit = nsplit;
   f.positions = positions && nkb > 1;
+  f.tiled = tiled && f.positions;
   // Pre-pack K and V when several query blocks read each (not for decoding, where the
   // small-M products stream them once), within a memory bound.
   // With bfloat16 products every non-decoding call packs (the products read only panels).
   const double packed_bytes =
       (lowp_ok ? 2.0 : 4.0) * p.B * p.K * nkb * (bk + 32) * (p.H + p.Hv + 64);
   f.use_prepack = (lowp_ok ? !f.positions : nqb >= 2 && p.G * bq > 4) && packed_bytes < 1.5e9;
-  f.unit = lowp_ok && f.use_prepack ? lowp_unit(isa) : lowp::Unit::kNone;
+  f.unit = lowp_ok && (f.use_prepack || f.tiled) ? lowp_unit(isa) : lowp::Unit::kNone;
   // Strips of whole AMX tiles with bfloat16 products (a 32-row strip's scores, 32 KiB at 256
   // keys, stay in L1).
   f.strip = t.strip > 0 ? t.strip : f.unit != lowp::Unit::kNone ? 32 : std::max<int64_t>(24, 2 * mr);
@@ -183,6 +190,7 @@ void forward(const Problem& p, const void* q, const void* k, const void* v, void
   const ForwardPlan f = plan_forward(p, num_threads(), isa);
   Ctx c{p, q, k, v, out, lse, lse_lo, f.bq, f.bk, (f.bk + 15) / 16 * 16, f.nqb, f.nkb, f.nsplit};
   c.positions = f.positions;
+  c.tiled = f.tiled;
   c.use_prepack = f.use_prepack;
   c.strip = f.strip;
   c.unit = f.unit;

@@ -392,21 +392,33 @@ alignas(64) static const uint16_t kInterleave2[32] = {0,  32, 1,  33, 2,  34, 3,
                                                        37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
                                                        11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
 
-// pack_n: rows 2r and 2r + 1 of a panel's 16 columns side by side, then interleaved.
+// The upper halves of two registers the same way: element 16 + i of the first, then of the
+// second.
+alignas(64) static const uint16_t kInterleave2Hi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
+                                                         53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
+                                                         27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+
+// pack_n: rows 2r and 2r + 1 at a time, each read once in memory order, 32 columns (two
+// panels) per pair of loads, interleaved element by element (masked loads: zeros past the
+// columns and below the depth). Row by row rather than panel by panel: a panel's pass would
+// read every cache line of X twice, in passes a whole panel apart.
 static void pack_n_vec(int64_t d, int64_t n, const uint16_t* x, int64_t ldx, uint16_t* panels,
                        int64_t panel_stride) {
-  const __m512i idx = _mm512_load_si512(kInterleave2);
+  const __m512i lo_idx = _mm512_load_si512(kInterleave2);
+  const __m512i hi_idx = _mm512_load_si512(kInterleave2Hi);
   const int64_t dp = round_up(d, kDepthStep);
-  for (int64_t j = 0; j < n; j += kPanel) {
-    const __mmask32 m = n - j >= kPanel ? 0xFFFF : static_cast<__mmask32>((1u << (n - j)) - 1);
-    uint16_t* dst = panels + (j / kPanel) * panel_stride;
-    for (int64_t r = 0; r < dp; r += 2) {
-      // 16 elements of each row into the low half of a register (masked loads: zeros past
-      // the panel's columns and below the depth).
-      const __m512i lo = _mm512_maskz_loadu_epi16(r < d ? m : 0, x + std::min(r, d - 1) * ldx + j);
-      const __m512i hi =
-          _mm512_maskz_loadu_epi16(r + 1 < d ? m : 0, x + std::min(r + 1, d - 1) * ldx + j);
-      _mm512_storeu_si512(dst + r * kPanel, _mm512_permutex2var_epi16(lo, idx, hi));
+  for (int64_t r = 0; r < dp; r += 2) {
+    const uint16_t* x0 = x + std::min(r, d - 1) * ldx;
+    const uint16_t* x1 = x + std::min(r + 1, d - 1) * ldx;
+    uint16_t* dst = panels + r * kPanel;
+    for (int64_t j = 0; j < n; j += 2 * kPanel) {
+      const int64_t cols = std::min<int64_t>(2 * kPanel, n - j);
+      const __mmask32 m = cols == 2 * kPanel ? ~__mmask32{0} : (__mmask32{1} << cols) - 1;
+      const __m512i lo = _mm512_maskz_loadu_epi16(r < d ? m : 0, x0 + j);
+      const __m512i hi = _mm512_maskz_loadu_epi16(r + 1 < d ? m : 0, x1 + j);
+      uint16_t* p = dst + (j / kPanel) * panel_stride;
+      _mm512_storeu_si512(p, _mm512_permutex2var_epi16(lo, lo_idx, hi));
+      if (cols > kPanel) _mm512_storeu_si512(p + panel_stride, _mm512_permutex2var_epi16(lo, hi_idx, hi));
     }
   }
 }

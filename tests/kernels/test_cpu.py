@@ -224,6 +224,67 @@ def test_decode_every_mask_feature(t, dtype):
         H.assert_close(g, w, H.tol(dtype)[1], what=f"d{name}")
 
 
+# (B, T, S, N, K, H, Hv): decoding with 9 to 16 query rows per KV head, which takes tiles where
+# K and V are float32 or bfloat16 products serve them: multi-head latent attention's 16 heads
+# of 576 / 512 on one K/V head; head sizes that fill no vector or AMX step (80 / 48, 20 / 16),
+# key counts that leave partial tiles and blocks, two KV heads, two query positions, 9 rows.
+_TILED_CASES = [
+    (2, 1, 700, 16, 1, 576, 512),
+    (3, 1, 333, 12, 1, 80, 48),
+    (2, 2, 300, 16, 2, 40, 32),
+    (1, 1, 517, 9, 1, 20, 16),
+]
+_TILED_LEVELS = ["generic", "avx2", "avx512", "avx512_bf16", "amx"]
+
+
+@needs_lib
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("level", _TILED_LEVELS)
+@pytest.mark.parametrize("case", range(len(_TILED_CASES)), ids=lambda i: str(_TILED_CASES[i]))
+def test_decode_tiled(case, level, dtype, masked):
+    """Decoding with 9 to 16 rows per KV head at each ISA level (float32: register tiles of
+    every vector width; bfloat16: AMX tiles, dot products, and below avx512_bf16 the
+    position-streaming dot products), against the float64 reference: plain, and with key
+    lengths, a causal offset and a dense mask, softcap, a bias and sinks at once. A NaN in one
+    visible key makes its batch element's rows NaN and leaves the others alone."""
+    if not _cpu_has(level):
+        pytest.skip(f"this CPU has no {level}")
+    if dtype == jnp.float32 and level in ("avx512_bf16", "amx"):
+        pytest.skip("float32 runs the avx512 code at these levels")
+    b, t, s, n, kh, h, hv = _TILED_CASES[case]
+    q, k, v, bias = H.random_qkv(
+        jax.random.key(case), (b,), t, s, n, kh, h, hv=hv, dtype=dtype, bias=masked
+    )
+    kw, seen = {}, 3  # seen: a key every row of batch element 0 sees
+    if masked:
+        rng = np.random.default_rng(case)
+        dense = rng.random((b, 1, t, s)) < 0.9
+        seen = int(np.argmax(dense[0, 0].all(axis=0)))
+        kw = dict(
+            mask=jattn.masks.Causal(s - t) & jattn.masks.Dense(jnp.asarray(dense)),
+            key_value_seq_lengths=jnp.array([s - 5, s // 3, 17][:b], jnp.int32),
+            softcap=5.0,
+            sinks=jnp.asarray(rng.normal(size=(n,)), jnp.float32),
+        )
+    config = cpu.CpuConfig(isa=level)
+    got = jattn.attention(q, k, v, bias, **kw, implementation="cpu", config=config)
+    want = H.oracle(q, k, v, bias, **kw)
+    H.assert_close(got, want, H.tol(dtype)[0], what=f"{level} {jnp.dtype(dtype).name}")
+    if case == 0:  # key blocks longer than the bfloat16 path's chunks of 256 keys
+        long = dataclasses.replace(config, block_keys=300)
+        got = jattn.attention(q, k, v, bias, **kw, implementation="cpu", config=long)
+        H.assert_close(got, want, H.tol(dtype)[0], what=f"{level} block_keys=300")
+
+    k = k.at[0, seen, 0, h // 2].set(jnp.nan)
+    got = np.asarray(
+        jattn.attention(q, k, v, bias, **kw, implementation="cpu", config=config), np.float64
+    )
+    assert np.isnan(got[0, :, : n // kh]).all()
+    if b > 1:
+        H.assert_close(got[1:], np.asarray(want, np.float64)[1:], H.tol(dtype)[0])
+
+
 @needs_lib
 def test_decode_gqa_dropout_gradients():
     """Decoding's backward takes a group's G query heads as the rows of one product: each row

@@ -5,10 +5,11 @@ What it covers: the forward and backward at every ISA level the CPU has (generic
 AVX-512; register tiles and the GEMMs' partial tiles, every sweep feature), the bfloat16
 products (AVX-512 BF16 dot products and AMX tiles, where the CPU has them, with partial 16-row
 tiles and 32-deep steps), decoding's position-streaming path in every dtype with every mask
-feature, and the release of the kept buffers: out-of-bounds reads and writes, use after free,
-misaligned or overflowing arithmetic stop the run (halt_on_error). Leak checking is off (the
-interpreter and XLA keep memory until exit). Skipped where the compiler cannot build with the
-sanitizers.
+feature, its tiles for 9 to 16 rows per KV head at every level (odd head sizes, partial
+tiles and chunks), and the release of the kept buffers: out-of-bounds reads and writes, use
+after free, misaligned or overflowing arithmetic stop the run (halt_on_error). Leak checking is
+off (the interpreter and XLA keep memory until exit). Skipped where the compiler cannot build
+with the sanitizers.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 from jattn.kernels import cpu
 
 ROOT = Path(__file__).resolve().parents[2]
-SELECTION = "isa_levels or bf16_products or decode_every or kept_buffers"
+SELECTION = "isa_levels or bf16_products or decode_every or decode_tiled or kept_buffers"
 
 
 def _compiler() -> str | None:
