@@ -238,7 +238,7 @@ _TILED_LEVELS = ["generic", "avx2", "avx512", "avx512_bf16", "amx"]
 
 
 @needs_lib
-@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+@pytest.mark.parametrize("masked", [False, True, "bias"], ids=["plain", "masked", "bias"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("level", _TILED_LEVELS)
 @pytest.mark.parametrize("case", range(len(_TILED_CASES)), ids=lambda i: str(_TILED_CASES[i]))
@@ -246,7 +246,8 @@ def test_decode_tiled(case, level, dtype, masked):
     """Decoding with 9 to 16 rows per KV head at each ISA level (float32: register tiles of
     every vector width; bfloat16: AMX tiles, dot products, and below avx512_bf16 the
     position-streaming dot products), against the float64 reference: plain, and with key
-    lengths, a causal offset and a dense mask, softcap, a bias and sinks at once. A NaN in one
+    lengths, a causal offset and a dense mask, softcap, a bias and sinks at once; and a bias
+    alone (its logits in natural units, the queries' scale without log2 e). A NaN in one
     visible key makes its batch element's rows NaN and leaves the others alone."""
     if not _cpu_has(level):
         pytest.skip(f"this CPU has no {level}")
@@ -254,10 +255,10 @@ def test_decode_tiled(case, level, dtype, masked):
         pytest.skip("float32 runs the avx512 code at these levels")
     b, t, s, n, kh, h, hv = _TILED_CASES[case]
     q, k, v, bias = H.random_qkv(
-        jax.random.key(case), (b,), t, s, n, kh, h, hv=hv, dtype=dtype, bias=masked
+        jax.random.key(case), (b,), t, s, n, kh, h, hv=hv, dtype=dtype, bias=bool(masked)
     )
     kw, seen = {}, 3  # seen: a key every row of batch element 0 sees
-    if masked:
+    if masked is True:
         rng = np.random.default_rng(case)
         dense = rng.random((b, 1, t, s)) < 0.9
         seen = int(np.argmax(dense[0, 0].all(axis=0)))
