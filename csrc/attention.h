@@ -106,14 +106,16 @@ void forward(const Problem& p, const void* q, const void* k, const void* v, void
 void forward_defaults(const Problem& p, int64_t threads, Tuning& t);
 void backward_defaults(const Problem& p, Tuning& t);
 
-// Gradients from the saved out and lse (lse of the forward, [B, N, T]) and the cotangents
-// dout [B, T, N, Hv] (input dtype) and dlse [B, N, T] (float32, nullptr = zero).
+// Gradients from the saved out, lse and lse_lo (the forward's, [B, N, T]; lse_lo may be
+// nullptr) and the cotangents dout [B, T, N, Hv] (input dtype) and dlse [B, N, T] (float32,
+// nullptr = zero). A row whose lse_lo matters (|lse_lo| > 2^-20) has its dout and D scaled by
+// exp(-lse_lo): its recomputed weights exp(x - lse) are exp(lse_lo) times the true ones.
 // dq, dk, dv in the input dtype. dbias, when not nullptr, is float32 [B, K, G, T, S] (the
 // gradient of the logits after softcap, before the mask: zero where masked); the Python side
 // sums it down to the bias's broadcast shape.
 void backward(const Problem& p, const void* q, const void* k, const void* v, const void* out,
-              const float* lse, const void* dout, const float* dlse, void* dq, void* dk,
-              void* dv, float* dbias);
+              const float* lse, const float* lse_lo, const void* dout, const float* dlse,
+              void* dq, void* dk, void* dv, float* dbias);
 
 // ---------------------------------------------------------------------------------------
 // Matrix products on float32 blocks (gemm.cc) at the CPU's ISA level, for callers outside

@@ -81,17 +81,29 @@ int64_t padded_ld(int64_t w) {
   return lines >= 4 && lines % 2 == 0 ? w + 16 : w;
 }
 
+// The factor of a row's dout and D: exp(-lse_lo) where lse_lo matters, else 1 (attention.h).
+inline float lo_factor(const float* lo, int64_t row) {
+  if (lo == nullptr || !(std::fabs(lo[row]) > 0x1p-20f)) return 1.0f;  // a NaN lo: NaN rows
+  return std::exp(-lo[row]);
+}
+
 // A [B, L, NH, W] tensor -> float32 [B, NH, L, W] with rows ld floats apart (head-major:
-// each head's rows dense instead of NH * W apart), in parallel, into dst.
+// each head's rows dense instead of NH * W apart), in parallel, into dst; row (b, n, i) times
+// lo_factor(lo, (b * NH + n) * L + i) when lo is given.
 void head_major_f32(const void* src, DType dt, int64_t B, int64_t L, int64_t NH, int64_t W,
-                    int64_t ld, float* dst) {
+                    int64_t ld, float* dst, const float* lo = nullptr) {
   constexpr int64_t kRows = 128;
   const int64_t chunks = (L + kRows - 1) / kRows;
   parallel_for(B * chunks, [&](int64_t t) {
     const int64_t b = t / chunks, i0 = (t % chunks) * kRows, i1 = std::min(L, i0 + kRows);
     for (int64_t i = i0; i < i1; ++i)
-      for (int64_t n = 0; n < NH; ++n)
-        load_row(src, ((b * L + i) * NH + n) * W, W, dt, dst + ((b * NH + n) * L + i) * ld);
+      for (int64_t n = 0; n < NH; ++n) {
+        float* const d = dst + ((b * NH + n) * L + i) * ld;
+        load_row(src, ((b * L + i) * NH + n) * W, W, dt, d);
+        const float f = lo_factor(lo, (b * NH + n) * L + i);
+        if (f != 1.0f)
+          for (int64_t h = 0; h < W; ++h) d[h] *= f;
+      }
   });
 }
 
@@ -271,9 +283,9 @@ void backward_blocks(const Problem& p, const Kernels* kt, int64_t& bq, int64_t& 
   if (p.tuning.bwd_block_keys > 0) bk = std::min<int64_t>(4096, p.tuning.bwd_block_keys);
 }
 
-// D = rowsum(dO * O) - dlse, [B, N, T].
+// D = (rowsum(dO * O) - dlse) lo_factor, [B, N, T].
 void row_dots(const Problem& p, const void* out, const void* dout, const float* dlse,
-              float* Dp) {
+              const float* lo, float* Dp) {
   const int64_t B = p.B, T = p.T, N = p.K * p.G, Hv = p.Hv;
   constexpr int64_t kRows = 256;
   const int64_t chunks = ceil_div(B * T, kRows);
@@ -289,7 +301,7 @@ void row_dots(const Problem& p, const void* out, const void* dout, const float* 
         float acc = 0.0f;
         for (int64_t h = 0; h < Hv; ++h) acc += dor[h] * orow[h];
         int64_t li = (b * N + n) * T + i;
-        Dp[li] = acc - (dlse ? dlse[li] : 0.0f);
+        Dp[li] = (acc - (dlse ? dlse[li] : 0.0f)) * lo_factor(lo, li);
       }
     }
   });
@@ -356,9 +368,11 @@ void plan_backward(const Problem& p, Isa isa, BwdPlan& bp) {
 void run_task(Isa isa, const BwdPlan& bp, int64_t task) { JATTN_DISPATCH(isa, run_task(bp, task)) }
 
 // bfloat16 [B, L, NH, W] -> head-major rows [B, NH, L, ld] (zero padded), and per group of G
-// heads transposed: [B, NH / G, W, ldt] with the group's G * L rows as columns (zero padded).
+// heads transposed: [B, NH / G, W, ldt] with the group's G * L rows as columns (zero padded);
+// row (b, n, i) times lo_factor (rounded to bfloat16 again) where that is not 1.
 void head_major_bf16(const uint16_t* src, int64_t B, int64_t L, int64_t NH, int64_t W, int64_t G,
-                     int64_t ld, int64_t ldt, uint16_t* rows, uint16_t* cols) {
+                     int64_t ld, int64_t ldt, uint16_t* rows, uint16_t* cols,
+                     const float* lo = nullptr) {
   const int64_t groups = NH / G;
   parallel_for(B * groups, [&](int64_t t) {
     const int64_t b = t / groups, kh = t % groups;
@@ -369,6 +383,11 @@ void head_major_bf16(const uint16_t* src, int64_t B, int64_t L, int64_t NH, int6
         const uint16_t* s = src + ((b * L + i) * NH + n) * W;
         uint16_t* d = rows + ((b * NH + n) * L + i) * ld;
         std::copy_n(s, W, d);
+        const float f = lo_factor(lo, (b * NH + n) * L + i);
+        if (f != 1.0f) {
+          for (int64_t h = 0; h < W; ++h) d[h] = f32_to_bf16(bf16_to_f32(d[h]) * f);
+          s = d;  // the transposed copy takes the scaled row
+        }
         std::fill(d + W, d + ld, uint16_t{0});
         for (int64_t h = 0; h < W; ++h) ct[h * ldt + g * L + i] = s[h];
       }
@@ -392,8 +411,8 @@ void backward_defaults(const Problem& p, Tuning& t) {
 // ---------------------------------------------------------------------------------------
 
 void backward(const Problem& p, const void* q, const void* k, const void* v, const void* out,
-              const float* lse, const void* dout, const float* dlse, void* dq, void* dk,
-              void* dv, float* dbias) {
+              const float* lse, const float* lse_lo, const void* dout, const float* dlse,
+              void* dq, void* dk, void* dv, float* dbias) {
   const int64_t B = p.B, T = p.T, S = p.S, K = p.K, G = p.G, H = p.H, Hv = p.Hv;
   const int64_t N = K * G;
   const DType dt = p.dtype;
@@ -446,13 +465,14 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
     auto* qt = reinterpret_cast<uint16_t*>(kcache.get(halves(B * K * H * bp.ldt), kKeep, kown));
     auto* dot = reinterpret_cast<uint16_t*>(vcache.get(halves(B * K * Hv * bp.ldt), kKeep, vown));
     head_major_bf16(static_cast<const uint16_t*>(q), B, T, N, H, G, bp.ldqh, bp.ldt, qh, qt);
-    head_major_bf16(static_cast<const uint16_t*>(dout), B, T, N, Hv, G, bp.ldoh, bp.ldt, doh, dot);
+    head_major_bf16(static_cast<const uint16_t*>(dout), B, T, N, Hv, G, bp.ldoh, bp.ldt, doh, dot,
+                    lse_lo);
     bp.qh = qh, bp.doh = doh, bp.qt = qt, bp.dot = dot;
   } else {
     float* const qf = qcache.get(B * N * T * bp.ldq, kKeep, qown);
     float* const dof = docache.get(B * N * T * bp.ldo, kKeep, doown);
     head_major_f32(q, dt, B, T, N, H, bp.ldq, qf);
-    head_major_f32(dout, dt, B, T, N, Hv, bp.ldo, dof);
+    head_major_f32(dout, dt, B, T, N, Hv, bp.ldo, dof, lse_lo);
     bp.qf = qf;
     bp.dof = dof;
   }
@@ -466,7 +486,7 @@ void backward(const Problem& p, const void* q, const void* k, const void* v, con
     bp.kf = kc, bp.vf = vc;
   }
   float* const Dp = dcache.get(B * N * T, kKeep, down);
-  row_dots(p, out, dout, dlse, Dp);
+  row_dots(p, out, dout, dlse, lse_lo, Dp);
   bp.D = Dp;
   if (dbias) {
     int64_t rows = B * N * T;

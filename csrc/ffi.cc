@@ -13,7 +13,8 @@
 // An optional operand that is absent is passed with zero elements. Forward returns out
 // [B, T, N, Hv], lse [B, N, T] and lse_lo [B, N, T] (float32: lse's rounding residual,
 // attention.h). Backward takes, after
-// those, out [B, T, N, Hv], lse [B, N, T] (float32), dout [B, T, N, Hv], dlse [B, N, T]
+// those, out [B, T, N, Hv], lse and lse_lo [B, N, T] (float32; lse_lo may have zero
+// elements), dout [B, T, N, Hv], dlse [B, N, T]
 // (float32, or zero elements for a zero cotangent), and returns dq, dk, dv and dbias
 // (float32 [B, K, G, T, S], or zero elements when the bias needs no gradient).
 // Attributes (all of them, by name; CallAttrs below):
@@ -211,7 +212,8 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
                         ffi::AnyBuffer v, ffi::AnyBuffer q_len, ffi::AnyBuffer kv_len,
                         ffi::AnyBuffer offset, ffi::AnyBuffer q_seg, ffi::AnyBuffer kv_seg,
                         ffi::AnyBuffer mask, ffi::AnyBuffer bias, ffi::AnyBuffer seeds,
-                        ffi::AnyBuffer sinks, ffi::AnyBuffer out, ffi::AnyBuffer lse, ffi::AnyBuffer dout,
+                        ffi::AnyBuffer sinks, ffi::AnyBuffer out, ffi::AnyBuffer lse,
+                        ffi::AnyBuffer lse_lo, ffi::AnyBuffer dout,
                         ffi::AnyBuffer dlse, ffi::Result<ffi::AnyBuffer> dq,
                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                         ffi::Result<ffi::AnyBuffer> dbias, CallAttrs attrs) {
@@ -222,9 +224,10 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
     return e;
   const ScopedPool on(pool, p.tuning.xla_pool);
   const float* dlse_ptr = present(dlse) ? static_cast<const float*>(dlse.untyped_data()) : nullptr;
+  const float* lo_ptr = present(lse_lo) ? static_cast<const float*>(lse_lo.untyped_data()) : nullptr;
   float* dbias_ptr = present(*dbias) ? static_cast<float*>(dbias->untyped_data()) : nullptr;
   backward(p, q.untyped_data(), k.untyped_data(), v.untyped_data(), out.untyped_data(),
-           static_cast<const float*>(lse.untyped_data()), dout.untyped_data(), dlse_ptr,
+           static_cast<const float*>(lse.untyped_data()), lo_ptr, dout.untyped_data(), dlse_ptr,
            dq->untyped_data(), dk->untyped_data(), dv->untyped_data(), dbias_ptr);
   return ffi::Error::Success();
 }
@@ -274,6 +277,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JattnCpuBackward, jattn::BackwardImpl,
                               ffi::Ffi::Bind() JATTN_COMMON_ARGS
                                   .Arg<ffi::AnyBuffer>() /* out */
                                   .Arg<ffi::AnyBuffer>() /* lse */
+                                  .Arg<ffi::AnyBuffer>() /* lse_lo */
                                   .Arg<ffi::AnyBuffer>() /* dout */
                                   .Arg<ffi::AnyBuffer>() /* dlse */
                                   .Ret<ffi::AnyBuffer>() /* dq */

@@ -46,7 +46,7 @@ int main(int argc, char** argv) {
           parse_pair(cfg.c_str(), p.tuning.bwd_block_rows, p.tuning.bwd_block_keys);
         },
         [&] {
-          backward(p, q.data(), k.data(), v.data(), o.data(), lse.data(), dout.data(), nullptr,
+          backward(p, q.data(), k.data(), v.data(), o.data(), lse.data(), nullptr, dout.data(), nullptr,
                    dq.data(), dk.data(), dv.data(), nullptr);
         });
     return 0;
@@ -61,7 +61,7 @@ int main(int argc, char** argv) {
     tg = std::min(tg, (cpu_now() - t0) / 10);
     t0 = cpu_now();
     const double w0 = wall_now();
-    backward(p, q.data(), k.data(), v.data(), o.data(), lse.data(), dout.data(), nullptr,
+    backward(p, q.data(), k.data(), v.data(), o.data(), lse.data(), nullptr, dout.data(), nullptr,
              dq.data(), dk.data(), dv.data(), nullptr);
     tb = std::min(tb, cpu_now() - t0);
     tw = std::min(tw, wall_now() - w0);

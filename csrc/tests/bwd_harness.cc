@@ -299,13 +299,13 @@ Result run(const Config& c, uint32_t seed, bool verbose) {
   // Garbage: every element must be written.
   for (auto* bf : {&dq, &dk, &dv}) std::fill(bf->raw.begin(), bf->raw.end(), uint8_t{0xFF});
   std::vector<float> db(c.bias ? B * N * T * S : 0, NAN);
-  backward(p, q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.data(), dout.ptr(),
+  backward(p, q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.data(), nullptr, dout.ptr(),
            c.dlse ? dlse.data() : nullptr, dq.ptr(), dk.ptr(), dv.ptr(),
            c.bias ? db.data() : nullptr);
   {  // a second run gives the same bits
     Buf dq2(B * T * N * H, c.dt), dk2(B * S * K * H, c.dt), dv2(B * S * K * Hv, c.dt);
     std::vector<float> db2(db.size());
-    backward(p, q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.data(), dout.ptr(),
+    backward(p, q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.data(), nullptr, dout.ptr(),
              c.dlse ? dlse.data() : nullptr, dq2.ptr(), dk2.ptr(), dv2.ptr(),
              c.bias ? db2.data() : nullptr);
     if (dq2.raw != dq.raw || dk2.raw != dk.raw || dv2.raw != dv.raw ||

@@ -83,10 +83,10 @@ OPERANDS = (
     "seeds",  # [B, K, G]       uint32: dropout, one per head
     "sinks",  # [B, K, G]       float32: attention sinks, one logit per head
 )
-BACKWARD_OPERANDS = OPERANDS + ("out", "lse", "dout", "dlse")  # dlse empty: a zero cotangent
 # lse_lo [B, N, T] float32: what rounding lse to float32 left out (csrc/attention.h); the
-# backward scales dout and dlse by exp(-lse_lo), so that rows whose lse rounds away the log of
-# their sum (logits near 1e38) still get weights that sum to 1.
+# backward scales the dout and D of the rows where it matters by exp(-lse_lo), so that rows
+# whose lse rounds away the log of their sum (logits near 1e38) get weights that sum to 1.
+BACKWARD_OPERANDS = OPERANDS + ("out", "lse", "lse_lo", "dout", "dlse")  # dlse empty: zero
 FORWARD_RESULTS = ("out", "lse", "lse_lo")
 BACKWARD_RESULTS = ("dq", "dk", "dv", "dbias")  # dbias float32 [B, K, G, T, S] or empty
 # The XLA custom-call targets carry the contract's version: a program exported with them
@@ -473,32 +473,28 @@ def _attention_fwd(st, q, k, v, bias, sinks, ops):
     return (out, lse), (q, k, v, bias, sinks, ops, out, lse, lse_lo)
 
 
-def _sinks_gradient(sinks, out, lse, g_out, g_lse) -> Array:
+def _sinks_gradient(sinks, out, lse, lse_lo, g_out, g_lse) -> Array:
     """d sink = -sum over the head's rows of p_sink * D, with p_sink = exp(sink - lse) (the
     sink's weight; lse counts it) and D = rowsum(dO * O) - dlse: the sink raises every row's
-    denominator and has no value. Given cotangents scaled by exp(-lse_lo) (as the kernel's
-    are), exp(sink - lse) is exp(lse_lo) times the sink's weight: the product is exact."""
+    denominator and has no value. exp(sink - lse) exp(-lse_lo): lse + lse_lo would round
+    back to lse where lse_lo matters."""
     d = jnp.einsum("btnh,btnh->bnt", g_out.astype(jnp.float32), out.astype(jnp.float32))
     if g_lse.size:
         d = d - g_lse
     b, kh, g = sinks.shape
     s = sinks.reshape(b, kh * g)[..., None]
-    p = jnp.where(jnp.isneginf(s), 0.0, jnp.exp(s - lse))
+    p = jnp.where(jnp.isneginf(s), 0.0, jnp.exp(s - lse) * jnp.exp(-lse_lo))
     return -jnp.sum(p * d, axis=-1).reshape(b, kh, g)
 
 
 def _attention_bwd(st, res, cts):
     q, k, v, bias, sinks, ops, out, lse, lse_lo = res
     g_out, g_lse = cts
-    # The kernel's weights exp(logit - lse) are exp(lse_lo) times the true ones (lse_lo: what
-    # rounding lse left out); scaling the cotangents by exp(-lse_lo) instead of the weights is
-    # the same product, and costs a pass over dout rather than one over every logit.
-    fix = jnp.exp(-lse_lo)
     if isinstance(g_lse, jax.custom_derivatives.SymbolicZero) or g_lse is None:
         g_lse = _empty(jnp.float32)
     else:
-        g_lse = g_lse.astype(jnp.float32) * fix
-    g_out = (g_out.astype(jnp.float32) * jnp.swapaxes(fix, 1, 2)[..., None]).astype(q.dtype)
+        g_lse = g_lse.astype(jnp.float32)
+    g_out = g_out.astype(q.dtype)
     b, t, n, _ = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
@@ -522,6 +518,7 @@ def _attention_bwd(st, res, cts):
         sinks=_or_empty(sinks),
         out=out,
         lse=lse,
+        lse_lo=lse_lo,
         dout=g_out,
         dlse=g_lse,
     )
@@ -534,7 +531,7 @@ def _attention_bwd(st, res, cts):
         dbias = _vary(jnp.sum(dbias, axis=axes, keepdims=True).astype(bias.dtype), st.vma)
     dsinks = None
     if sinks is not None:
-        dsinks = _vary(_sinks_gradient(sinks, out, lse, g_out, g_lse), st.vma)
+        dsinks = _vary(_sinks_gradient(sinks, out, lse, lse_lo, g_out, g_lse), st.vma)
     return _vary(dq, st.vma), _vary(dk, st.vma), _vary(dv, st.vma), dbias, dsinks, None
 
 

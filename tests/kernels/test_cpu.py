@@ -760,6 +760,7 @@ _ABI_3 = (
         "sinks",
         "out",
         "lse",
+        "lse_lo",
         "dout",
         "dlse",
     ),
