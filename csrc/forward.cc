@@ -10,7 +10,8 @@
 // block: S = Q K^T (gemm_nt) into a cache-resident block, one fused
 // vectorised sweep per row (softcap, bias, and on mixed blocks only the mask; row max), exp2 and
 // row sum, rescaling of the accumulator, O += P V (gemm_nn). Logits are in base-2 units
-// (log2 e folded into the query scale). Blocks that no row can see are skipped, and blocks
+// (log2 e folded into the query scale), or natural ones with a bias (forward_isa.inc: Units).
+// Blocks that no row can see are skipped, and blocks
 // that every row sees in full run without any mask code.
 
 #include <algorithm>
