@@ -224,15 +224,18 @@ def test_decode_every_mask_feature(t, dtype):
         H.assert_close(g, w, H.tol(dtype)[1], what=f"d{name}")
 
 
-# (B, T, S, N, K, H, Hv): decoding with 9 to 16 query rows per KV head, which takes tiles where
-# K and V are float32 or bfloat16 products serve them: multi-head latent attention's 16 heads
-# of 576 / 512 on one K/V head; head sizes that fill no vector or AMX step (80 / 48, 20 / 16),
-# key counts that leave partial tiles and blocks, two KV heads, two query positions, 9 rows.
+# (B, T, S, N, K, H, Hv): decoding with 9 to 16 query rows per KV head (bfloat16 products: 5
+# to 16), which takes tiles where K and V are float32 or bfloat16 products serve them:
+# multi-head latent attention's 16 heads of 576 / 512 on one K/V head; head sizes that fill no
+# vector or AMX step (80 / 48, 20 / 16), key counts that leave partial tiles and blocks, two KV
+# heads, two query positions, 9 rows; 8 and 5 rows (bfloat16 tiles, float32 dot products).
 _TILED_CASES = [
     (2, 1, 700, 16, 1, 576, 512),
     (3, 1, 333, 12, 1, 80, 48),
     (2, 2, 300, 16, 2, 40, 32),
     (1, 1, 517, 9, 1, 20, 16),
+    (2, 2, 300, 8, 2, 64, 64),  # 8 rows: bfloat16 tiles, float32 dot products
+    (2, 1, 290, 5, 1, 32, 16),  # 5 rows: the same
 ]
 _TILED_LEVELS = ["generic", "avx2", "avx512", "avx512_bf16", "amx"]
 
@@ -243,7 +246,7 @@ _TILED_LEVELS = ["generic", "avx2", "avx512", "avx512_bf16", "amx"]
 @pytest.mark.parametrize("level", _TILED_LEVELS)
 @pytest.mark.parametrize("case", range(len(_TILED_CASES)), ids=lambda i: str(_TILED_CASES[i]))
 def test_decode_tiled(case, level, dtype, masked):
-    """Decoding with 9 to 16 rows per KV head at each ISA level (float32: register tiles of
+    """Decoding with 5 to 16 rows per KV head at each ISA level (float32: register tiles of
     every vector width; bfloat16: AMX tiles, dot products, and below avx512_bf16 the
     position-streaming dot products), against the float64 reference: plain, and with key
     lengths, a causal offset and a dense mask, softcap, a bias and sinks at once; and a bias
