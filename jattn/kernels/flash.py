@@ -92,6 +92,11 @@ class _Static:
         """What a logit or a max times gives base 2."""
         return LOG2E if self.natural else 1.0
 
+    @property
+    def to_logits(self) -> float:
+        """What a natural-unit quantity (the scale, the softcap) times gives the logits' units."""
+        return 1.0 if self.natural else LOG2E
+
 
 def flash_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
     """Attention of one head. ``q [T, D]``, ``k [S, D]``, ``v [S, Dv]`` -> ``out [T, Dv]``."""
@@ -128,10 +133,10 @@ def _logits(st: _Static, qi: Array, kj: Array, bias: Array | None, q0, k0):
     acc = jnp.promote_types(qi.dtype, jnp.float32)
     s = jnp.einsum("td,sd->ts", qi, kj, preferred_element_type=acc)
     if qi.dtype not in (jnp.float32, jnp.float64):
-        s = s * (st.scale * (1.0 if st.natural else LOG2E))  # low-precision q: not pre-scaled
+        s = s * (st.scale * st.to_logits)  # low-precision q: not pre-scaled
     th = None
     if st.softcap is not None:
-        c2 = st.softcap * (1.0 if st.natural else LOG2E)
+        c2 = st.softcap * st.to_logits
         th = jnp.tanh(s / c2)
         s = c2 * th
     if bias is not None:
@@ -152,7 +157,7 @@ def _i32(*xs):
 
 def _prescaled(st: _Static, q: Array) -> Array:
     if q.dtype in (jnp.float32, jnp.float64):
-        return q * jnp.asarray(st.scale * (1.0 if st.natural else LOG2E), q.dtype)
+        return q * jnp.asarray(st.scale * st.to_logits, q.dtype)
     return q
 
 
