@@ -51,6 +51,15 @@ struct Broadcast5 {
 
 struct Problem {
   int64_t B = 0, T = 0, S = 0, K = 0, G = 0, H = 0, Hv = 0;
+  // Where value rows lie, in elements of v: position j's row of KV head kh at
+  // (b * S + j) * vs + kh * vh. Their own array: vs = K * Hv, vh = Hv; the first Hv
+  // features of each key (multi-head latent attention's latent cache; v is then k):
+  // vs = K * H, vh = H. set_value_layout() sets both.
+  int64_t vs = 0, vh = 0;
+  void set_value_layout(bool in_key) {
+    vs = K * (in_key ? H : Hv);
+    vh = in_key ? H : Hv;
+  }
   DType dtype = DType::kF32;
   float scale = 1.0f;
   float softcap = 0.0f;  // 0: none; else l = softcap * tanh(scale * q.k / softcap)

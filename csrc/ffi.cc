@@ -22,6 +22,8 @@
 //   dropout_threshold (int64)                             jattn._dropout.threshold(rate)
 //   has_left, has_right (bool); left, right (int64)       the static window (mask.h)
 //   chunk (int64; 0: none)                                chunked attention (mask.h)
+//   value_dim (int64; 0: v is its own array)              > 0: the values are each key's
+//     first value_dim features and v is k (the forward only; the backward takes 0)
 //   isa (int64; -1: the best the CPU has, else an Isa, capped to the CPU's)
 //   threads (int64; 0: every thread), xla_pool (bool)     where the call runs
 //   block_rows, block_keys, strip, key_splits (int64), stream_decode (bool): the forward's
@@ -83,6 +85,7 @@ struct CallAttrs {
   int64_t dropout_threshold;
   bool has_left, has_right;
   int64_t left, right, chunk;
+  int64_t value_dim;  // > 0: the values are each key's first value_dim features (v is k)
   Tuning tuning;
 };
 
@@ -153,6 +156,10 @@ ffi::Error decode(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::A
       p.K <= 0 || N % p.K != 0)
     return ffi::Error::InvalidArgument("inconsistent q/k/v shapes");
   p.G = N / p.K;
+  if (a.value_dim < 0 || a.value_dim > p.H || (a.value_dim > 0 && vd[3] != p.H))
+    return ffi::Error::InvalidArgument("value_dim must be in [0, H], with v shaped as k");
+  if (a.value_dim > 0) p.Hv = a.value_dim;
+  p.set_value_layout(a.value_dim > 0);
   p.scale = a.scale;
   p.softcap = a.softcap;
   p.dropout_rate = a.dropout_rate;
@@ -222,6 +229,8 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
           decode(q, k, v, q_len, kv_len, offset, q_seg, kv_seg, mask, bias, seeds, sinks, attrs, p);
       e.failure())
     return e;
+  if (attrs.value_dim != 0)
+    return ffi::Error::InvalidArgument("the backward takes value_dim = 0 (v its own array)");
   const ScopedPool on(pool, p.tuning.xla_pool);
   const float* dlse_ptr = present(dlse) ? static_cast<const float*>(dlse.untyped_data()) : nullptr;
   const float* lo_ptr = present(lse_lo) ? static_cast<const float*>(lse_lo.untyped_data()) : nullptr;
@@ -256,7 +265,7 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     ffi::StructMember<bool>("has_left"),
     ffi::StructMember<bool>("has_right"), ffi::StructMember<int64_t>("left"),
     ffi::StructMember<int64_t>("right"), ffi::StructMember<int64_t>("chunk"),
-    ffi::StructMember<int64_t>("isa"), ffi::StructMember<int64_t>("threads"),
+    ffi::StructMember<int64_t>("value_dim"), ffi::StructMember<int64_t>("isa"), ffi::StructMember<int64_t>("threads"),
     ffi::StructMember<bool>("xla_pool"), ffi::StructMember<int64_t>("block_rows"),
     ffi::StructMember<int64_t>("block_keys"), ffi::StructMember<int64_t>("strip"),
     ffi::StructMember<bool>("stream_decode"), ffi::StructMember<int64_t>("key_splits"),
@@ -316,6 +325,7 @@ JATTN_EXPORT void jattn_cpu_default_tuning(int64_t B, int64_t T, int64_t S, int6
   const int64_t pool = jattn::own_pool_threads();
   jattn::Problem p;
   p.B = B, p.T = T, p.S = S, p.K = K, p.G = G, p.H = H, p.Hv = Hv;
+  p.set_value_layout(false);
   p.dtype = static_cast<jattn::DType>(dtype);
   jattn::Tuning t;
   jattn::forward_defaults(p, threads > 0 ? std::min(threads, pool) : pool, t);

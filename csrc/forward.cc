@@ -189,9 +189,11 @@ void forward_defaults(const Problem& p, int64_t threads, Tuning& t) {
   t.key_splits = f.nsplit;
 }
 
-void forward(const Problem& p, const void* q, const void* k, const void* v, void* out,
+void forward(const Problem& given, const void* q, const void* k, const void* v, void* out,
              float* lse, float* lse_lo) {
-  if (p.B <= 0 || p.T <= 0 || p.K <= 0 || p.G <= 0) return;
+  if (given.B <= 0 || given.T <= 0 || given.K <= 0 || given.G <= 0) return;
+  Problem p = given;
+  if (p.vs == 0) p.set_value_layout(false);  // (a caller that left it unset: v its own array)
   const CallGuard guard;  // release_kept() waits for the call
   ScopedThreadCap cap(p.tuning.threads);
   advise_huge_pages(out, p.B * p.T * p.K * p.G * p.Hv * dtype_size(p.dtype));

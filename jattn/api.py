@@ -24,10 +24,11 @@ ArrayLike = Any
 def attention(
     query: ArrayLike,
     key: ArrayLike,
-    value: ArrayLike,
+    value: ArrayLike | None,
     bias: ArrayLike | None = None,
     mask: ArrayLike | masks.Mask | None = None,
     *,
+    value_dim: int | None = None,
     scale: float | None = None,
     is_causal: bool = False,
     query_seq_lengths: ArrayLike | None = None,
@@ -53,7 +54,13 @@ def attention(
     group of ``N // K`` query heads reads the same K/V head, which is never repeated in memory.
 
     Args:
-      query, key, value: arrays as above, all of one floating dtype.
+      query, key, value: arrays as above, all of one floating dtype. ``value`` may be None
+        with ``value_dim``.
+      value_dim: with ``value=None``: the values are each key's first ``value_dim`` features
+        (``Hv = value_dim``), as in multi-head latent attention's decoding on its latent cache
+        (keys ``[latent, rope]``, values ``latent``). The same numbers as passing
+        ``key[..., :value_dim]``, but the native CPU kernel then reads the one array once
+        instead of a copy beside it.
       bias: additive, broadcastable to ``[*B, N, T, S]``; differentiable.
       mask: boolean broadcastable to ``[*B, N, T, S]`` (True = attend), or a
         :mod:`jattn.masks` object.
@@ -107,6 +114,7 @@ def attention(
         value,
         bias,
         mask,
+        value_dim=value_dim,
         scale=scale,
         is_causal=is_causal,
         query_seq_lengths=query_seq_lengths,

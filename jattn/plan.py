@@ -96,6 +96,10 @@ class Plan:
       sinks: float ``[*B', K', G']`` (each dim full or 1), one sink logit per query head, or
         None. Kernels never read it: :func:`jattn.attention` merges it into the kernel's
         output through the log-sum-exp (``return_lse`` is then True for the kernel).
+      value_in_key: the values are the keys' first ``value_head_dim`` features (the call
+        gave ``value=None, value_dim=...``): the ``value`` a kernel receives is that slice of
+        ``key``, and a kernel that can read it in place (the native CPU kernel) may take
+        ``key`` instead, so that the one array is read once.
     """
 
     batch_shape: tuple[int, ...]
@@ -117,6 +121,7 @@ class Plan:
     bias: Array | None = None
     dropout_seed: Array | None = None
     sinks: Array | None = None
+    value_in_key: bool = False
 
     @property
     def group_size(self) -> int:
@@ -150,10 +155,11 @@ jax.tree_util.register_dataclass(
 def make_plan(
     query: ArrayLike,
     key: ArrayLike,
-    value: ArrayLike,
+    value: ArrayLike | None,
     bias: ArrayLike | None = None,
     mask: ArrayLike | masks.Mask | None = None,
     *,
+    value_dim: int | None = None,
     scale: Any = None,
     is_causal: bool = False,
     query_seq_lengths: ArrayLike | None = None,
@@ -173,7 +179,7 @@ def make_plan(
     (the plan's ``scale`` is then 1), and a head dim of 0 becomes 1 with zero entries (the
     logits are 0 either way). Raises ``TypeError``/``ValueError`` naming the argument.
     """
-    q, k, v = _as_arrays(query, key, value)
+    q, k, v = _as_arrays(query, key, _value_of(key, value, value_dim))
     batch_shape, (t, n, h), (s, kh, hv) = _check_qkv(q, k, v)
     for name, flag in (
         ("is_causal", is_causal),
@@ -291,6 +297,7 @@ def make_plan(
         bias=bias,
         dropout_seed=seeds,
         sinks=sinks,
+        value_in_key=value is None,
     )
     return plan, q, k, v
 
@@ -371,6 +378,31 @@ def _as_array(x: ArrayLike, name: str) -> Array:
 
 def _as_arrays(*xs: ArrayLike) -> list[Array]:
     return [_as_array(x, name) for name, x in zip(("query", "key", "value"), xs, strict=True)]
+
+
+def _value_of(key: ArrayLike, value: ArrayLike | None, value_dim: Any) -> ArrayLike:
+    """``value``, or with ``value=None`` the first ``value_dim`` features of each key."""
+    if value is not None:
+        if value_dim is not None:
+            raise ValueError(
+                f"pass value or value_dim, not both (value_dim={value_dim!r} says the values "
+                "are the keys' first features)"
+            )
+        return value
+    if value_dim is None:
+        raise ValueError(
+            "value is None: pass value_dim=d too (the values are then each key's first d "
+            "features, as in multi-head latent attention's latent cache)"
+        )
+    if not _is_int(value_dim):
+        raise TypeError(f"value_dim must be an int, got {type(value_dim).__name__} {value_dim!r}")
+    k = _as_array(key, "key")
+    h = k.shape[-1] if k.ndim else 0
+    if not 1 <= value_dim <= h:
+        raise ValueError(
+            f"value_dim must be in [1, H] for key {k.shape} (H = {h}), got {value_dim}"
+        )
+    return k[..., :value_dim]
 
 
 def _check_qkv(q: Array, k: Array, v: Array):

@@ -159,6 +159,11 @@ Q, K, V, _ = H.random_qkv(jax.random.key(1), (2,), 4, 6, 4, 2, 8)
         ((Q, K, V), {"softcap": -1.0}, ValueError, "softcap"),
         ((Q, K, V), {"sinks": jnp.zeros((3,))}, ValueError, r"sinks of shape \(3,\) is not"),
         ((Q, K, V), {"sinks": jnp.zeros((4,), jnp.int32)}, TypeError, "sinks must be floating"),
+        ((Q, K, None), {}, ValueError, r"value is None: pass value_dim"),
+        ((Q, K, V), {"value_dim": 4}, ValueError, "pass value or value_dim, not both"),
+        ((Q, K, None), {"value_dim": 9}, ValueError, r"in \[1, H\] for key \(2, 6, 2, 8\)"),
+        ((Q, K, None), {"value_dim": 0}, ValueError, r"value_dim must be in \[1, H\]"),
+        ((Q, K, None), {"value_dim": 2.0}, TypeError, "value_dim must be an int"),
         ((Q, K, V), {"implementation": "nope"}, ValueError, "unknown implementation 'nope'"),
         ((Q, K, V), {"implementation": []}, ValueError, "non-empty"),
         (

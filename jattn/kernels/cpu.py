@@ -92,7 +92,7 @@ BACKWARD_RESULTS = ("dq", "dk", "dv", "dbias")  # dbias float32 [B, K, G, T, S] 
 # The XLA custom-call targets carry the contract's version: a program exported with them
 # (jax.export) names the contract it was built against, and a library with another contract
 # does not take it. Any change to the tables above or to the attributes bumps it.
-ABI_VERSION = 3
+ABI_VERSION = 4
 _FWD = f"jattn_cpu_forward_v{ABI_VERSION}"
 _BWD = f"jattn_cpu_backward_v{ABI_VERSION}"
 EXPORT_TARGETS = (_FWD, _BWD)
@@ -282,6 +282,7 @@ class _Static:
     has_right: bool
     right: int
     chunk: int = 0  # chunked attention: query i sees key j only if i // chunk == j // chunk
+    value_dim: int = 0  # > 0: the v operand is k, the values its first value_dim features
     config: CpuConfig = CpuConfig()  # noqa: RUF009 - frozen
     vma: tuple[str, ...] = ()  # the shard_map axes the inputs vary over
 
@@ -296,6 +297,7 @@ class _Static:
             left=np.int64(self.left),
             right=np.int64(self.right),
             chunk=np.int64(self.chunk),
+            value_dim=np.int64(self.value_dim),
             **self.config.attrs(),
         )
 
@@ -384,7 +386,9 @@ def cpu_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
 
     q3 = q.reshape(nb, t, n, h)
     k3 = k.reshape(nb, s, kh, h)
-    v3 = v.reshape(nb, s, kh, hv)
+    # Values inside the keys (value_dim): the kernel reads them there, and v (a slice of k)
+    # is never used, so XLA does not make it.
+    v3 = k3 if plan.value_in_key else v.reshape(nb, s, kh, hv)
     i32 = lambda x: _none_i32() if x is None else x.astype(jnp.int32)  # noqa: E731
     seeds = plan.dropout_seed
     ops = {
@@ -414,6 +418,7 @@ def cpu_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
         has_right=mask_plan.right is not None,
         right=0 if mask_plan.right is None else int(mask_plan.right),
         chunk=mask_plan.chunk or 0,
+        value_dim=hv if plan.value_in_key else 0,
         config=config,
         vma=_vma(q3, k3, v3, *(x for x in (bias, sinks) if x is not None)),
     )
@@ -450,7 +455,7 @@ def _or_empty(x: Array | None) -> Array:
 
 def _forward(st: _Static, q, k, v, bias, sinks, ops):
     b, t, n, _ = q.shape
-    hv = v.shape[-1]
+    hv = st.value_dim or v.shape[-1]
     out_types = (
         jax.ShapeDtypeStruct((b, t, n, hv), q.dtype),
         jax.ShapeDtypeStruct((b, n, t), jnp.float32),
@@ -489,6 +494,17 @@ def _sinks_gradient(sinks, out, lse, lse_lo, g_out, g_lse) -> Array:
 
 def _attention_bwd(st, res, cts):
     q, k, v, bias, sinks, ops, out, lse, lse_lo = res
+    if st.value_dim:
+        # The backward takes the values as their own array (it is no decoding path), and
+        # the values' gradient flows into the keys' first features through the v operand.
+        hv = st.value_dim
+        dq, dk, dv, dbias, dsinks, dops = _attention_bwd(
+            dataclasses.replace(st, value_dim=0),
+            (q, k, k[..., :hv], bias, sinks, ops, out, lse, lse_lo),
+            cts,
+        )
+        dv = jnp.pad(dv, [(0, 0)] * (dv.ndim - 1) + [(0, k.shape[-1] - hv)])
+        return dq, dk, dv, dbias, dsinks, dops
     g_out, g_lse = cts
     if isinstance(g_lse, jax.custom_derivatives.SymbolicZero) or g_lse is None:
         g_lse = _empty(jnp.float32)

@@ -291,7 +291,9 @@ class MLAttention(nnx.Module):
             # All heads against the one latent head: query/key r + d_rope, value r.
             q_latent = jnp.einsum("...tnd,rnd->...tnr", q_nope, k_up)
             q = jnp.concatenate([q_latent, q_rope], axis=-1)
-            result = _attention(q, latent, latent[..., :r], **kw)
+            # The values are the latent itself (the keys' first r features): one array,
+            # read once by a kernel that reads them in place.
+            result = _attention(q, latent, None, value_dim=r, **kw)
             heads, weights = result if return_weights else (result, None)
             heads = jnp.einsum("...tnr,rnd->...tnd", heads, v_up)
         else:

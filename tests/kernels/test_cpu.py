@@ -289,6 +289,43 @@ def test_decode_tiled(case, level, dtype, masked):
         H.assert_close(got[1:], np.asarray(want, np.float64)[1:], H.tol(dtype)[0])
 
 
+# (B, T, S, N, K, H, Hv): values inside the keys (value_dim) on each path that reads values:
+# MLA's decode tiles, decoding's dot products and prefill's pre-packed blocks with two KV heads
+# (the value rows H apart a head), and a few rows over split keys.
+_VALUE_IN_KEY_CASES = [
+    (2, 1, 700, 16, 1, 576, 512),
+    (2, 1, 300, 4, 2, 64, 32),
+    (1, 200, 300, 4, 2, 64, 48),
+    (1, 3, 900, 2, 1, 40, 24),
+]
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("level", _TILED_LEVELS)
+@pytest.mark.parametrize(
+    "case", range(len(_VALUE_IN_KEY_CASES)), ids=lambda i: str(_VALUE_IN_KEY_CASES[i])
+)
+def test_values_inside_the_keys(case, level, dtype):
+    """value=None, value_dim=Hv: the kernel reads the values in the keys' rows (one operand,
+    the attribute value_dim), bit for bit what it computes from the sliced copy, and within
+    tolerance of the float64 reference."""
+    if not _cpu_has(level):
+        pytest.skip(f"this CPU has no {level}")
+    if dtype == jnp.float32 and level in ("avx512_bf16", "amx"):
+        pytest.skip("float32 runs the avx512 code at these levels")
+    b, t, s, n, kh, h, hv = _VALUE_IN_KEY_CASES[case]
+    q, k, _, _ = H.random_qkv(jax.random.key(case), (b,), t, s, n, kh, h, dtype=dtype)
+    config = cpu.CpuConfig(isa=level)
+    kw = dict(is_causal=t > 1, implementation="cpu", config=config)
+    inside = jax.jit(lambda q, k: jattn.attention(q, k, None, value_dim=hv, **kw))
+    assert f"value_dim = {hv}" in inside.lower(q, k).as_text()
+    got = inside(q, k)
+    np.testing.assert_array_equal(got, jattn.attention(q, k, k[..., :hv], **kw))
+    want = H.oracle(q, k, k[..., :hv], is_causal=t > 1)
+    H.assert_close(got, want, H.tol(dtype)[0], what=f"{level} {jnp.dtype(dtype).name}")
+
+
 @needs_lib
 def test_decode_gqa_dropout_gradients():
     """Decoding's backward takes a group's G query heads as the rows of one product: each row
@@ -742,12 +779,12 @@ def test_operand_contract_matches_the_ffi_bindings():
         cpu.BACKWARD_RESULTS,
         tuple(sorted(members)),
     )
-    assert cpu.ABI_VERSION == 3 and fingerprint == _ABI_3, fingerprint
+    assert cpu.ABI_VERSION == 4 and fingerprint == _ABI_4, fingerprint
 
 
 # Version 2 added the sinks operand and the dropout_threshold attribute; version 3 the
-# forward's lse_lo result.
-_ABI_3 = (
+# forward's lse_lo result; version 4 the value_dim attribute.
+_ABI_4 = (
     (
         "q",
         "k",
@@ -789,6 +826,7 @@ _ABI_3 = (
         ("int64_t", "right"),
         ("int64_t", "strip"),
         ("int64_t", "threads"),
+        ("int64_t", "value_dim"),
     ),
 )
 

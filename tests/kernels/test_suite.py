@@ -149,6 +149,28 @@ def test_value_head_dim(impl):
     _check_or_raises(impl, ["value_head_dim"], run)
 
 
+def test_values_inside_the_keys(impl):
+    """``value=None, value_dim=d``: the values are each key's first d features (MLA's latent
+    cache). The same numbers and gradients as passing that slice, against the float64
+    reference, with GQA and a causal mask."""
+    q, k, _, _ = H.random_qkv(jax.random.key(7), (2,), 5, 11, 4, 2, 12)
+    kw = dict(is_causal=True, **impl.kw)
+
+    def run():
+        out = jattn.attention(q, k, None, value_dim=5, **kw)
+        assert out.shape == (2, 5, 4, 5)
+        H.assert_close(out, H.oracle(q, k, k[..., :5], is_causal=True), H.tol(jnp.float32)[0])
+        ct = H.normal(jax.random.key(8), out.shape)
+        g_in = jax.grad(lambda q, k: jnp.sum(jattn.attention(q, k, None, value_dim=5, **kw) * ct),
+                        argnums=(0, 1))(q, k)  # fmt: skip
+        g_cut = jax.grad(lambda q, k: jnp.sum(jattn.attention(q, k, k[..., :5], **kw) * ct),
+                         argnums=(0, 1))(q, k)  # fmt: skip
+        for name, a, b in zip("qk", g_in, g_cut, strict=True):
+            H.assert_close(a, b, 1e-6, what=f"d{name}")
+
+    _check_or_raises(impl, ["value_head_dim"], run)
+
+
 # Longer calls, forward and gradients against the float64 reference: on the device check at
 # their full lengths (up to 4k, some not a multiple of any block size), here at a sixteenth.
 _LONG = {
