@@ -58,13 +58,49 @@ def test_parse_shape_with_value_heads_and_sinks():
     assert labels == ("B=1 T=8 S=8 N=2 K=2 H=4", "B=1 T=8 S=8 N=2 K=2 H=4 Hv=2 sinks")
 
 
+def test_parse_shape_with_latent_values():
+    decode = Shape(8, 1, 4096, 16, 1, 576, allows_causal=False, Hv=512, latent=True)
+    assert parse_shape("8,1,4096,16,1,576,512,latent") == decode
+    assert parse_shape("8,1,4096,16,1,576,512, Latent") == decode
+    assert not parse_shape("8,1,4096,16,1,576,512").latent
+    both = dataclasses.replace(decode, sinks=True)
+    assert parse_shape("8,1,4096,16,1,576,512,latent,sinks") == both
+    assert parse_shape("8,1,4096,16,1,576,512,sinks,latent") == both
+    assert parse_shape("1,64,8,16,latent") == Shape(1, 64, 64, 8, 8, 16, latent=True)  # Hv = H
+    with pytest.raises(ValueError, match="'latent' is given twice"):
+        parse_shape("1,1,64,4,1,48,32,latent,latent")
+    with pytest.raises(ValueError, match="'sinks' and/or 'latent'"):
+        parse_shape("1,1,64,4,1,48,latent,32")  # the flags come last
+    with pytest.raises(ValueError, match="Hv=64 must not exceed H=48"):
+        parse_shape("1,1,64,4,1,48,64,latent")  # the values are inside the keys
+
+
+def test_latent_shapes_validate_and_label():
+    shape = Shape(1, 1, 64, 4, 1, 48, allows_causal=False, Hv=32, latent=True)
+    assert shape.label == "B=1 T=1 S=64 N=4 K=1 H=48 Hv=32 latent"
+    assert Shape(1, 8, 8, 2, 2, 4, Hv=2, sinks=True, latent=True).label.endswith(
+        "Hv=2 sinks latent"
+    )
+    assert shape != dataclasses.replace(shape, latent=False)  # a case of its own
+    with pytest.raises(ValueError, match="latent must be a bool"):
+        Shape(1, 1, 64, 4, 1, 48, Hv=32, latent=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must not exceed"):
+        Shape(1, 1, 64, 4, 1, 48, Hv=49, latent=True)
+    Shape(1, 1, 64, 4, 1, 48, Hv=49)  # values of their own may be larger
+
+
 def test_mla_and_sinks_shape_sets():
     mla = SHAPE_SETS["mla"]
     assert mla[:2] == (Shape(1, 4096, 4096, 16, 16, 192, Hv=128), Shape(1, 4096, 4096, 16, 16, 128))
-    assert [(s.S, s.H, s.Hv, s.K, s.allows_causal) for s in mla if s.T == 1] == [
-        (4096, 576, 512, 1, False),
-        (16384, 576, 512, 1, False),
+    # decode with values of their own, then latent (the values inside the keys), at each S
+    assert [(s.S, s.H, s.Hv, s.K, s.allows_causal, s.latent) for s in mla if s.T == 1] == [
+        (4096, 576, 512, 1, False, False),
+        (4096, 576, 512, 1, False, True),
+        (16384, 576, 512, 1, False, False),
+        (16384, 576, 512, 1, False, True),
     ]
+    latent = [s for s in mla if s.latent]
+    assert latent and all(s in SHAPE_SETS["goals"] for s in latent)
     assert {s.H for s in mla if s.T == 2048} == {80, 96, 112}
     sinks = SHAPE_SETS["sinks"]
     with_sinks = [s for s in sinks if s.sinks]
