@@ -10,7 +10,15 @@ import pathlib
 import pytest
 
 from bench import __main__ as cli
-from bench.records import attention_flops, read_records
+from bench.records import (
+    RECORD_FIELDS,
+    SCHEMA_VERSION,
+    Record,
+    RecordWriter,
+    attention_flops,
+    read_records,
+    validate,
+)
 from bench.report import case_key, kv_bytes, latest, markdown_report, memory_bound, run_table
 from bench.runners import (
     Case,
@@ -129,6 +137,26 @@ def test_records_without_value_heads_or_sinks_still_read(tmp_path):
     # a dict made without reading a file (no defaults filled in) reports too
     assert case_key(old) == case_key(new)
     assert "8  8  64  " in run_table([old])
+
+
+def test_latent_records_round_trip_and_old_ones_read_as_not_latent(tmp_path):
+    fields = {k: v for k, v in _fixture_ok().items() if k in RECORD_FIELDS}
+    record = Record(**{**fields, "T": 1, "S": 64, "N": 4, "K": 1, "H": 48, "Hv": 32,
+                       "latent": True, "schema_version": SCHEMA_VERSION})  # fmt: skip
+    path = tmp_path / "latent.jsonl"
+    with RecordWriter(path) as writer:
+        writer.write(record)
+    (r,) = read_records([path])
+    assert (r["H"], r["Hv"], r["latent"], r["sinks"]) == (48, 32, True, False)
+    assert r["schema_version"] == SCHEMA_VERSION == 5
+    # a record from before latent was recorded (schema 4) reads as values of their own
+    old = {k: v for k, v in json.loads(record.to_json()).items() if k != "latent"}
+    old["schema_version"] = 4
+    path.write_text(json.dumps(old) + "\n", encoding="utf-8")
+    (r,) = read_records([path])
+    assert r["latent"] is False
+    with pytest.raises(ValueError, match="'latent' must be true or false"):
+        validate({**old, "latent": "yes"})
 
 
 def test_value_heads_and_sinks_are_cases_of_their_own_in_reports():
