@@ -217,6 +217,48 @@ def test_a_sinks_case_is_unsupported_by_the_peers_and_measured_by_jattn(tmp_path
     assert "none+sinks" in run_table(records)
 
 
+def test_a_latent_case_runs_end_to_end(tmp_path):
+    out = tmp_path / "latent.jsonl"
+    code = cli.main(["--shape", "1,1,64,4,1,48,32,latent", "--impls", "cpu,reference",
+                     "--peers", "xla", *FAST, "--out", str(out)])  # fmt: skip
+    assert code == 0
+    by = {(r["implementation"], r["mode"]): r for r in read_records([out])}
+    assert set(by) == {(impl, mode) for impl in ("jattn:cpu", "jattn:reference", "jax.nn:xla")
+                       for mode in ("fwd", "fwd+bwd")}  # fmt: skip
+    for (impl, mode), r in by.items():
+        assert (r["H"], r["Hv"], r["latent"], r["sinks"]) == (48, 32, True, False)
+        if impl == "jax.nn:xla":  # refuses Hv != H, latent or not
+            assert r["status"] == "unsupported" and "Hv=32" in r["reason"]
+            continue
+        assert r["status"] == "ok", r["reason"]
+        assert r["flops"] == attention_flops(1, 1, 64, 4, 48, causal=False, mode=mode, Hv=32)
+    # the one array passed: q [1,1,4,48] and k [1,64,1,48] in float32, no value array
+    assert by[("jattn:cpu", "fwd")]["xla_argument_bytes"] == 4 * (4 * 48 + 64 * 48)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_a_latent_runner_computes_the_sliced_attention(impl):
+    import jax
+    import numpy as np
+
+    from bench.runners import JattnRunner
+
+    s = Shape(1, 1, 64, 4, 1, 48, allows_causal=False, Hv=32, latent=True)
+    latent = JattnRunner(impl).attention(Case(s, "float32", False, "fwd", "custom"))
+    sliced = dataclasses.replace(s, latent=False)
+    ref = JattnRunner("reference").attention(Case(sliced, "float32", False, "fwd", "custom"))
+    kq, kk, kd = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (1, 1, 4, 48), "float32")
+    k = jax.random.normal(kk, (1, 64, 1, 48), "float32")
+    do = jax.random.normal(kd, (1, 1, 4, 32), "float32")
+    out, vjp = jax.vjp(lambda q, k: latent(q, k, None, None), q, k)
+    want, want_vjp = jax.vjp(lambda q, k: ref(q, k, k[..., :32], None), q, k)
+    assert out.shape == (1, 1, 4, 32) and out.dtype == "float32"
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(vjp(do), want_vjp(do), strict=True):  # dq; dk with dv inside
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_bfloat16_runs_with_the_xla_and_torch_peers(tmp_path):
     out = tmp_path / "bf16.jsonl"
     code = cli.main(["--shape", "1,16,16,2,2,8", "--dtypes", "bfloat16", "--impls", "fused",
