@@ -176,6 +176,32 @@ def test_value_heads_and_sinks_are_cases_of_their_own_in_reports():
     assert memory_bound(decode, 1.0, 20.0)
 
 
+def test_latent_cases_are_cases_of_their_own_read_once_in_reports():
+    records = list(read_records([FIXTURE]))
+    decode = next(r for r in records if r["status"] == "ok" and r["T"] == 1)
+    mla = []
+    for latent in (False, True):
+        for impl, ms in (("jattn:fused", 0.2), ("jax.nn:xla", 0.5)):
+            mla.append({**decode, "implementation": impl, "origin": "ours" if "jattn" in impl
+                        else "peer", "N": 16, "K": 1, "H": 576, "Hv": 512, "latent": latent,
+                        "median_s": ms / 1e3, "tflops": 1.0})  # fmt: skip
+    assert len({case_key(r) for r in mla}) == 2 and len(latest(mla)) == 4
+    # the bytes read once: the one array of keys, whose first Hv features are the values
+    sliced, latent = mla[0], mla[2]
+    assert kv_bytes(latent) == 8 * 4096 * 1 * 576 * 2
+    assert kv_bytes(sliced) == 8 * 4096 * 1 * (576 + 512) * 2
+    assert memory_bound(latent, 100.0, 500.0) and memory_bound(sliced, 100.0, 500.0)
+    md = markdown_report([*records, *mla])
+    assert "`H/Hv latent`" in md and "value_dim=Hv" in md  # the legend says what it is
+    assert "B·S·K·H·itemsize in a latent case" in md
+    lines = [line for line in md.splitlines() if "| 576/512" in line]
+    # the cells table, then the memory-bound table: each latent case right after its twin
+    assert [line.split("|")[9].strip() for line in lines] == ["576/512", "576/512 latent"] * 2
+    floors = [line.split("|")[10].strip() for line in lines[2:]]  # K+V read ms at 500 GB/s
+    assert floors == ["0.143", "0.0755"]
+    assert "576/512 latent" in run_table(mla)
+
+
 # --- runs ------------------------------------------------------------------------------------
 
 
@@ -234,6 +260,7 @@ def test_a_latent_case_runs_end_to_end(tmp_path):
         assert r["flops"] == attention_flops(1, 1, 64, 4, 48, causal=False, mode=mode, Hv=32)
     # the one array passed: q [1,1,4,48] and k [1,64,1,48] in float32, no value array
     assert by[("jattn:cpu", "fwd")]["xla_argument_bytes"] == 4 * (4 * 48 + 64 * 48)
+    assert "48/32 latent" in run_table(list(read_records([out])))
 
 
 @pytest.mark.parametrize("impl", ["cpu", "reference"])
