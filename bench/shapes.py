@@ -125,10 +125,9 @@ CROSS: tuple[Shape, ...] = (Shape(2, 640, 1536, 6, 2, 96),)
 # expanded form: 16 heads of 192 (128 no-position + 64 rotary) for queries and keys, 128 for
 # values. Decode attends in the absorbed form: one latent KV head (K = 1) of 576 (512 latent +
 # 64 rotary) for keys and 512 for values, shared by the 16 query heads. Each decode shape
-# twice: with values of their own (jattn and the peers given k[..., :512], as a model holding
-# the slice), and latent (the values are the keys' first 512 features: jattn reads the one
-# array, `value_dim=512`; the peers take the slice inside the timed call, as a model holding
-# only the latent cache would).
+# twice: with a value array of its own (k and v two arrays), and latent (the values are the
+# keys' first 512 features, one array: jattn reads it with `value_dim=512`; the peers take the
+# slice k[..., :512] inside the timed call, as a model holding only the latent cache would).
 MLA_PREFILL = Shape(1, 4096, 4096, 16, 16, 192, Hv=128)
 MLA_DECODE: tuple[Shape, ...] = tuple(
     _decode(8, S, 16, 1, 576, Hv=512, latent=latent)
