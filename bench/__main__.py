@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="B,T,S,N,K,H",
         help="an extra shape (B,T,S,N,K,H,Hv for value heads of size Hv; B,T,N,H for "
-        "self-attention with K=N; a last item 'sinks' adds attention sinks); repeatable",
+        "self-attention with K=N; last items, in either order: 'sinks' adds attention sinks, "
+        "'latent' makes the values the keys' first Hv features, one array, as MLA decodes: "
+        "jattn gets value_dim=Hv, the peers the slice); repeatable",
     )
     run.add_argument(
         "--impls",

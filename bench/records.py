@@ -28,7 +28,9 @@ from typing import Any, Literal
 # `model`, `d_model`, `layers`, `d_ff`, `vocab`, `tokens`, `params`, `matmul_params`,
 # `tokens_per_s`; status "skipped" (a peer that could not be set up on this machine, such as
 # torch.compile without a working compiler).
-SCHEMA_VERSION = 4
+# 5: `latent` (the values are each key's first Hv features: jattn is passed the one array with
+# `value_dim=Hv`, the peers the slice); records before 5 read as latent = False.
+SCHEMA_VERSION = 5
 
 Kind = Literal["attention", "roofline", "train"]
 KINDS: tuple[Kind, ...] = ("attention", "roofline", "train")
@@ -91,6 +93,8 @@ class Record:
     H: int | None = None  # head size of queries and keys
     Hv: int | None = None  # head size of values and the output (records before 3: H)
     sinks: bool | None = None  # one sink logit per query head passed (records before 3: False)
+    # the values are each key's first Hv features, one array (records before 5: False)
+    latent: bool | None = None
     dtype: str | None = None
     causal: bool | None = None
     mask: str | None = None  # "causal" or "none"
@@ -211,8 +215,11 @@ def validate(record: Any) -> None:
         value = record.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"record field {name!r} must be an integer, got {value!r:.40}")
-    if record.get("sinks") is not None and not isinstance(record["sinks"], bool):
-        raise ValueError(f"record field 'sinks' must be true or false, got {record['sinks']!r:.40}")
+    for name in ("sinks", "latent"):
+        if record.get(name) is not None and not isinstance(record[name], bool):
+            raise ValueError(
+                f"record field {name!r} must be true or false, got {record[name]!r:.40}"
+            )
     if record["status"] == "ok":
         if kind == "roofline":
             needed: tuple[str, ...] = ("dtype", "median_s")
@@ -231,13 +238,14 @@ def validate(record: Any) -> None:
 
 def with_defaults(record: dict[str, Any]) -> dict[str, Any]:
     """The record with the fields of later schema versions filled in as an older record meant
-    them: an attention case without `Hv` has value heads of size H, one without `sinks` has none.
-    Returns `record` itself, completed in place."""
+    them: an attention case without `Hv` has value heads of size H, one without `sinks` has none,
+    one without `latent` has values of their own. Returns `record` itself, completed in place."""
     if record_kind(record) == "attention":
         if record.get("Hv") is None and record.get("H") is not None:
             record["Hv"] = record["H"]
-        if record.get("sinks") is None and record.get("H") is not None:
-            record["sinks"] = False
+        for flag in ("sinks", "latent"):
+            if record.get(flag) is None and record.get("H") is not None:
+                record[flag] = False
     return record
 
 

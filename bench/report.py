@@ -19,7 +19,7 @@ from bench.roofline import rate
 BASELINE = "jax.nn:xla"
 
 Rec = dict[str, Any]
-CaseKey = tuple[Any, ...]  # (mode, dtype, causal, B, T, S, N, K, H, Hv, sinks)
+CaseKey = tuple[Any, ...]  # (mode, dtype, causal, B, T, S, N, K, H, Hv, sinks, latent)
 
 
 def value_heads(r: Rec) -> int:
@@ -33,15 +33,24 @@ def has_sinks(r: Rec) -> bool:
     return bool(r.get("sinks"))
 
 
+def is_latent(r: Rec) -> bool:
+    """Whether the values were the keys' first Hv features, one array (never in records from
+    before that was recorded)."""
+    return bool(r.get("latent"))
+
+
 def case_key(r: Rec) -> CaseKey:
     return (
         r["mode"], r["dtype"], r["causal"], r["B"], r["T"], r["S"], r["N"], r["K"], r["H"],
-        value_heads(r), has_sinks(r),
+        value_heads(r), has_sinks(r), is_latent(r),
     )  # fmt: skip
 
 
-def heads_label(H: int, Hv: int) -> str:
-    """The H cell of a table: '64', or '192/128' where the value heads differ."""
+def heads_label(H: int, Hv: int, latent: bool = False) -> str:
+    """The H cell of a table: '64', or '192/128' where the value heads differ, and
+    '576/512 latent' where the values are the keys' first Hv features (one array)."""
+    if latent:
+        return f"{H}/{Hv} latent"
     return str(H) if Hv == H else f"{H}/{Hv}"
 
 
@@ -52,8 +61,11 @@ def mask_label(causal: bool, sinks: bool) -> str:
 
 def _lead(key: CaseKey) -> list[str]:
     """The first nine cells of a table row: mode, mask, dtype, B, T, S, N, K, H."""
-    mode, dtype, causal, B, T, S, N, K, H, Hv, sinks = key
-    return [mode, mask_label(causal, sinks), dtype, *map(str, (B, T, S, N, K)), heads_label(H, Hv)]
+    mode, dtype, causal, B, T, S, N, K, H, Hv, sinks, latent = key
+    return [
+        mode, mask_label(causal, sinks), dtype, *map(str, (B, T, S, N, K)),
+        heads_label(H, Hv, latent),
+    ]  # fmt: skip
 
 
 def device_key(r: Rec) -> tuple[str, str]:
@@ -198,7 +210,7 @@ def run_table(records: Sequence[Any], *, limits: bool = True) -> str:
         rows.append([
             r["implementation"], r["mode"], mask_label(r["causal"], has_sinks(r)), r["dtype"],
             *(str(r[d]) for d in ("B", "T", "S", "N", "K")),
-            heads_label(r["H"], value_heads(r)),
+            heads_label(r["H"], value_heads(r), is_latent(r)),
             _ms(r["median_s"]),
             _ms(r["iqr_s"]),
             _num(r["tflops"], ".3f"),
@@ -236,8 +248,10 @@ def markdown_report(records: Sequence[Rec], *, baseline: str = BASELINE) -> str:
         "4·B·N·T·S·H when the value heads are as large as the key heads, halved when causal; "
         f"forward+backward 3.5× that), and in brackets the speed-up over `{baseline}` "
         "(its median time divided by this one's). OOM: out of memory; n/a: not supported. "
-        "H: head size, `H/Hv` where the value heads differ (MLA); `+sinks`: with attention "
-        "sinks.",
+        "H: head size, `H/Hv` where the value heads differ (MLA); `H/Hv latent`: the values "
+        "are each key's first Hv features, one array (MLA decoding on its latent cache: jattn "
+        "is given it with `value_dim=Hv`, the peers the slice `k[..., :Hv]`, taken in the timed "
+        "call); `+sinks`: with attention sinks.",
     ]
     for device in sorted(by_device):
         recs = by_device[device]
@@ -284,8 +298,10 @@ _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 
 def kv_bytes(r: Rec) -> int:
-    """Bytes of K and V: what attention must read at least once."""
-    return r["B"] * r["S"] * r["K"] * (r["H"] + value_heads(r)) * _ITEMSIZE.get(r["dtype"], 4)
+    """Bytes of K and V: what attention must read at least once. B·S·K·(H + Hv)·itemsize, or
+    B·S·K·H·itemsize in a latent case, whose values are inside its keys."""
+    width = r["H"] if is_latent(r) else r["H"] + value_heads(r)
+    return r["B"] * r["S"] * r["K"] * width * _ITEMSIZE.get(r["dtype"], 4)
 
 
 def _pct(share: float) -> str:
@@ -369,8 +385,9 @@ def _roofline_tables(
     if rows:
         parts.append(
             "\nMemory-bound cases (decode): the time to read K and V once at the measured "
-            "bandwidth (B·S·K·(H + Hv)·itemsize bytes), then each measured time in ms and, in "
-            "brackets, how many times that floor it takes:\n\n"
+            "bandwidth (B·S·K·(H + Hv)·itemsize bytes; B·S·K·H·itemsize in a latent case, whose "
+            "values are inside its keys), then each measured time in ms and, in brackets, how "
+            "many times that floor it takes:\n\n"
             + format_table([*dims, "K+V read ms", *impls], rows, markdown=True)
         )
     return parts
@@ -416,8 +433,9 @@ def share_note(keys: Sequence[CaseKey], over: Sequence[CaseKey] = ()) -> str:
 
 
 def _case_sort(key: CaseKey) -> tuple[Any, ...]:
-    mode, dtype, causal, B, T, S, N, K, H, Hv, sinks = key
-    return (mode != "fwd", dtype, causal, N, K, H, Hv, T == S, S, T, B, sinks)
+    mode, dtype, causal, B, T, S, N, K, H, Hv, sinks, latent = key
+    # a latent case right after the same shape with values of their own
+    return (mode != "fwd", dtype, causal, N, K, H, Hv, T == S, S, T, B, sinks, latent)
 
 
 def _machine_line(recs: Sequence[Rec]) -> str:
@@ -444,18 +462,20 @@ def _series_key(r: Rec) -> tuple[Any, ...]:
     """What a line joins: points of one implementation whose shapes differ only in length
     (S, and T with it when T = S). Everything else, batch size included, makes another line."""
     return (
-        r["dtype"], r["B"], r["N"], r["K"], r["H"], value_heads(r), has_sinks(r),
+        r["dtype"], r["B"], r["N"], r["K"], r["H"], value_heads(r), has_sinks(r), is_latent(r),
         r["T"] if r["T"] != r["S"] else None,
     )  # fmt: skip
 
 
 def _series_label(key: tuple[Any, ...]) -> str:
-    dtype, B, N, K, H, Hv, sinks, T = key
+    dtype, B, N, K, H, Hv, sinks, latent, T = key
     label = f"{dtype} B={B} N={N}" + (f" K={K}" if K != N else "") + f" H={H}"
     if Hv != H:
         label += f" Hv={Hv}"
     if sinks:
         label += " sinks"
+    if latent:
+        label += " latent"
     if T is not None:
         label += f" T={T}"
     return label

@@ -80,8 +80,15 @@ class Runner(abc.ABC):
 
 # --- JAX-based runners ---------------------------------------------------------------------
 
-# (q, k, v, sinks) -> out; sinks is None unless the case passes them (Shape.sinks)
+# (q, k, v, sinks) -> out; sinks is None unless the case passes them (Shape.sinks), v is None
+# in a latent case (Shape.latent: the values are k[..., :Hv], see `_values`)
 AttentionFn = Callable[[Any, Any, Any, Any], Any]
+
+
+def _values(case: Case, k: Any, v: Any) -> Any:
+    """The values a peer is given: `v`, or in a latent case (v None) the slice k[..., :Hv],
+    taken inside the timed call, as a model that holds only the latent cache must."""
+    return k[..., : case.shape.hv] if v is None else v
 
 
 def _refuse_sinks(case: Case, who: str) -> None:
@@ -147,7 +154,9 @@ def _xla_memory(compiled: Any) -> dict[str, int] | None:
 
 class JaxRunner(Runner):
     """Times a JAX attention function [B,T,N,H] x [B,S,K,H] x [B,S,K,Hv] -> [B,T,N,Hv] under
-    jax.jit; with sinks (Shape.sinks) also one float32 sink logit per query head [N]."""
+    jax.jit; with sinks (Shape.sinks) also one float32 sink logit per query head [N]. A latent
+    case (Shape.latent) has no value array: the function gets v None, the values being
+    k[..., :Hv], and forward+backward differentiates q and k only."""
 
     def __init__(self, name: str, origin: Origin) -> None:
         self.name = name
@@ -156,8 +165,8 @@ class JaxRunner(Runner):
     @abc.abstractmethod
     def attention(self, case: Case) -> AttentionFn:
         """The function to time, with the case's static options bound: it takes
-        (q, k, v, sinks), sinks None unless the case passes them. Raises NotImplementedError
-        for a case it cannot serve."""
+        (q, k, v, sinks), sinks None unless the case passes them, v None in a latent case (the
+        values are k[..., :Hv]). Raises NotImplementedError for a case it cannot serve."""
 
     def run(self, case: Case, config: TimingConfig, *, seed: int) -> Measurement:
         import jax
@@ -170,23 +179,32 @@ class JaxRunner(Runner):
         dtype = case.dtype
         q = jax.random.normal(kq, (s.B, s.T, s.N, s.H), dtype)
         k = jax.random.normal(kk, (s.B, s.S, s.K, s.H), dtype)
-        v = jax.random.normal(kv, (s.B, s.S, s.K, s.hv), dtype)
+        # a latent case's values are k[..., :Hv]: no array of their own
+        v = None if s.latent else jax.random.normal(kv, (s.B, s.S, s.K, s.hv), dtype)
         # one sink logit per query head, float32 whatever the inputs' dtype (as models keep them)
         sinks = (
             jax.random.normal(jax.random.fold_in(key, 5), (s.N,), jnp.float32) if s.sinks else None
         )
+        fn: Callable[..., Any]
         if case.mode == "fwd":
-            fn: Callable[..., Any] = attn
+            fn = attn
             args: tuple[Any, ...] = (q, k, v, sinks)
         else:
             # The cotangent is random too: a ones or zeros cotangent can let XLA simplify.
             do = jax.random.normal(kd, (s.B, s.T, s.N, s.hv), dtype)
 
-            def fn(q: Any, k: Any, v: Any, do: Any, sinks: Any) -> Any:
+            def grads(q: Any, k: Any, v: Any, do: Any, sinks: Any) -> Any:
                 out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, sinks), q, k, v)
                 return out, vjp(do)
 
-            args = (q, k, v, do, sinks)
+            def latent_grads(q: Any, k: Any, do: Any, sinks: Any) -> Any:
+                # the values are inside k: its gradient gathers theirs
+                out, vjp = jax.vjp(lambda q, k: attn(q, k, None, sinks), q, k)
+                return out, vjp(do)
+
+            fn, args = (
+                (latent_grads, (q, k, do, sinks)) if s.latent else (grads, (q, k, v, do, sinks))
+            )
         jax.block_until_ready(args)
 
         start = time.perf_counter()
@@ -218,10 +236,14 @@ class JattnRunner(JaxRunner):
     def attention(self, case: Case) -> AttentionFn:
         import jattn
 
+        # a latent case passes the one array: jattn.attention(q, k, None, value_dim=Hv)
+        value_dim = case.shape.hv if case.shape.latent else None
+
         def attn(q: Any, k: Any, v: Any, sinks: Any) -> Any:
             return jattn.attention(
-                q, k, v, is_causal=case.causal, sinks=sinks, implementation=self.implementation
-            )
+                q, k, v, value_dim=value_dim, is_causal=case.causal, sinks=sinks,
+                implementation=self.implementation,
+            )  # fmt: skip
 
         return attn
 
@@ -344,12 +366,13 @@ class ConfiguredJattnRunner(JattnRunner):
             raise NotImplementedError(f"jattn:{self.implementation} has no tuning config")
         backend = jax.default_backend()
         fields = dict(self.spec.fields)
+        value_dim = case.shape.hv if case.shape.latent else None
 
         def attn(q: Any, k: Any, v: Any, sinks: Any) -> Any:
-            plan, *_ = make_plan(q, k, v, is_causal=case.causal, sinks=sinks)
+            plan, *_ = make_plan(q, k, v, value_dim=value_dim, is_causal=case.causal, sinks=sinks)
             config = dataclasses.replace(config_type.default_for(plan, backend), **fields)
             return jattn.attention(
-                q, k, v, is_causal=case.causal, sinks=sinks,
+                q, k, v, value_dim=value_dim, is_causal=case.causal, sinks=sinks,
                 implementation=self.implementation, config=config,
             )  # fmt: skip
 
@@ -378,7 +401,7 @@ class JaxNnRunner(JaxRunner):
             is_causal=case.causal,
             implementation=self.implementation,
         )
-        return lambda q, k, v, sinks: dpa(q, k, v)
+        return lambda q, k, v, sinks: dpa(q, k, _values(case, k, v))
 
 
 class FlaxLinenRunner(JaxRunner):
@@ -404,7 +427,7 @@ class FlaxLinenRunner(JaxRunner):
             mask = None
             if case.causal:  # what linen users build with nn.make_causal_mask
                 mask = jnp.tril(jnp.ones((s.T, s.S), dtype=jnp.bool_))[None, None]
-            return linen.dot_product_attention(q, k, v, mask=mask)
+            return linen.dot_product_attention(q, k, _values(case, k, v), mask=mask)
 
         return attn
 
@@ -433,7 +456,7 @@ class TokamaxRunner(JaxRunner):
             is_causal=case.causal,
             implementation=self.implementation,
         )
-        return lambda q, k, v, sinks: dpa(q, k, v)
+        return lambda q, k, v, sinks: dpa(q, k, _values(case, k, v))
 
 
 # --- PyTorch -------------------------------------------------------------------------------
@@ -443,6 +466,8 @@ class TorchRunner(Runner):
     """`torch.nn.functional.scaled_dot_product_attention`, eager, on the device JAX uses.
 
     PyTorch's layout is [B, N, T, H]; inputs are made in that layout so no transpose is timed.
+    A latent case's values are the view k[..., :Hv], made in the timed step (so that the
+    backward reaches k through it).
     """
 
     def __init__(self, device: str, *, threads: int | None = None) -> None:
@@ -473,26 +498,32 @@ class TorchRunner(Runner):
         def randn(*shape: int) -> Any:
             return torch.randn(*shape, generator=gen, device=self.device, dtype=dtype)
 
-        q, k, v = randn(s.B, s.N, s.T, s.H), randn(s.B, s.K, s.S, s.H), randn(s.B, s.K, s.S, s.hv)
+        q, k = randn(s.B, s.N, s.T, s.H), randn(s.B, s.K, s.S, s.H)
+        v = None if s.latent else randn(s.B, s.K, s.S, s.hv)
+        leaves = (q, k) if v is None else (q, k, v)  # what the backward differentiates
         kwargs: dict[str, Any] = {"is_causal": case.causal}
         if s.K != s.N:
             kwargs["enable_gqa"] = True
+
+        def values() -> Any:
+            return k[..., : s.hv] if v is None else v
 
         if case.mode == "fwd":
 
             def step() -> None:
                 with torch.no_grad():
-                    F.scaled_dot_product_attention(q, k, v, **kwargs)
+                    F.scaled_dot_product_attention(q, k, values(), **kwargs)
                 self._sync()
 
         else:
             do = randn(s.B, s.N, s.T, s.hv)
-            for t in (q, k, v):
+            for t in leaves:
                 t.requires_grad_(True)
 
             def step() -> None:
-                q.grad = k.grad = v.grad = None  # no accumulation into old gradients
-                F.scaled_dot_product_attention(q, k, v, **kwargs).backward(do)
+                for t in leaves:
+                    t.grad = None  # no accumulation into old gradients
+                F.scaled_dot_product_attention(q, k, values(), **kwargs).backward(do)
                 self._sync()
 
         self._sync()

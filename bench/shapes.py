@@ -19,7 +19,10 @@ class Shape:
     single new query attends to the whole cache, so there is nothing for a causal mask to remove.
     Hv: head dimension of values (and of the output); None means H, and is stored as H, so a
     shape given with Hv=H equals the one given without. sinks: the call passes one sink logit
-    per query head (`jattn.attention(..., sinks=s)`, gpt-oss attention sinks).
+    per query head (`jattn.attention(..., sinks=s)`, gpt-oss attention sinks). latent: the
+    values are each key's first Hv features, as in multi-head latent attention's decoding on its
+    latent cache: jattn is called with the one array, `jattn.attention(q, k, None,
+    value_dim=Hv)`, the peers with the slice `k[..., :Hv]` (so Hv <= H).
     """
 
     B: int
@@ -31,6 +34,7 @@ class Shape:
     allows_causal: bool = True
     Hv: int | None = None
     sinks: bool = False
+    latent: bool = False
 
     def __post_init__(self) -> None:
         if self.Hv is None:
@@ -43,6 +47,13 @@ class Shape:
             raise ValueError(f"query heads N={self.N} must be a multiple of K={self.K}")
         if not isinstance(self.sinks, bool):
             raise ValueError(f"Shape.sinks must be a bool, got {self.sinks!r}")
+        if not isinstance(self.latent, bool):
+            raise ValueError(f"Shape.latent must be a bool, got {self.latent!r}")
+        if self.latent and self.Hv > self.H:
+            raise ValueError(
+                f"a latent shape's values are the keys' first Hv features: Hv={self.Hv} must "
+                f"not exceed H={self.H}"
+            )
 
     @property
     def hv(self) -> int:
@@ -56,22 +67,28 @@ class Shape:
             text += f" Hv={self.hv}"
         if self.sinks:
             text += " sinks"
+        if self.latent:
+            text += " latent"
         return text
 
 
 def _self(
     B: int, T: int, N: int, H: int, K: int | None = None, *, Hv: int | None = None,
-    sinks: bool = False,
+    sinks: bool = False, latent: bool = False,
 ) -> Shape:  # fmt: skip
     """Self-attention shape: T = S, K = N unless given."""
-    return Shape(B=B, T=T, S=T, N=N, K=N if K is None else K, H=H, Hv=Hv, sinks=sinks)
+    K = N if K is None else K
+    return Shape(B=B, T=T, S=T, N=N, K=K, H=H, Hv=Hv, sinks=sinks, latent=latent)
 
 
 def _decode(
-    B: int, S: int, N: int, K: int, H: int, *, Hv: int | None = None, sinks: bool = False
-) -> Shape:
+    B: int, S: int, N: int, K: int, H: int, *, Hv: int | None = None, sinks: bool = False,
+    latent: bool = False,
+) -> Shape:  # fmt: skip
     """One new query token against a cache of S keys."""
-    return Shape(B=B, T=1, S=S, N=N, K=K, H=H, allows_causal=False, Hv=Hv, sinks=sinks)
+    return Shape(
+        B=B, T=1, S=S, N=N, K=K, H=H, allows_causal=False, Hv=Hv, sinks=sinks, latent=latent
+    )
 
 
 QUICK: tuple[Shape, ...] = (
@@ -107,9 +124,16 @@ CROSS: tuple[Shape, ...] = (Shape(2, 640, 1536, 6, 2, 96),)
 # Multi-head latent attention (DeepSeek-V2/V3, `jattn.nn.MLAttention`). Prefill attends in the
 # expanded form: 16 heads of 192 (128 no-position + 64 rotary) for queries and keys, 128 for
 # values. Decode attends in the absorbed form: one latent KV head (K = 1) of 576 (512 latent +
-# 64 rotary) for keys and 512 for values, shared by the 16 query heads.
+# 64 rotary) for keys and 512 for values, shared by the 16 query heads. Each decode shape
+# twice: with a value array of its own (k and v two arrays), and latent (the values are the
+# keys' first 512 features, one array: jattn reads it with `value_dim=512`; the peers take the
+# slice k[..., :512] inside the timed call, as a model holding only the latent cache would).
 MLA_PREFILL = Shape(1, 4096, 4096, 16, 16, 192, Hv=128)
-MLA_DECODE: tuple[Shape, ...] = tuple(_decode(8, S, 16, 1, 576, Hv=512) for S in (4096, 16384))
+MLA_DECODE: tuple[Shape, ...] = tuple(
+    _decode(8, S, 16, 1, 576, Hv=512, latent=latent)
+    for S in (4096, 16384)
+    for latent in (False, True)
+)
 MLA: tuple[Shape, ...] = (
     MLA_PREFILL,
     Shape(1, 4096, 4096, 16, 16, 128),  # the same problem at 128/128: what 192/128 costs
@@ -126,8 +150,9 @@ SINKS: tuple[Shape, ...] = (
 )
 
 # The shapes the native CPU kernel's speed goals are stated on (issue 11): quick, gqa, cross,
-# decode at S = 4k and 16k, MLA prefill (192/128) and decode (576/512 at S = 4k and 16k), and
-# the quick T = 2048 shape with sinks: `python -m bench --shapes goals`.
+# decode at S = 4k and 16k, MLA prefill (192/128) and decode (576/512 at S = 4k and 16k, with
+# values of their own and latent), and the quick T = 2048 shape with sinks:
+# `python -m bench --shapes goals`.
 GOALS: tuple[Shape, ...] = (
     *QUICK,
     *GQA,
@@ -162,27 +187,37 @@ SHAPE_SETS: dict[str, tuple[Shape, ...]] = {
 }
 
 
+_FLAGS = ("sinks", "latent")
+
+
 def parse_shape(text: str) -> Shape:
     """Parse `B,T,S,N,K,H`, `B,T,S,N,K,H,Hv` (value heads of another size) or `B,T,N,H`
-    (self-attention with K = N) into a Shape; a last item `sinks` adds attention sinks."""
+    (self-attention with K = N) into a Shape; last items `sinks` (attention sinks) and
+    `latent` (the values are the keys' first Hv features), in either order, set those flags."""
     items = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
-    sinks = bool(items) and items[-1].lower() == "sinks"
-    if sinks:
-        items = items[:-1]
+    flags: set[str] = set()
+    while items and items[-1].lower() in _FLAGS:
+        flag = items.pop().lower()
+        if flag in flags:
+            raise ValueError(f"shape {text!r}: {flag!r} is given twice")
+        flags.add(flag)
+    sinks, latent = "sinks" in flags, "latent" in flags
     try:
         parts = [int(p) for p in items]
     except ValueError:
         raise ValueError(
             f"shape {text!r}: expected integers B,T,S,N,K,H[,Hv] or B,T,N,H, then optionally "
-            "'sinks'"
+            "'sinks' and/or 'latent'"
         ) from None
     if len(parts) == 4:
         B, T, N, H = parts
-        return _self(B, T, N, H, sinks=sinks)
+        return _self(B, T, N, H, sinks=sinks, latent=latent)
     if len(parts) in (6, 7):
         B, T, S, N, K, H, *rest = parts
         Hv = rest[0] if rest else None
-        return Shape(B=B, T=T, S=S, N=N, K=K, H=H, allows_causal=T > 1, Hv=Hv, sinks=sinks)
+        return Shape(
+            B=B, T=T, S=S, N=N, K=K, H=H, allows_causal=T > 1, Hv=Hv, sinks=sinks, latent=latent
+        )
     raise ValueError(
         f"shape {text!r}: expected 6 or 7 numbers B,T,S,N,K,H[,Hv] or 4 numbers B,T,N,H"
     )

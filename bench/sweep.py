@@ -187,6 +187,7 @@ def case_record(
         "H": s.H,
         "Hv": s.hv,
         "sinks": s.sinks,
+        "latent": s.latent,
         "dtype": case.dtype,
         "causal": case.causal,
         "mask": "causal" if case.causal else "none",

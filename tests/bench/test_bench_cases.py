@@ -10,7 +10,15 @@ import pathlib
 import pytest
 
 from bench import __main__ as cli
-from bench.records import attention_flops, read_records
+from bench.records import (
+    RECORD_FIELDS,
+    SCHEMA_VERSION,
+    Record,
+    RecordWriter,
+    attention_flops,
+    read_records,
+    validate,
+)
 from bench.report import case_key, kv_bytes, latest, markdown_report, memory_bound, run_table
 from bench.runners import (
     Case,
@@ -58,13 +66,49 @@ def test_parse_shape_with_value_heads_and_sinks():
     assert labels == ("B=1 T=8 S=8 N=2 K=2 H=4", "B=1 T=8 S=8 N=2 K=2 H=4 Hv=2 sinks")
 
 
+def test_parse_shape_with_latent_values():
+    decode = Shape(8, 1, 4096, 16, 1, 576, allows_causal=False, Hv=512, latent=True)
+    assert parse_shape("8,1,4096,16,1,576,512,latent") == decode
+    assert parse_shape("8,1,4096,16,1,576,512, Latent") == decode
+    assert not parse_shape("8,1,4096,16,1,576,512").latent
+    both = dataclasses.replace(decode, sinks=True)
+    assert parse_shape("8,1,4096,16,1,576,512,latent,sinks") == both
+    assert parse_shape("8,1,4096,16,1,576,512,sinks,latent") == both
+    assert parse_shape("1,64,8,16,latent") == Shape(1, 64, 64, 8, 8, 16, latent=True)  # Hv = H
+    with pytest.raises(ValueError, match="'latent' is given twice"):
+        parse_shape("1,1,64,4,1,48,32,latent,latent")
+    with pytest.raises(ValueError, match="'sinks' and/or 'latent'"):
+        parse_shape("1,1,64,4,1,48,latent,32")  # the flags come last
+    with pytest.raises(ValueError, match="Hv=64 must not exceed H=48"):
+        parse_shape("1,1,64,4,1,48,64,latent")  # the values are inside the keys
+
+
+def test_latent_shapes_validate_and_label():
+    shape = Shape(1, 1, 64, 4, 1, 48, allows_causal=False, Hv=32, latent=True)
+    assert shape.label == "B=1 T=1 S=64 N=4 K=1 H=48 Hv=32 latent"
+    assert Shape(1, 8, 8, 2, 2, 4, Hv=2, sinks=True, latent=True).label.endswith(
+        "Hv=2 sinks latent"
+    )
+    assert shape != dataclasses.replace(shape, latent=False)  # a case of its own
+    with pytest.raises(ValueError, match="latent must be a bool"):
+        Shape(1, 1, 64, 4, 1, 48, Hv=32, latent=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must not exceed"):
+        Shape(1, 1, 64, 4, 1, 48, Hv=49, latent=True)
+    Shape(1, 1, 64, 4, 1, 48, Hv=49)  # values of their own may be larger
+
+
 def test_mla_and_sinks_shape_sets():
     mla = SHAPE_SETS["mla"]
     assert mla[:2] == (Shape(1, 4096, 4096, 16, 16, 192, Hv=128), Shape(1, 4096, 4096, 16, 16, 128))
-    assert [(s.S, s.H, s.Hv, s.K, s.allows_causal) for s in mla if s.T == 1] == [
-        (4096, 576, 512, 1, False),
-        (16384, 576, 512, 1, False),
+    # decode with values of their own, then latent (the values inside the keys), at each S
+    assert [(s.S, s.H, s.Hv, s.K, s.allows_causal, s.latent) for s in mla if s.T == 1] == [
+        (4096, 576, 512, 1, False, False),
+        (4096, 576, 512, 1, False, True),
+        (16384, 576, 512, 1, False, False),
+        (16384, 576, 512, 1, False, True),
     ]
+    latent = [s for s in mla if s.latent]
+    assert latent and all(s in SHAPE_SETS["goals"] for s in latent)
     assert {s.H for s in mla if s.T == 2048} == {80, 96, 112}
     sinks = SHAPE_SETS["sinks"]
     with_sinks = [s for s in sinks if s.sinks]
@@ -95,6 +139,26 @@ def test_records_without_value_heads_or_sinks_still_read(tmp_path):
     assert "8  8  64  " in run_table([old])
 
 
+def test_latent_records_round_trip_and_old_ones_read_as_not_latent(tmp_path):
+    fields = {k: v for k, v in _fixture_ok().items() if k in RECORD_FIELDS}
+    record = Record(**{**fields, "T": 1, "S": 64, "N": 4, "K": 1, "H": 48, "Hv": 32,
+                       "latent": True, "schema_version": SCHEMA_VERSION})  # fmt: skip
+    path = tmp_path / "latent.jsonl"
+    with RecordWriter(path) as writer:
+        writer.write(record)
+    (r,) = read_records([path])
+    assert (r["H"], r["Hv"], r["latent"], r["sinks"]) == (48, 32, True, False)
+    assert r["schema_version"] == SCHEMA_VERSION == 5
+    # a record from before latent was recorded (schema 4) reads as values of their own
+    old = {k: v for k, v in json.loads(record.to_json()).items() if k != "latent"}
+    old["schema_version"] = 4
+    path.write_text(json.dumps(old) + "\n", encoding="utf-8")
+    (r,) = read_records([path])
+    assert r["latent"] is False
+    with pytest.raises(ValueError, match="'latent' must be true or false"):
+        validate({**old, "latent": "yes"})
+
+
 def test_value_heads_and_sinks_are_cases_of_their_own_in_reports():
     base = _fixture_ok()
     mla = {**base, "H": 192, "Hv": 128}
@@ -110,6 +174,32 @@ def test_value_heads_and_sinks_are_cases_of_their_own_in_reports():
     decode = dict(B=8, T=1, S=4096, N=16, K=1, H=576, Hv=512, dtype="bfloat16")
     assert kv_bytes(decode) == 8 * 4096 * 1 * (576 + 512) * 2
     assert memory_bound(decode, 1.0, 20.0)
+
+
+def test_latent_cases_are_cases_of_their_own_read_once_in_reports():
+    records = list(read_records([FIXTURE]))
+    decode = next(r for r in records if r["status"] == "ok" and r["T"] == 1)
+    mla = []
+    for latent in (False, True):
+        for impl, ms in (("jattn:fused", 0.2), ("jax.nn:xla", 0.5)):
+            mla.append({**decode, "implementation": impl, "origin": "ours" if "jattn" in impl
+                        else "peer", "N": 16, "K": 1, "H": 576, "Hv": 512, "latent": latent,
+                        "median_s": ms / 1e3, "tflops": 1.0})  # fmt: skip
+    assert len({case_key(r) for r in mla}) == 2 and len(latest(mla)) == 4
+    # the bytes read once: the one array of keys, whose first Hv features are the values
+    sliced, latent = mla[0], mla[2]
+    assert kv_bytes(latent) == 8 * 4096 * 1 * 576 * 2
+    assert kv_bytes(sliced) == 8 * 4096 * 1 * (576 + 512) * 2
+    assert memory_bound(latent, 100.0, 500.0) and memory_bound(sliced, 100.0, 500.0)
+    md = markdown_report([*records, *mla])
+    assert "`H/Hv latent`" in md and "value_dim=Hv" in md  # the legend says what it is
+    assert "B·S·K·H·itemsize in a latent case" in md
+    lines = [line for line in md.splitlines() if "| 576/512" in line]
+    # the cells table, then the memory-bound table: each latent case right after its twin
+    assert [line.split("|")[9].strip() for line in lines] == ["576/512", "576/512 latent"] * 2
+    floors = [line.split("|")[10].strip() for line in lines[2:]]  # K+V read ms at 500 GB/s
+    assert floors == ["0.143", "0.0755"]
+    assert "576/512 latent" in run_table(mla)
 
 
 # --- runs ------------------------------------------------------------------------------------
@@ -151,6 +241,49 @@ def test_a_sinks_case_is_unsupported_by_the_peers_and_measured_by_jattn(tmp_path
     peers = {r["implementation"] for r in measured if r["origin"] == "peer"}
     assert {"jax.nn:xla", "flax.linen"} <= peers
     assert "none+sinks" in run_table(records)
+
+
+def test_a_latent_case_runs_end_to_end(tmp_path):
+    out = tmp_path / "latent.jsonl"
+    code = cli.main(["--shape", "1,1,64,4,1,48,32,latent", "--impls", "cpu,reference",
+                     "--peers", "xla", *FAST, "--out", str(out)])  # fmt: skip
+    assert code == 0
+    by = {(r["implementation"], r["mode"]): r for r in read_records([out])}
+    assert set(by) == {(impl, mode) for impl in ("jattn:cpu", "jattn:reference", "jax.nn:xla")
+                       for mode in ("fwd", "fwd+bwd")}  # fmt: skip
+    for (impl, mode), r in by.items():
+        assert (r["H"], r["Hv"], r["latent"], r["sinks"]) == (48, 32, True, False)
+        if impl == "jax.nn:xla":  # refuses Hv != H, latent or not
+            assert r["status"] == "unsupported" and "Hv=32" in r["reason"]
+            continue
+        assert r["status"] == "ok", r["reason"]
+        assert r["flops"] == attention_flops(1, 1, 64, 4, 48, causal=False, mode=mode, Hv=32)
+    # the one array passed: q [1,1,4,48] and k [1,64,1,48] in float32, no value array
+    assert by[("jattn:cpu", "fwd")]["xla_argument_bytes"] == 4 * (4 * 48 + 64 * 48)
+    assert "48/32 latent" in run_table(list(read_records([out])))
+
+
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_a_latent_runner_computes_the_sliced_attention(impl):
+    import jax
+    import numpy as np
+
+    from bench.runners import JattnRunner
+
+    s = Shape(1, 1, 64, 4, 1, 48, allows_causal=False, Hv=32, latent=True)
+    latent = JattnRunner(impl).attention(Case(s, "float32", False, "fwd", "custom"))
+    sliced = dataclasses.replace(s, latent=False)
+    ref = JattnRunner("reference").attention(Case(sliced, "float32", False, "fwd", "custom"))
+    kq, kk, kd = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (1, 1, 4, 48), "float32")
+    k = jax.random.normal(kk, (1, 64, 1, 48), "float32")
+    do = jax.random.normal(kd, (1, 1, 4, 32), "float32")
+    out, vjp = jax.vjp(lambda q, k: latent(q, k, None, None), q, k)
+    want, want_vjp = jax.vjp(lambda q, k: ref(q, k, k[..., :32], None), q, k)
+    assert out.shape == (1, 1, 4, 32) and out.dtype == "float32"
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(vjp(do), want_vjp(do), strict=True):  # dq; dk with dv inside
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_bfloat16_runs_with_the_xla_and_torch_peers(tmp_path):

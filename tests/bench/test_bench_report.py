@@ -38,7 +38,7 @@ def test_speedups_are_baseline_time_over_time():
     ups = speedups(list(read_records([FIXTURE])))
     for T in (512, 1024, 2048):
         for mode in ("fwd", "fwd+bwd"):
-            case = (mode, "bfloat16", False, 1, T, T, 8, 8, 64, 64, False)
+            case = (mode, "bfloat16", False, 1, T, T, 8, 8, 64, 64, False, False)
             assert ups[(GPU, "jattn:fused", case)] == pytest.approx(2.0)
             assert ups[(GPU, "jax.nn:cudnn", case)] == pytest.approx(4.0)
             assert ups[(GPU, "torch.sdpa", case)] == pytest.approx(1.25)
@@ -164,7 +164,7 @@ def test_a_plot_line_never_joins_shapes_other_than_by_length():
         for line in lines
         if line.implementation == "jattn:fused" and line.panel == ("fwd", False)
     ]
-    by_batch = {line.series[1]: line.xs for line in fused if line.series[7] is None}
+    by_batch = {line.series[1]: line.xs for line in fused if line.series[-1] is None}
     assert by_batch == {1: (512, 1024, 2048), 4: (1024, 4096)}
     for line in lines:
         members = [
@@ -178,7 +178,7 @@ def test_a_plot_line_never_joins_shapes_other_than_by_length():
         ]
         # every point of a line has the line's batch, heads, dtype and (T != S) query length
         assert {(r["B"], r["N"], r["K"], r["H"], r["dtype"]) for r in members if
-                (r["T"] if r["T"] != r["S"] else None) == line.series[7]
+                (r["T"] if r["T"] != r["S"] else None) == line.series[-1]
                 and r["B"] == line.series[1]} == {
             (line.series[1], line.series[2], line.series[3], line.series[4], line.series[0])
         }  # fmt: skip

@@ -161,16 +161,18 @@ def test_issue_shape_sets():
     assert goals[:3] == SHAPE_SETS["quick"]
     assert set(SHAPE_SETS["gqa"]) | set(SHAPE_SETS["cross"]) <= set(goals)
     decode = [s for s in goals if s.T == 1]
-    assert [(s.B, s.S, s.N, s.K, s.H, s.Hv) for s in decode] == [
-        (8, 4096, 32, 8, 128, 128),
-        (8, 16384, 32, 8, 128, 128),
-        (8, 4096, 16, 1, 576, 512),  # MLA decode, absorbed: one latent KV head
-        (8, 16384, 16, 1, 576, 512),
+    assert [(s.B, s.S, s.N, s.K, s.H, s.Hv, s.latent) for s in decode] == [
+        (8, 4096, 32, 8, 128, 128, False),
+        (8, 16384, 32, 8, 128, 128, False),
+        (8, 4096, 16, 1, 576, 512, False),  # MLA decode, absorbed: one latent KV head
+        (8, 4096, 16, 1, 576, 512, True),  # the values inside the keys (value_dim=512)
+        (8, 16384, 16, 1, 576, 512, False),
+        (8, 16384, 16, 1, 576, 512, True),
     ]
     assert Shape(1, 4096, 4096, 16, 16, 192, Hv=128) in goals  # MLA prefill
     # the quick T = 2048 shape with and without sinks: what sinks cost, read off one run
     plain = Shape(1, 2048, 2048, 8, 8, 64)
     assert plain in goals and dataclasses.replace(plain, sinks=True) in goals
     todo = cases(SweepConfig(shapes=[("goals", s) for s in goals], roofline=None))
-    # 7 shapes x 2 masks x 2 modes, decode (4 shapes) without a causal variant
-    assert len(todo) == 7 * 2 * 2 + 4 * 2
+    # 7 shapes x 2 masks x 2 modes, decode (6 shapes) without a causal variant
+    assert len(todo) == 7 * 2 * 2 + 6 * 2
