@@ -327,6 +327,27 @@ def test_values_inside_the_keys(case, level, dtype):
 
 
 @needs_lib
+@pytest.mark.parametrize(
+    "h, softcap, t", [(64, None, 256), (96, None, 256), (96, 30.0, 256), (80, None, 1024)]
+)
+def test_recomputed_weights_sum_to_one(h, softcap, t):
+    """With dO = 1, dV's rows summed over the keys count every query row's weights once:
+    exactly T. The backward's weights exp(x - lse) are natural-unit logits against the
+    forward's lse, so an lse converted from base 2 by ln 2 instead of the call's own ratio
+    (log2 e and scale log2 e rounded to float) made them sum to 1 + 2e-7..8e-7 on average;
+    the mean over B, K and H must now stay below 1.2e-7 (its own spread: about 1e-8)."""
+    ks = jax.random.split(jax.random.key(3), 3)
+    q, k, v = (
+        jax.random.uniform(kk, (2, n, 4, h), jnp.float32, 1.0, 2.0)
+        for kk, n in zip(ks, (t, 8, 8), strict=True)
+    )
+    f = lambda v: jnp.sum(jattn.attention(q, k, v, softcap=softcap, implementation="cpu"))  # noqa: E731
+    dv = np.asarray(jax.grad(f)(v), np.float64)
+    drift = dv.sum(axis=1) / t - 1.0  # [B, K, H]
+    assert abs(drift.mean()) < 1.2e-7, drift.mean()
+
+
+@needs_lib
 def test_decode_gqa_dropout_gradients():
     """Decoding's backward takes a group's G query heads as the rows of one product: each row
     must keep its own head's dropout pattern (seeded per head), in values and gradients."""
