@@ -20,6 +20,7 @@ from flax.typing import Dtype
 from jattn import masks as jmasks
 from jattn.api import attention as _attention
 from jattn.kernels import ImplementationChoice
+from jattn.nn.linear import Linear
 
 __all__ = ["AdditiveAttention", "DotProductAttention", "MultiHeadAttention"]
 
@@ -176,7 +177,7 @@ class MultiHeadAttention(nnx.Module):
         self.rotary = rotary
 
         def linear(din: int, dout: int) -> nnx.Linear:
-            return nnx.Linear(
+            return Linear(
                 din,
                 dout,
                 use_bias=use_bias,
@@ -615,9 +616,9 @@ class AdditiveAttention(nnx.Module):
         self.query_features = query_features
         self.implementation = implementation
         common = dict(kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.key_proj = nnx.Linear(key_features, units, use_bias=False, **common)  # W₁
-        self.query_proj = nnx.Linear(query_features, units, use_bias=use_bias, **common)  # W₂
-        self.score = nnx.Linear(units, 1, use_bias=False, **common)  # v
+        self.key_proj = Linear(key_features, units, use_bias=False, **common)  # W₁
+        self.query_proj = Linear(query_features, units, use_bias=use_bias, **common)  # W₂
+        self.score = Linear(units, 1, use_bias=False, **common)  # v
 
     def project_keys(self, keys: jax.Array) -> jax.Array:
         """``W₁ h``: ``[*B, S, key_features] -> [*B, S, units]``; compute once per source."""

@@ -18,6 +18,7 @@ from flax.typing import Dtype
 
 from jattn.kernels import ImplementationChoice
 from jattn.nn.attention import MultiHeadAttention
+from jattn.nn.linear import Linear
 from jattn.nn.mla import MLAConfig, MLAttention
 
 __all__ = ["DecoderLayer", "EncoderLayer", "FeedForward"]
@@ -56,8 +57,8 @@ class FeedForward(nnx.Module):
         rngs: nnx.Rngs,
     ):
         common = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.up = nnx.Linear(features, hidden_features, **common)
-        self.down = nnx.Linear(hidden_features, features, **common)
+        self.up = Linear(features, hidden_features, **common)
+        self.down = Linear(hidden_features, features, **common)
         self.activation = activation
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 

@@ -27,6 +27,7 @@ from jattn import masks as jmasks
 from jattn.api import attention as _attention
 from jattn.kernels import ImplementationChoice
 from jattn.nn.attention import _and, _dropout_key, _write_cache
+from jattn.nn.linear import Linear
 from jattn.nn.positions import apply_rotary
 
 __all__ = ["MLAConfig", "MLAttention"]
@@ -148,12 +149,12 @@ class MLAttention(nnx.Module):
         if c.q_lora_rank is None:
             self.q_down = nnx.data(None)
             self.q_norm = nnx.data(None)
-            self.q_proj = nnx.Linear(in_features, q_out, **dense)
+            self.q_proj = Linear(in_features, q_out, **dense)
         else:
-            self.q_down = nnx.Linear(in_features, c.q_lora_rank, **dense)
+            self.q_down = Linear(in_features, c.q_lora_rank, **dense)
             self.q_norm = nnx.RMSNorm(c.q_lora_rank, **common)
-            self.q_proj = nnx.Linear(c.q_lora_rank, q_out, **dense)
-        self.kv_down = nnx.Linear(in_features, c.kv_lora_rank + c.qk_rope_head_dim, **dense)
+            self.q_proj = Linear(c.q_lora_rank, q_out, **dense)
+        self.kv_down = Linear(in_features, c.kv_lora_rank + c.qk_rope_head_dim, **dense)
         self.kv_norm = nnx.RMSNorm(c.kv_lora_rank, **common)
         init = nnx.initializers.normal(stddev=c.kv_lora_rank**-0.5)
         key = rngs.params()
@@ -164,7 +165,7 @@ class MLAttention(nnx.Module):
             init(k1, (c.kv_lora_rank, num_heads, c.qk_nope_head_dim), param_dtype)
         )
         self.v_up = nnx.Param(init(k2, (c.kv_lora_rank, num_heads, c.v_head_dim), param_dtype))
-        self.out = nnx.Linear(num_heads * c.v_head_dim, out_features, **dense)
+        self.out = Linear(num_heads * c.v_head_dim, out_features, **dense)
         self.sink_logits = (
             nnx.Param(jnp.zeros((num_heads,), param_dtype)) if sinks else nnx.data(None)
         )

@@ -17,6 +17,7 @@ from flax.typing import Dtype
 
 from jattn.kernels import ImplementationChoice
 from jattn.nn.blocks import DecoderLayer, EncoderLayer
+from jattn.nn.linear import Linear, tied_logits
 from jattn.nn.mla import MLAConfig
 from jattn.nn.positions import (
     LearnedPositionalEmbedding,
@@ -216,7 +217,7 @@ class Transformer(nnx.Module):
         if tie_output:
             self.output = nnx.data(None)
         else:
-            self.output = nnx.Linear(d_model, tgt_vocab_size, **common)
+            self.output = Linear(d_model, tgt_vocab_size, **common)
 
     def encode(
         self,
@@ -269,7 +270,7 @@ class Transformer(nnx.Module):
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
         if self.output is None:
-            return self.tgt_embedder.embed.attend(x)
+            return tied_logits(self.tgt_embedder.embed, x)
         return self.output(x)
 
     def __call__(
@@ -401,7 +402,7 @@ class DecoderLM(nnx.Module):
             self.final_norm = nnx.LayerNorm(d_model, epsilon=layer_norm_epsilon, **common)
         else:
             self.final_norm = nnx.data(None)
-        self.output = nnx.data(None) if tie_output else nnx.Linear(d_model, vocab_size, **common)
+        self.output = nnx.data(None) if tie_output else Linear(d_model, vocab_size, **common)
 
     def init_cache(
         self, batch_shape: int | Sequence[int], max_length: int, *, dtype: Dtype | None = None
@@ -449,5 +450,5 @@ class DecoderLM(nnx.Module):
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.output is None:
-            return self.embedder.embed.attend(x)
+            return tied_logits(self.embedder.embed, x)
         return self.output(x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -56,3 +57,84 @@ def test_cross_attention_width_does_not_fuse():
     assert not layer._fuses_qkv()
     out = layer(jnp.ones((1, 3, 8)), jnp.ones((1, 4, 6)))
     assert out.shape == (1, 3, 8)
+
+
+def _dots(fn, *args):
+    """The dot_general equations of fn's jaxpr, nested calls included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(eqn)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_linear_products_and_their_gradients_are_two_dimensional():
+    """A [B, T, d] input meets its kernel as one [B*T, d] matrix, forward and backward, with the
+    numbers of nnx.Linear's own product (float64 reference on random inputs)."""
+    from jattn.nn.linear import Linear
+
+    layer = Linear(16, 24, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (3, 5, 16))
+    dy = jax.random.normal(jax.random.key(4), (3, 5, 24))
+
+    graphdef, state = nnx.split(layer)
+    grad_fn = jax.value_and_grad(
+        lambda state, x: (nnx.merge(graphdef, state)(x) * dy).sum(), argnums=(0, 1)
+    )
+    for eqn in _dots(grad_fn, state, x):
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        shapes = [v.aval.shape for v in eqn.invars]
+        assert len(lc) == len(rc) == 1 and not lb and not rb, shapes
+        assert all(len(s) == 2 for s in shapes), shapes
+
+    value, (grads, dx) = grad_fn(state, x)
+    dk = grads["kernel"][...]
+    kernel = layer.kernel[...]
+    k64, x64, dy64 = (np.asarray(a, np.float64) for a in (kernel, x, dy))
+    b64 = np.asarray(layer.bias[...], np.float64)
+    np.testing.assert_allclose(value, ((x64 @ k64 + b64) * dy64).sum(), rtol=1e-5)
+    np.testing.assert_allclose(dk, np.einsum("btd,btn->dn", x64, dy64), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dy64 @ k64.T, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_dot_general_edge_cases():
+    from jattn.nn.linear import dot_general
+
+    w = jax.random.normal(jax.random.key(5), (4, 3))
+    std = (((2,), (0,)), ((), ()))
+    # no rows: [2, 0, 4] -> [2, 0, 3]
+    assert dot_general(jnp.ones((2, 0, 4)), w, std).shape == (2, 0, 3)
+    # an empty contraction gives zeros of the right shape
+    assert (dot_general(jnp.ones((2, 5, 0)), jnp.ones((0, 3)), std) == 0).all()
+    # preferred_element_type is honoured on the flattened product
+    y = dot_general(jnp.ones((2, 5, 4), jnp.bfloat16), w.astype(jnp.bfloat16), std,
+                    preferred_element_type=jnp.float32)  # fmt: skip
+    assert y.dtype == jnp.float32 and y.shape == (2, 5, 3)
+    # any other contraction is lax.dot_general's, bit for bit
+    a = jax.random.normal(jax.random.key(6), (2, 4, 5))
+    other = (((1,), (0,)), ((), ()))
+    np.testing.assert_array_equal(dot_general(a, w, other), jax.lax.dot_general(a, w, other))
+
+
+@pytest.mark.parametrize("model", ["DecoderLM", "Transformer"])
+def test_tied_output_logits_equal_the_embedding_attend(model):
+    from jattn.nn import DecoderLM, Transformer
+
+    if model == "DecoderLM":
+        m = DecoderLM(11, d_model=16, num_heads=2, num_layers=1, d_ff=32, tie_output=True,
+                      rngs=nnx.Rngs(0))  # fmt: skip
+        embed = m.embedder.embed
+    else:
+        sizes = dict(num_encoder_layers=1, num_decoder_layers=1, d_ff=32, tie_output=True)
+        m = Transformer(11, 11, d_model=16, num_heads=2, rngs=nnx.Rngs(0), **sizes)
+        embed = m.tgt_embedder.embed
+    from jattn.nn.linear import tied_logits
+
+    x = jax.random.normal(jax.random.key(7), (2, 3, 16))
+    np.testing.assert_allclose(tied_logits(embed, x), embed.attend(x), rtol=1e-6, atol=1e-6)
