@@ -156,8 +156,12 @@ def apply_rotary(
     # that (x1 cos - x2 sin, x2 cos + x1 sin) is x·cos + flip(x)·(-sin, sin): elementwise with
     # a reversal of a length-2 axis, one loop forward and one backward, where slicing x into
     # halves and concatenating them back costs a pad and a concatenate in the gradient.
+    # Both factors are built by a concatenate, which XLA's CPU fusion keeps as one small table
+    # ([*B, T, 1, 2, H/2]) that every rotation (forward and gradient, each layer) reads; a plain
+    # jnp.cos(angle) was fused into each rotation loop and computed for every head again.
     cos = jnp.cos(angle)[..., None, None, :]
     sin = jnp.sin(angle)[..., None, None, :]
+    cos = jnp.concatenate([cos, cos], axis=-2)
     signed_sin = jnp.concatenate([-sin, sin], axis=-2)
     pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], 2, half)
     out = pairs * cos + jnp.flip(pairs, axis=-2) * signed_sin
