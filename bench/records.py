@@ -322,6 +322,8 @@ def versions() -> dict[str, str | None]:
     for dist in _VERSIONED:
         found[dist] = _version(dist)
     found["jattn_commit"] = _git_describe()
+    # The C library's allocator settings change CPU training steps by ~10% (bench.train).
+    found["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")
     return found
 
 

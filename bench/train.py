@@ -27,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
@@ -50,6 +52,26 @@ MODELS: tuple[ModelKind, ...] = ("DecoderLM", "Transformer")
 # AdamW for both libraries: the same hyper-parameters (torch's defaults but the learning rate).
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.01
+
+# XLA's CPU runtime allocates a step's temporary buffers afresh at every step (900 MB for the
+# reference DecoderLM at 16 x 256). glibc serves allocations that large from mmap (or, in a
+# thread's own arena, from fresh mappings) and unmaps them when freed, so every step faults
+# its temporaries in again: 245k page faults and 0.37 s of kernel time a step on the 2-core
+# Xeon. These settings keep the memory in one heap that is never trimmed (docs/benchmarks.md).
+HOST_MEMORY_TUNABLES = (
+    "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+)
+
+
+def host_memory_note() -> str | None:
+    """A line for the log when this Linux process runs without `HOST_MEMORY_TUNABLES`."""
+    if not sys.platform.startswith("linux") or "GLIBC_TUNABLES" in os.environ:
+        return None
+    return (
+        "note: GLIBC_TUNABLES is not set, so every CPU step page-faults XLA's temporary "
+        f"buffers in again; GLIBC_TUNABLES={HOST_MEMORY_TUNABLES} keeps them "
+        "(about 10% of a step here; docs/benchmarks.md)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -509,6 +531,8 @@ def run_train(
         "versions": versions(),
         "run_id": run_id,
     }
+    if platform.backend == "cpu" and (note := host_memory_note()) is not None:
+        say(note)
     runners, absent = train_runners(config.impls, config.peers, torch_threads=config.torch_threads)
     records: list[Record] = []
     with RecordWriter(out_path) as writer:

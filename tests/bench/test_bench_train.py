@@ -174,3 +174,19 @@ def test_an_ok_train_record_needs_its_throughput(train_run):
     del record["tokens_per_s"]
     with pytest.raises(ValueError, match="tokens_per_s"):
         validate(record)
+
+
+def test_host_memory_note_names_the_tunables_when_unset(monkeypatch):
+    from bench import train
+    from bench.records import versions
+
+    monkeypatch.setattr(train.sys, "platform", "linux")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    note = train.host_memory_note()
+    assert note is not None and f"GLIBC_TUNABLES={train.HOST_MEMORY_TUNABLES}" in note
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=1")
+    assert train.host_memory_note() is None
+    monkeypatch.setattr(train.sys, "platform", "darwin")
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    assert train.host_memory_note() is None
+    assert "glibc_tunables" in versions()
