@@ -54,13 +54,11 @@ LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.01
 
 # XLA's CPU runtime allocates a step's temporary buffers afresh at every step (900 MB for the
-# reference DecoderLM at 16 x 256). glibc serves allocations that large from mmap (or, in a
-# thread's own arena, from fresh mappings) and unmaps them when freed, so every step faults
-# its temporaries in again: 245k page faults and 0.37 s of kernel time a step on the 2-core
-# Xeon. These settings keep the memory in one heap that is never trimmed (docs/benchmarks.md).
-HOST_MEMORY_TUNABLES = (
-    "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
-)
+# reference DecoderLM at 16 x 256). glibc serves a block that large from a fresh mapping and
+# unmaps it when freed, so every step faults its temporaries in again, 4 KiB at a time: 245k
+# page faults and 0.35 s of kernel time a step on the 2-core Xeon. With this setting glibc asks
+# for transparent huge pages on its mappings: about 1k faults a step (docs/benchmarks.md).
+HOST_MEMORY_TUNABLES = "glibc.malloc.hugetlb=1"
 
 
 def host_memory_note() -> str | None:
@@ -68,9 +66,9 @@ def host_memory_note() -> str | None:
     if not sys.platform.startswith("linux") or "GLIBC_TUNABLES" in os.environ:
         return None
     return (
-        "note: GLIBC_TUNABLES is not set, so every CPU step page-faults XLA's temporary "
-        f"buffers in again; GLIBC_TUNABLES={HOST_MEMORY_TUNABLES} keeps them "
-        "(about 10% of a step here; docs/benchmarks.md)"
+        "note: GLIBC_TUNABLES is not set, so every CPU step faults XLA's temporary buffers "
+        f"in again 4 KiB at a time; GLIBC_TUNABLES={HOST_MEMORY_TUNABLES} uses huge pages "
+        "(5-9% of a step here; docs/benchmarks.md)"
     )
 
 
