@@ -322,7 +322,7 @@ def versions() -> dict[str, str | None]:
     for dist in _VERSIONED:
         found[dist] = _version(dist)
     found["jattn_commit"] = _git_describe()
-    # The C library's allocator settings change CPU training steps by ~10% (bench.train).
+    # The C library's allocator settings change CPU training steps by 5-9% (bench.train).
     found["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")
     return found
 
