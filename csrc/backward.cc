@@ -174,9 +174,10 @@ struct Kernels {
   SweepFn (*pick_sweep)(bool cap, bool add, bool drop, bool db);
   // rows [0, n) of X (width w) -> panels [ceil(n / panel)][w][panel] (the shared packer)
   void (*pack)(int64_t n, int64_t w, const float* X, int64_t ldx, float* dst);
-  // C[rows x panel np] = A[rows x L] . panels
+  // C[rows x panel np] = A[rows x L] . panels, the sum over L in runs of `run`
   void (*nt_packed)(int64_t rows, int64_t np, int64_t L, const float* A, int64_t lda,
-                    const float* panels, float* C, int64_t ldc, const TileRanges& tr);
+                    const float* panels, float* C, int64_t ldc, const TileRanges& tr,
+                    int64_t run);
   // C[M x N] += A[L x M]^T . B[L x N]
   void (*tn)(int64_t M, int64_t N, int64_t L, const float* A, int64_t lda, const float* B,
              int64_t ldb, float* C, int64_t ldc, const TileRanges& tr);
