@@ -442,6 +442,71 @@ void to_pairs(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_
   }
 }
 
+// Weighted values with V read in place (lowp.h: split_values). Tiles 0-3: C, the even and odd
+// outputs of two 32-column blocks; 4-5: the even and odd spreads of 16 keys' weights; 6-7: 16
+// value rows of each block, as they lie in memory.
+template <bool Two>
+static void split_block(int64_t steps, const uint32_t* even, const uint32_t* odd, int64_t lda,
+                        const uint16_t* v, int64_t vs, float* c, int64_t ldc) {
+  const int64_t sa = lda * 4, sv = vs * 2, sc = ldc * 4;
+  _tile_loadd(0, c, sc);
+  _tile_loadd(1, c + 16, sc);
+  if (Two) {
+    _tile_loadd(2, c + 32, sc);
+    _tile_loadd(3, c + 48, sc);
+  }
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint16_t* vr = v + s * kRowStep * vs;
+    _tile_loadd(4, even + s * kRowStep, sa);
+    _tile_loadd(5, odd + s * kRowStep, sa);
+    _tile_loadd(6, vr, sv);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+    if (Two) {
+      _tile_loadd(7, vr + 32, sv);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, sc);
+  _tile_stored(1, c + 16, sc);
+  if (Two) {
+    _tile_stored(2, c + 32, sc);
+    _tile_stored(3, c + 48, sc);
+  }
+}
+
+void split_values(int64_t steps, const uint32_t* even, const uint32_t* odd, int64_t lda,
+                  const uint16_t* v, int64_t vs, int64_t hv, float* acc) {
+  if (steps <= 0) return;
+  if (!tt_configured) amx_configure();
+  int64_t e = 0;
+  for (; e + 64 <= hv; e += 64) split_block<true>(steps, even, odd, lda, v + e, vs, acc + e, hv);
+  if (e < hv) split_block<false>(steps, even, odd, lda, v + e, vs, acc + e, hv);
+}
+
+void spread_pairs(const float* src, int64_t n, int64_t npad, uint32_t* even, uint32_t* odd) {
+  for (int64_t j = 0; j < npad; j += 16) {
+    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, n - j));
+    const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
+    // (the maskz forms: gcc 12 warns of the plain ones' undefined pass-through operand)
+    const __m512i w = _mm512_maskz_cvtepu16_epi32(
+        0xFFFF, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + j)));
+    _mm512_storeu_si512(even + j, w);
+    _mm512_storeu_si512(odd + j, _mm512_maskz_slli_epi32(0xFFFF, w, 16));
+  }
+}
+
+void unsplit(const float* row, int64_t hv, float* dst) {
+  const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int64_t e = 0; e < hv; e += 32) {
+    const __m512 ev = _mm512_loadu_ps(row + e), od = _mm512_loadu_ps(row + e + 16);
+    _mm512_storeu_ps(dst + e, _mm512_permutex2var_ps(ev, lo, od));
+    _mm512_storeu_ps(dst + e + 16, _mm512_permutex2var_ps(ev, hi, od));
+  }
+}
+
 void release() {
   if (tt_configured) {
     _tile_release();
@@ -461,6 +526,10 @@ void product(Unit, int64_t, int64_t, int64_t, const uint16_t*, int64_t, const ui
 void to_bf16(const float*, int64_t, int64_t, uint16_t*) {}
 void to_pairs(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {}
 void release() {}
+void split_values(int64_t, const uint32_t*, const uint32_t*, int64_t, const uint16_t*, int64_t,
+                  int64_t, float*) {}
+void spread_pairs(const float*, int64_t, int64_t, uint32_t*, uint32_t*) {}
+void unsplit(const float*, int64_t, float*) {}
 
 #endif
 

@@ -59,6 +59,24 @@ void to_pairs(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_
 // dst[0, n) = bfloat16(src[0, n)) rounded to nearest even, dst[n, npad) = 0.
 void to_bf16(const float* src, int64_t n, int64_t npad, uint16_t* dst);
 
+// acc += P V on AMX with V's rows read in place, unpacked (for decoding, where V is read once:
+// packing it into pair panels cost more than the products). A key's weight goes into one of
+// a pair's two slots with zero in the other ("spread"), so a tile row of V's own 32 features
+// gives the even features' products through the even spread and the odd ones' through the
+// odd: twice the tile products of packed panels, no pass over V.
+//   even / odd: [16 rows][lda] (uint32 pairs): key j's weight in the low (even) or high (odd)
+//     half of element j, zero elsewhere (spread_pairs); rows past the caller's zero.
+//   v: [16 * steps][hv] bfloat16 rows vs elements apart, all readable (no padding read).
+//   acc: [16][hv] float32 in split order: of every 32 features, the 16 even ones, then the 16
+//     odd ones (unsplit restores the order). hv a multiple of 32.
+void split_values(int64_t steps, const uint32_t* even, const uint32_t* odd, int64_t lda,
+                  const uint16_t* v, int64_t vs, int64_t hv, float* acc);
+// even[j] / odd[j] = bfloat16(src[j]) in the low / high half, zero past n up to npad (a
+// multiple of 16).
+void spread_pairs(const float* src, int64_t n, int64_t npad, uint32_t* even, uint32_t* odd);
+// dst[0, hv) = row[0, hv) from split order back to feature order.
+void unsplit(const float* row, int64_t hv, float* dst);
+
 // Releases this thread's AMX tile state (a no-op without AMX).
 void release();
 

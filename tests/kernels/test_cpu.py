@@ -228,12 +228,15 @@ def test_decode_every_mask_feature(t, dtype):
 # to 16), which takes tiles where K and V are float32 or bfloat16 products serve them:
 # multi-head latent attention's 16 heads of 576 / 512 on one K/V head; head sizes that fill no
 # vector or AMX step (80 / 48, 20 / 16), key counts that leave partial tiles and blocks, two KV
-# heads, two query positions, 9 rows; 8 and 5 rows (bfloat16 tiles, float32 dot products).
+# heads, two query positions, 9 rows; value heads of 160 (AMX reads values of 128 or more in
+# place, in blocks of 64 features and a last one of 32); 8 and 5 rows (bfloat16 tiles, float32
+# dot products).
 _TILED_CASES = [
     (2, 1, 700, 16, 1, 576, 512),
     (3, 1, 333, 12, 1, 80, 48),
     (2, 2, 300, 16, 2, 40, 32),
     (1, 1, 517, 9, 1, 20, 16),
+    (1, 1, 301, 12, 1, 64, 160),  # AMX: values in place, 64 + 64 + 32 features
     (2, 2, 300, 8, 2, 64, 64),  # 8 rows: bfloat16 tiles, float32 dot products
     (2, 1, 290, 5, 1, 32, 16),  # 5 rows: the same
 ]
