@@ -253,8 +253,9 @@ def test_decode_tiled(case, level, dtype, masked):
     every vector width; bfloat16: AMX tiles, dot products, and below avx512_bf16 the
     position-streaming dot products), against the float64 reference: plain, and with key
     lengths, a causal offset and a dense mask, softcap, a bias and sinks at once; and a bias
-    alone (its logits in natural units, the queries' scale without log2 e). A NaN in one
-    visible key makes its batch element's rows NaN and leaves the others alone."""
+    alone (its logits in natural units, the queries' scale without log2 e). An infinite value
+    feature gives infinite outputs in that feature only. A NaN in one visible key makes its
+    batch element's rows NaN and leaves the others alone."""
     if not _cpu_has(level):
         pytest.skip(f"this CPU has no {level}")
     if dtype == jnp.float32 and level in ("avx512_bf16", "amx"):
@@ -282,6 +283,22 @@ def test_decode_tiled(case, level, dtype, masked):
         long = dataclasses.replace(config, block_keys=300)
         got = jattn.attention(q, k, v, bias, **kw, implementation="cpu", config=long)
         H.assert_close(got, want, H.tol(dtype)[0], what=f"{level} block_keys=300")
+
+    # An infinite value feature of a key every row of element 0 sees: that feature's outputs
+    # are infinite as the reference's, and the feature beside it (AMX reads values in
+    # feature pairs) keeps the reference's finite numbers.
+    v_inf = v.at[0, seen, 0, 1].set(jnp.inf)
+    got = jattn.attention(q, k, v_inf, bias, **kw, implementation="cpu", config=config)
+    want_inf = H.oracle(q, k, v_inf, bias, **kw)
+    np.testing.assert_allclose(
+        np.asarray(got, np.float64),
+        np.asarray(want_inf, np.float64),
+        atol=H.tol(dtype)[0],
+        rtol=H.tol(dtype)[0],
+        equal_nan=True,
+        err_msg=f"{level}: an infinite value",
+    )
+    assert np.isinf(np.asarray(got, np.float64)[0, :, : n // kh, 1]).all()
 
     k = k.at[0, seen, 0, h // 2].set(jnp.nan)
     got = np.asarray(
