@@ -39,7 +39,7 @@ namespace {
 
 // Per-thread scratch blocks, grown on demand and reused from call to call.
 struct Workspace {
-  std::vector<float> bufs[8];
+  LineVector<float> bufs[8];
   float* get(int i, int64_t n) {
     if (static_cast<int64_t>(bufs[i].size()) < n) bufs[i].resize(static_cast<size_t>(n));
     return bufs[i].data();

@@ -9,6 +9,8 @@
 #include <cstring>
 #include <vector>
 
+#include "scratch.h"
+
 #if defined(__x86_64__)
 #include <cpuid.h>
 #include <immintrin.h>
@@ -216,8 +218,8 @@ void amx_product(int64_t rows, int64_t n, int64_t depth, const uint16_t* a, int6
     // The last rows (fewer than a tile's 16) through copies with zero rows below them: A's
     // and C's rows past `rows` are never touched.
     const int64_t tail = rows - full, dp = steps * kDepthStep;
-    static thread_local std::vector<uint16_t> at;
-    static thread_local std::vector<float> ct;
+    static thread_local LineVector<uint16_t> at;
+    static thread_local LineVector<float> ct;
     at.assign(kRowStep * dp, 0);
     ct.resize(kRowStep * n);
     for (int64_t r = 0; r < tail; ++r) {
