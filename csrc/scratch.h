@@ -55,9 +55,9 @@ inline AlignedFloats aligned_floats(int64_t n) {
   return AlignedFloats(static_cast<float*>(p));
 }
 
-// std::vector's storage 64-byte aligned, like every buffer here: AMX tile rows and vector
-// loads that straddle two cache lines cost up to 2.7x (measured on the Sapphire Rapids class
-// Xeon), and malloc aligns to 16 bytes only.
+// std::vector's storage 64-byte aligned, like every buffer here: AMX tile rows that straddle
+// two cache lines made the decode scores' tile step 4-5x slower (csrc/tests/amx_bench.cc, on
+// the Sapphire Rapids class Xeon), and malloc aligns to 16 bytes only.
 template <class T>
 struct LineAllocator {
   using value_type = T;
