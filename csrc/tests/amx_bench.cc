@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <vector>
 
 namespace {
@@ -60,7 +59,7 @@ int main() {
   constexpr int64_t kH = 576, kSteps = kH / 32, kStride = kH * 2;
   // Blocks of 32 keys: 1 block (36 KiB) stays in L1, 8 blocks (288 KiB) come from L2.
   constexpr int64_t kBlocks = 8;
-  std::vector<uint16_t> store(kBlocks * 32 * kH + 64 + 16 * 32 * kSteps);
+  std::vector<uint16_t> store(kBlocks * 32 * kH + 64);  // + room to align and to go 16 B off
   uint16_t* base = store.data() + (64 - reinterpret_cast<uintptr_t>(store.data()) % 64) / 2;
   for (auto& x : store) x = 0x3f80;  // 1.0
   alignas(64) static uint16_t panel[kSteps * 512 + 32];  // Q: one pair panel per step
