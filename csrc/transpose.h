@@ -1,5 +1,6 @@
 // An 8 x 8 float transpose for the panel packer (gemm_isa.inc: pack_b), which the forward's
-// pre-packed K blocks and the backward's K_j^T / V_j^T panels share.
+// pre-packed K blocks and the backward's K_j^T / V_j^T panels share, and for the decode's
+// transposed scores (forward_isa.inc: untranspose).
 #pragma once
 
 #include <cstdint>
