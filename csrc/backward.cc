@@ -38,6 +38,7 @@
 #include "mask.h"
 #include "scratch.h"
 #include "threads.h"
+#include "transpose.h"
 
 #if JATTN_X86
 #include <immintrin.h>
