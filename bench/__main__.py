@@ -115,6 +115,14 @@ def _parser() -> argparse.ArgumentParser:
         default=0.01,
         help="seconds a sample lasts at least; fast calls repeat within a sample (default 0.01)",
     )
+    run.add_argument(
+        "--cache",
+        choices=("auto", "cold", "warm"),
+        default="auto",
+        help="auto (default): decode shapes (T=1) timed with the caches emptied before every "
+        "call (one call a sample), as a model's decoding finds them; cold / warm: every case "
+        "so / none",
+    )
     run.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     run.add_argument(
         "--torch-threads",
@@ -392,6 +400,7 @@ def _config(args: argparse.Namespace):  # -> SweepConfig (imported late: it impo
         torch_threads=args.torch_threads,
         roofline=None if args.no_roofline else RooflineConfig(),
         configs=configs,
+        cache=args.cache,
     )
 
 

@@ -30,7 +30,9 @@ from typing import Any, Literal
 # torch.compile without a working compiler).
 # 5: `latent` (the values are each key's first Hv features: jattn is passed the one array with
 # `value_dim=Hv`, the peers the slice); records before 5 read as latent = False.
-SCHEMA_VERSION = 5
+# 6: `evict_bytes` (the caches were emptied before every timed call by reading that many
+# bytes: decode cases, `bench.cache`); None, and in records before 6: calls back to back.
+SCHEMA_VERSION = 6
 
 Kind = Literal["attention", "roofline", "train"]
 KINDS: tuple[Kind, ...] = ("attention", "roofline", "train")
@@ -103,6 +105,9 @@ class Record:
     repeats: int | None = None
     number: int | None = None  # calls per repeat (more than 1 only for very fast calls)
     warmup: int | None = None
+    # the caches emptied before every timed call by reading this many bytes (bench.cache;
+    # decode cases), each sample one call; None: a sample's calls back to back, caches warm
+    evict_bytes: int | None = None
     median_s: float | None = None
     iqr_s: float | None = None  # 75th minus 25th percentile over the repeats
     min_s: float | None = None
@@ -164,7 +169,7 @@ REQUIRED_FIELDS: tuple[str, ...] = (
 _NUMBER_FIELDS = ("median_s", "iqr_s", "min_s", "max_s", "compile_s", "flops", "tflops",
                   "gbytes_per_s", "tokens_per_s")  # fmt: skip
 _INT_FIELDS = ("B", "T", "S", "N", "K", "H", "Hv", "repeats", "number", "warmup", "bytes",
-               "d_model", "layers", "d_ff", "vocab", "tokens", "params",
+               "evict_bytes", "d_model", "layers", "d_ff", "vocab", "tokens", "params",
                "matmul_params")  # fmt: skip
 TRAIN_FIELDS: tuple[str, ...] = ("model", "d_model", "layers", "N", "d_ff", "vocab", "B", "T")
 
@@ -178,6 +183,7 @@ def measured_fields(timing: Any, xla_memory: dict[str, int] | None) -> dict[str,
         repeats=timing.repeats,
         number=timing.number,
         warmup=timing.warmup,
+        evict_bytes=timing.evict_bytes,
         median_s=timing.median_s,
         iqr_s=timing.iqr_s,
         min_s=timing.min_s,

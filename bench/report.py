@@ -387,10 +387,25 @@ def _roofline_tables(
             "\nMemory-bound cases (decode): the time to read K and V once at the measured "
             "bandwidth (B·S·K·(H + Hv)·itemsize bytes; B·S·K·H·itemsize in a latent case, whose "
             "values are inside its keys), then each measured time in ms and, in brackets, how "
-            "many times that floor it takes:\n\n"
+            "many times that floor it takes; "
+            + _cache_note([r for r in ok if bound[case_key(r)]])
+            + ":\n\n"
             + format_table([*dims, "K+V read ms", *impls], rows, markdown=True)
         )
     return parts
+
+
+def _cache_note(records: Sequence[Rec]) -> str:
+    """How the records were timed: cold (bench.cache), back to back, or some of each."""
+    cold = {r.get("evict_bytes") is not None for r in records}
+    if cold == {True}:
+        return "every call timed with the caches emptied first (cold, as in a model)"
+    if cold == {False}:
+        return (
+            "calls timed back to back (caches warm: K and V that fit in the last-level cache "
+            "come from there, and may beat the floor)"
+        )
+    return "some results timed cold (caches emptied before each call), some back to back"
 
 
 def causal_overcount(T: int, S: int) -> float:

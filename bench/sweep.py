@@ -7,7 +7,9 @@ import gc
 import itertools
 import os
 from collections.abc import Callable, Sequence
+from typing import Literal
 
+from bench.cache import Evictor, evictor_for
 from bench.records import (
     Mode,
     Record,
@@ -53,6 +55,9 @@ class SweepConfig:
     roofline: RooflineConfig | None = dataclasses.field(default_factory=RooflineConfig)
     # implementations measured again with fields of their tuning config overridden (--config)
     configs: Sequence[ConfigSpec] = ()
+    # "auto": decode cases (T = 1) timed with the caches emptied before every call, the rest
+    # back to back; "cold" / "warm": every case so (bench.cache)
+    cache: Literal["auto", "cold", "warm"] = "auto"
 
 
 class NothingToMeasure(ValueError):
@@ -148,17 +153,42 @@ def roofline_records(
     return records, limits
 
 
+def cold(case: Case, cache: str) -> bool:
+    """Whether `case` is timed with the caches emptied before every call (SweepConfig.cache):
+    under "auto", a decode case (one query row, T = 1), which in a model streams a cache far
+    larger than the machine's caches (see bench.cache)."""
+    return cache == "cold" or (cache == "auto" and case.shape.T == 1)
+
+
+class _Evictors:
+    """One `bench.cache.Evictor` for a sweep, made when a cold case first needs it."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self._evictor: Evictor | None = None
+
+    def timing(self, case: Case, config: SweepConfig) -> TimingConfig:
+        if not cold(case, config.cache):
+            return config.timing
+        if self._evictor is None:
+            self._evictor = evictor_for(self.backend)
+        return dataclasses.replace(config.timing, evict=self._evictor)
+
+
 def run_case(
     runner: Runner, case: Case, config: SweepConfig, platform: Platform, run_id: str
 ) -> Record:
     """Measure one case with one runner; a failure becomes a record, never an exception."""
-    return case_record(runner, case, [_attempt(runner, case, config)], platform, run_id)
+    timing = _Evictors(platform.backend).timing(case, config)
+    return case_record(runner, case, [_attempt(runner, case, config, timing)], platform, run_id)
 
 
-def _attempt(runner: Runner, case: Case, config: SweepConfig) -> Measurement | BaseException:
+def _attempt(
+    runner: Runner, case: Case, config: SweepConfig, timing: TimingConfig
+) -> Measurement | BaseException:
     """One round of one runner on one case: its measurement or the exception it raised."""
     try:
-        return runner.run(case, config.timing, seed=config.seed)
+        return runner.run(case, timing, seed=config.seed)
     except Exception as e:
         return e
     finally:
@@ -260,6 +290,7 @@ def run_sweep(
             if log is not None:
                 log(limits_line(limit_records) or "machine limits: none measured")
         n_rounds = config.timing.rounds
+        evictors = _Evictors(platform.backend)
         bar = tqdm(
             total=len(todo) * len(runners) * n_rounds,
             unit="run",
@@ -273,13 +304,14 @@ def run_sweep(
                 tries: dict[int, list[Measurement | BaseException]] = {
                     i: [] for i in range(len(runners))
                 }
+                timing = evictors.timing(case, config)
                 for _ in range(n_rounds):
                     for i, runner in enumerate(runners):
                         if tries[i] and isinstance(tries[i][-1], BaseException):
                             bar.update()
                             continue
                         bar.set_postfix_str(f"{runner.name} {case.label}", refresh=True)
-                        tries[i].append(_attempt(runner, case, config))
+                        tries[i].append(_attempt(runner, case, config, timing))
                         bar.update()
                 for i, runner in enumerate(runners):
                     record = case_record(runner, case, tries[i], platform, run_id)

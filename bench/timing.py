@@ -24,12 +24,16 @@ class TimingConfig:
       record pools its samples from every round. On a shared machine whose speed drifts
       from minute to minute, every implementation then sees the same slow and fast spells,
       and their ratios hold still.
+    evict: called, untimed, before every timed call (`bench.cache.Evictor`: empties the
+      caches), and every sample is then one call (min_time is not used); None: the calls of
+      a sample run back to back. Its `nbytes`, if it has one, goes into the Timing.
     """
 
     repeats: int = 5
     warmup: int = 1
     min_time: float = 0.01
     rounds: int = 1
+    evict: Callable[[], object] | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -52,12 +56,15 @@ class Timing:
     number: int
     warmup: int
     samples: tuple[float, ...] = ()  # seconds per call, one per sample
+    evict_bytes: int | None = None  # bytes read before every call (TimingConfig.evict)
 
 
 _MAX_NUMBER = 1000
 
 
-def _summary(samples: list[float], number: int, warmup: int) -> Timing:
+def _summary(
+    samples: list[float], number: int, warmup: int, evict_bytes: int | None = None
+) -> Timing:
     arr = np.asarray(samples)
     q25, q50, q75 = np.percentile(arr, [25, 50, 75])
     return Timing(
@@ -69,6 +76,7 @@ def _summary(samples: list[float], number: int, warmup: int) -> Timing:
         number=number,
         warmup=warmup,
         samples=tuple(samples),
+        evict_bytes=evict_bytes,
     )
 
 
@@ -80,6 +88,7 @@ def pool(timings: list[Timing]) -> Timing:
         [x for t in timings for x in t.samples],
         number=max(t.number for t in timings),
         warmup=sum(t.warmup for t in timings),
+        evict_bytes=timings[0].evict_bytes,
     )
 
 
@@ -87,10 +96,19 @@ def measure(step: Callable[[], object], config: TimingConfig) -> Timing:
     """Time `step`, which must run one call and wait for its result (block_until_ready).
 
     After the warm-up, one more call is timed to choose how many calls make one sample; each
-    sample is the mean over its calls, and the spread is over samples.
+    sample is the mean over its calls, and the spread is over samples. With `config.evict`,
+    every sample is one call after an eviction.
     """
     for _ in range(config.warmup):
         step()
+    if config.evict is not None:
+        samples = []
+        for _ in range(config.repeats):
+            config.evict()
+            start = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - start)
+        return _summary(samples, 1, config.warmup, getattr(config.evict, "nbytes", None))
     start = time.perf_counter()
     step()
     last = time.perf_counter() - start

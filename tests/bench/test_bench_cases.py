@@ -148,7 +148,7 @@ def test_latent_records_round_trip_and_old_ones_read_as_not_latent(tmp_path):
         writer.write(record)
     (r,) = read_records([path])
     assert (r["H"], r["Hv"], r["latent"], r["sinks"]) == (48, 32, True, False)
-    assert r["schema_version"] == SCHEMA_VERSION == 5
+    assert r["schema_version"] == SCHEMA_VERSION == 6
     # a record from before latent was recorded (schema 4) reads as values of their own
     old = {k: v for k, v in json.loads(record.to_json()).items() if k != "latent"}
     old["schema_version"] = 4
@@ -260,6 +260,10 @@ def test_a_latent_case_runs_end_to_end(tmp_path):
         assert r["flops"] == attention_flops(1, 1, 64, 4, 48, causal=False, mode=mode, Hv=32)
     # the one array passed: q [1,1,4,48] and k [1,64,1,48] in float32, no value array
     assert by[("jattn:cpu", "fwd")]["xla_argument_bytes"] == 4 * (4 * 48 + 64 * 48)
+    # a decode case: every ok record timed cold, one call a sample after emptying the caches
+    for r in by.values():
+        if r["status"] == "ok":
+            assert r["evict_bytes"] >= 256 * 2**20 and r["number"] == 1, r
     assert "48/32 latent" in run_table(list(read_records([out])))
 
 

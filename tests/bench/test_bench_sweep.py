@@ -227,7 +227,7 @@ def test_record_schema_round_trips():
         implementation="x", origin="peer", status="absent", reason="because",
         backend="cpu", device_kind="cpu", host_cpu="c", host_cores=1, versions={},
     )  # fmt: skip
-    assert json.loads(record.to_json())["schema_version"] == SCHEMA_VERSION == 5
+    assert json.loads(record.to_json())["schema_version"] == SCHEMA_VERSION == 6
     assert json.loads(record.to_json())["kind"] == "attention"
     validate(json.loads(record.to_json()))
     with pytest.raises(ValueError, match="reason"):

@@ -91,7 +91,7 @@ def test_cli_writes_one_train_record_per_runner(train_run):
     shape = TrainShape.parse(TINY_CASE)
     for r in records:
         assert r["kind"] == "train" and r["status"] == "ok", r
-        assert r["schema_version"] == 5
+        assert r["schema_version"] == 6 and r["evict_bytes"] is None  # steps back to back
         assert r["repeats"] == 2  # one sample in each of two rounds, pooled
         assert r["flops"] == train_flops(shape)
         assert r["matmul_params"] == matmul_params(shape)
