@@ -142,13 +142,22 @@ ForwardPlan plan_forward(const Problem& p, int64_t threads, Isa isa) {
     // third of its time on them), the score block of every head within 64 KiB, and enough
     // blocks for every thread.
     // The bfloat16 tiles score a block in chunks of their own (kLowpChunk), so with one KV
-    // head (read once, in order) their blocks can be longer: 1024 keys were 6-10% faster
-    // than 256 at MLA's 576 / 512 heads, S = 4096 and 16384, and 2048 no faster than 1024;
-    // with 8 KV heads of 128 they were 7-9% slower (in-process alternating calls, AMX Xeon).
+    // head (read once, in order) their blocks can be as long as the threads allow: each
+    // block starts its stream cold (its first chunk unprefetched) and adds a partial result.
+    // Timed cold (caches emptied before each call, as a model's decoding finds them), up to
+    // 8192 keys were 3-5% faster than blocks of 1024 at MLA's 576 / 512 heads, B = 8,
+    // S = 4096 and 16384, at the amx and avx512_bf16 levels (warm, 2048 was no faster than
+    // 1024); with 8 KV heads of 128 they were 7-9% slower (in-process alternating calls, AMX
+    // Xeon).
     bk = tiled && lowp_ok && p.K == 1
-             ? 1024
+             ? 8192
              : std::max<int64_t>(16, std::min<int64_t>(256, (64 << 10) / (4 * p.K * p.G * bq)));
     while (bk > 16 && p.B * ((p.S + bk - 1) / bk) < 8 * threads) bk /= 2;
+    // At least two blocks a sequence: with one (nkb = 1) the call would leave the streaming
+    // path (f.positions below) for the general one, which was 1.5-2.5x slower on many short
+    // caches (B = 32, S = 256, 32/8 heads of 128: 2.1 vs 4.3 ms bfloat16, 2.1 vs 3.4 ms
+    // float32; MLA B = 32, S = 1024: 3.8 vs 7.4 ms bfloat16).
+    if (p.S > 16) bk = std::min(bk, lowp::round_up((p.S + 1) / 2, 16));
     bk = std::min(bk, p.S);
   }
   const int64_t nkb = p.S > 0 ? (p.S + bk - 1) / bk : 0;
