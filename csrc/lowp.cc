@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "isa.h"
 #include "scratch.h"
 
 #if defined(__x86_64__)
@@ -447,11 +448,13 @@ void to_pairs(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_
 // Weighted values with V read in place (lowp.h: split_values). Tiles 0-3: C, the even and odd
 // outputs of two 32-column blocks; 4-5: the even and odd spreads of 16 keys' weights; 6-7: 16
 // value rows of each block, as they lie in memory. Every step also prefetches kAheadLines
-// cache lines of `next` into L2: about the rate one core streams memory at, so the next keys
-// arrive while the tiles work without the prefetches crowding out the steps' own loads (MLA
-// decode 3-6% faster than none at 12 to 24 lines; all of the next chunk spread over the steps
-// was no faster than none; in one process, alternating, Sapphire Rapids class Xeon).
-constexpr int kAheadLines = 16;
+// cache lines of `next` into L2: below the rate one core streams memory at (about 8 bytes a
+// cycle), so the next keys arrive while the tiles work. A prefetch that finds no free fill
+// buffer stalls the core, so a faster rate only moved the wait from the scores' product here.
+// Timed cold, MLA's latent decode (8, 1, 16384, 16, 1, 576 / 512): 8 lines a step, with 16
+// a row in the caller's softmax, 7.10 ms against 7.69 for 16 a step alone (6 to 10 alike; in
+// one process, alternating, Sapphire Rapids class Xeon).
+constexpr int kAheadLines = 8;
 template <bool Two>
 static void split_block(int64_t steps, const uint32_t* even, const uint32_t* odd, int64_t lda,
                         const uint16_t* v, int64_t vs, float* c, int64_t ldc, const char*& ahead,
@@ -466,7 +469,7 @@ static void split_block(int64_t steps, const uint32_t* even, const uint32_t* odd
   for (int64_t s = 0; s < steps; ++s) {
     const uint16_t* vr = v + s * kRowStep * vs;
     for (int i = 0; i < kAheadLines && ahead < ahead_end; ++i, ahead += 64)
-      _mm_prefetch(ahead, _MM_HINT_T1);
+      prefetch_l2(ahead);
     _tile_loadd(4, even + s * kRowStep, sa);
     _tile_loadd(5, odd + s * kRowStep, sa);
     _tile_loadd(6, vr, sv);
