@@ -454,11 +454,19 @@ void to_pairs(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_
 // Timed cold, MLA's latent decode (8, 1, 16384, 16, 1, 576 / 512): 8 lines a step, with 16
 // a row in the caller's softmax, 7.10 ms against 7.69 for 16 a step alone (6 to 10 alike; in
 // one process, alternating, Sapphire Rapids class Xeon).
+// Values of their own come from memory, where the tile loads' column-block order (every 1 KiB
+// row's next 128 bytes) gives the hardware prefetchers no stream: so a block's steps prefetch
+// the next block's rows instead (`v_ahead`, `ahead_cols` features of each), at its own rate.
+// Timed cold, bfloat16 with values of their own: MLA decode (B, 1, S, 16, 1, 576 / 512) 6-10%
+// faster at B = 8, S = 4096 and 16384, 4% at B = 1, S = 16384; GQA decode (4, 1, 2048, 32, 4,
+// 128 / 256) 14%; at value heads of 128 alike (two or three blocks ahead alike; the next
+// chunk's keys as well on those steps, or the next chunk's first value block on the last
+// ones, slower).
 constexpr int kAheadLines = 8;
 template <bool Two>
 static void split_block(int64_t steps, const uint32_t* even, const uint32_t* odd, int64_t lda,
                         const uint16_t* v, int64_t vs, float* c, int64_t ldc, const char*& ahead,
-                        const char* ahead_end) {
+                        const char* ahead_end, const uint16_t* v_ahead, int64_t ahead_cols) {
   const int64_t sa = lda * 4, sv = vs * 2, sc = ldc * 4;
   _tile_loadd(0, c, sc);
   _tile_loadd(1, c + 16, sc);
@@ -468,8 +476,15 @@ static void split_block(int64_t steps, const uint32_t* even, const uint32_t* odd
   }
   for (int64_t s = 0; s < steps; ++s) {
     const uint16_t* vr = v + s * kRowStep * vs;
-    for (int i = 0; i < kAheadLines && ahead < ahead_end; ++i, ahead += 64)
-      prefetch_l2(ahead);
+    if (v_ahead != nullptr) {
+      for (int64_t r = 0; r < kRowStep; ++r) {
+        const uint16_t* row = v_ahead + (s * kRowStep + r) * vs;
+        prefetch_l2(row);
+        if (ahead_cols > 32) prefetch_l2(row + 32);
+      }
+    } else {
+      for (int i = 0; i < kAheadLines && ahead < ahead_end; ++i, ahead += 64) prefetch_l2(ahead);
+    }
     _tile_loadd(4, even + s * kRowStep, sa);
     _tile_loadd(5, odd + s * kRowStep, sa);
     _tile_loadd(6, vr, sv);
@@ -490,16 +505,23 @@ static void split_block(int64_t steps, const uint32_t* even, const uint32_t* odd
 }
 
 void split_values(int64_t steps, const uint32_t* even, const uint32_t* odd, int64_t lda,
-                  const uint16_t* v, int64_t vs, int64_t hv, float* acc, const void* next,
-                  int64_t next_bytes) {
+                  const uint16_t* v, int64_t vs, int64_t hv, bool v_cold, float* acc,
+                  const void* next, int64_t next_bytes) {
   if (steps <= 0) return;
   if (!tt_configured) amx_configure();
   const char* ahead = static_cast<const char*>(next);
   const char* const ahead_end = ahead + (next != nullptr ? next_bytes : 0);
-  int64_t e = 0;
-  for (; e + 64 <= hv; e += 64)
-    split_block<true>(steps, even, odd, lda, v + e, vs, acc + e, hv, ahead, ahead_end);
-  if (e < hv) split_block<false>(steps, even, odd, lda, v + e, vs, acc + e, hv, ahead, ahead_end);
+  for (int64_t e = 0; e < hv; e += 64) {
+    // the block after this one, whose rows this one's steps prefetch (values from memory)
+    const int64_t after = std::min<int64_t>(64, hv - e - 64);
+    const uint16_t* v_ahead = v_cold && after > 0 ? v + e + 64 : nullptr;
+    if (e + 64 <= hv)
+      split_block<true>(steps, even, odd, lda, v + e, vs, acc + e, hv, ahead, ahead_end,
+                        v_ahead, after);
+    else
+      split_block<false>(steps, even, odd, lda, v + e, vs, acc + e, hv, ahead, ahead_end,
+                         v_ahead, after);
+  }
 }
 
 void spread_pairs(const float* src, int64_t n, int64_t npad, uint32_t* even, uint32_t* odd) {
@@ -544,7 +566,7 @@ void to_bf16(const float*, int64_t, int64_t, uint16_t*) {}
 void to_pairs(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {}
 void release() {}
 void split_values(int64_t, const uint32_t*, const uint32_t*, int64_t, const uint16_t*, int64_t,
-                  int64_t, float*, const void*, int64_t) {}
+                  int64_t, bool, float*, const void*, int64_t) {}
 void spread_pairs(const float*, int64_t, int64_t, uint32_t*, uint32_t*) {}
 void unsplit(const float*, int64_t, float*) {}
 

@@ -69,11 +69,15 @@ void to_bf16(const float* src, int64_t n, int64_t npad, uint16_t* dst);
 //   v: [16 * steps][hv] bfloat16 rows vs elements apart, all readable (no padding read).
 //   acc: [16][hv] float32 in split order: of every 32 features, the 16 even ones, then the 16
 //     odd ones (unsplit restores the order). hv a multiple of 32.
+//   v_cold: whether v's rows come from memory rather than a cache (values of their own, not
+//     the keys just scored): each 64-feature block's rows are then prefetched into L2 while
+//     the block before works.
 //   next, next_bytes: memory the caller reads next (or nullptr), prefetched into L2 on the
-//     way at a little below a core's streaming rate, as far as the steps go.
+//     way at a little below a core's streaming rate, as far as the steps go (the steps that
+//     do not prefetch values).
 void split_values(int64_t steps, const uint32_t* even, const uint32_t* odd, int64_t lda,
-                  const uint16_t* v, int64_t vs, int64_t hv, float* acc, const void* next,
-                  int64_t next_bytes);
+                  const uint16_t* v, int64_t vs, int64_t hv, bool v_cold, float* acc,
+                  const void* next, int64_t next_bytes);
 // even[j] / odd[j] = bfloat16(src[j]) in the low / high half, zero past n up to npad (a
 // multiple of 16).
 void spread_pairs(const float* src, int64_t n, int64_t npad, uint32_t* even, uint32_t* odd);
