@@ -153,11 +153,6 @@ ForwardPlan plan_forward(const Problem& p, int64_t threads, Isa isa) {
              ? 8192
              : std::max<int64_t>(16, std::min<int64_t>(256, (64 << 10) / (4 * p.K * p.G * bq)));
     while (bk > 16 && p.B * ((p.S + bk - 1) / bk) < 8 * threads) bk /= 2;
-    // At least two blocks a sequence: with one (nkb = 1) the call would leave the streaming
-    // path (f.positions below) for the general one, which was 1.5-2.5x slower on many short
-    // caches (B = 32, S = 256, 32/8 heads of 128: 2.1 vs 4.3 ms bfloat16, 2.1 vs 3.4 ms
-    // float32; MLA B = 32, S = 1024: 3.8 vs 7.4 ms bfloat16).
-    if (p.S > 16) bk = std::min(bk, lowp::round_up((p.S + 1) / 2, 16));
     bk = std::min(bk, p.S);
   }
   const int64_t nkb = p.S > 0 ? (p.S + bk - 1) / bk : 0;
@@ -169,14 +164,18 @@ ForwardPlan plan_forward(const Problem& p, int64_t threads, Isa isa) {
     nsplit = std::min(nkb, (4 * threads + tasks(bq) - 1) / tasks(bq));
   // Decoding (a few query rows per KV head): one key block of every KV head per work item,
   // read position by position, so that the threads stream K and V in memory order instead
-  // of one head's strided rows at a time.
-  if (positions && nkb > 1) nsplit = nkb;
+  // of one head's strided rows at a time. Also where one block holds a whole cache (many
+  // sequences, or block_keys >= S), which took the general path before: timed cold, B = 32,
+  // S = 256, 32/8 heads of 128: bfloat16 4.94 -> 2.55 ms, float32 5.04 -> 3.27; MLA B = 32,
+  // S = 1024, 576/512: bfloat16 7.76 -> 2.60 latent, 8.70 -> 3.93 with values of their own,
+  // float32 11.4 -> 8.3 and 14.7 -> 12.1 (in one process, alternating, AMX Xeon).
+  if (positions && nkb >= 1) nsplit = nkb;
   f.bq = bq;
   f.bk = bk;
   f.nqb = nqb;
   f.nkb = nkb;
   f.nsplit = nsplit;
-  f.positions = positions && nkb > 1;
+  f.positions = positions && nkb >= 1;
   f.tiled = tiled && f.positions;
   // Pre-pack K and V when several query blocks read each (not for decoding, where the
   // small-M products stream them once), within a memory bound.

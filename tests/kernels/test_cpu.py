@@ -183,19 +183,27 @@ def test_decode_gqa_batch():
 @needs_lib
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("shape", [(10, 100, 8, 2, 64, 64), (9, 200, 16, 1, 96, 64)], ids=str)
-def test_decode_many_short_caches_stream_in_two_blocks(shape, dtype):
-    """Enough sequences for every thread with one key block each: the plan still cuts each
-    cache in two, since one block would leave the position-streaming path (1.5-2.5x slower);
-    against the float64 reference, with lengths that leave the second block empty."""
+def test_decode_many_short_caches_stream_in_one_block(shape, dtype):
+    """Enough sequences for every thread with one key block each: the cache is one block,
+    still streamed by position (one partial result a sequence, merged like many; these calls
+    took the general path before, 1.5-2.5x slower). Against the float64 reference with
+    lengths (one sequence empty), a causal offset and sinks, and the log-sum-exp."""
     b, s, n, kh, h, hv = shape
     tuning = cpu._default_tuning(b, 1, s, kh, n // kh, h, hv, jnp.dtype(dtype), 1)
-    assert tuning["block_keys"] == -(-s // 32) * 16  # half the keys, rounded up to 16
+    assert tuning["block_keys"] == s and tuning["stream_decode"]
     q, k, v, _ = H.random_qkv(jax.random.key(21), (b,), 1, s, n, kh, h, hv=hv, dtype=dtype)
-    kvl = jnp.asarray(np.random.default_rng(2).integers(0, s + 1, b), jnp.int32).at[0].set(s // 3)
+    rng = np.random.default_rng(2)
+    kvl = jnp.asarray(rng.integers(0, s + 1, b), jnp.int32).at[0].set(s // 3).at[1].set(0)
+    kw = dict(
+        key_value_seq_lengths=kvl,
+        mask=jattn.masks.Causal(s - 7),
+        sinks=jnp.asarray(rng.normal(size=(n,)), jnp.float32),
+    )
     config = cpu.CpuConfig(threads=1)
-    got = jattn.attention(q, k, v, key_value_seq_lengths=kvl, implementation="cpu", config=config)
-    want = H.oracle(q, k, v, key_value_seq_lengths=kvl)
+    got, lse = jattn.attention(q, k, v, **kw, implementation="cpu", config=config, return_lse=True)
+    want, want_lse = H.oracle(q, k, v, **kw, return_lse=True)
     H.assert_close(got, want, H.tol(dtype)[0])
+    H.assert_close(lse, want_lse, H.tol(dtype)[0], what="lse")
 
 
 @needs_lib
