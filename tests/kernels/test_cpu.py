@@ -207,6 +207,38 @@ def test_decode_many_short_caches_stream_in_one_block(shape, dtype):
 
 
 @needs_lib
+def test_decode_one_kv_head_blocks_are_equal_shares():
+    """With one KV head and a bfloat16 unit, decoding's key blocks are split only as far as
+    equal shares for the threads ask: one block per sequence where the sequences divide
+    among them, and each of those tasks finishes its sequence itself. The plan, and two
+    threads through that path (values of their own and inside the keys, a sequence with
+    no visible key) against the float64 reference."""
+    if not _cpu_has("avx512_bf16"):
+        pytest.skip("this CPU has no bfloat16 unit")
+
+    def block_keys(b, s, threads):
+        t = cpu._default_tuning(b, 1, s, 1, 16, 576, 512, jnp.bfloat16, threads)
+        return t["block_keys"]
+
+    assert block_keys(8, 4096, 2) == 4096  # 8 sequences, 4 a thread
+    assert block_keys(8, 16384, 1) == 8192  # (the longest block)
+    assert block_keys(1, 16384, 2) == 8192
+    assert block_keys(3, 4096, 2) == 2048  # 3 would not divide: 6 blocks
+    b, s, n, h, hv = 4, 300, 16, 96, 64
+    assert cpu._default_tuning(b, 1, s, 1, n, h, hv, jnp.bfloat16, 2)["block_keys"] == s
+    q, k, v, _ = H.random_qkv(jax.random.key(23), (b,), 1, s, n, 1, h, hv=hv, dtype=jnp.bfloat16)
+    kvl = jnp.asarray([s, 0, 111, 299], jnp.int32)
+    config = cpu.CpuConfig(threads=2)
+    got = jattn.attention(q, k, v, key_value_seq_lengths=kvl, implementation="cpu", config=config)
+    H.assert_close(got, H.oracle(q, k, v, key_value_seq_lengths=kvl), H.tol(jnp.bfloat16)[0])
+    got = jattn.attention(
+        q, k, None, value_dim=hv, key_value_seq_lengths=kvl, implementation="cpu", config=config
+    )
+    want = H.oracle(q, k, k[..., :hv], key_value_seq_lengths=kvl)
+    H.assert_close(got, want, H.tol(jnp.bfloat16)[0])
+
+
+@needs_lib
 @pytest.mark.parametrize(
     "dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name
 )
