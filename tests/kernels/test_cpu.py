@@ -207,6 +207,25 @@ def test_decode_many_short_caches_stream_in_one_block(shape, dtype):
 
 
 @needs_lib
+@pytest.mark.parametrize(
+    "dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name
+)
+@pytest.mark.parametrize("kh,h", [(2, 64), (16, 128)], ids=["narrow", "wide"])
+@pytest.mark.parametrize("s", [1, 2, 3, 5, 6, 7, 203])
+def test_decode_dot_products_every_block_length(s, kh, h, dtype):
+    """Decoding as dot products (4 rows per KV head) reads a key block as several runs: the
+    scores two positions half a block apart, the values four a quarter apart, where a
+    position's keys or values are under a page ("narrow"; neighbouring positions together
+    where they are not, "wide"), then the odd positions left over. Every remainder, in one
+    block (block_keys = S), against the float64 reference."""
+    q, k, v, _ = H.random_qkv(jax.random.key(s), (2,), 1, s, 4 * kh, kh, h, dtype=dtype)
+    kvl = jnp.asarray([s, max(1, s - 2)], jnp.int32)
+    config = cpu.CpuConfig(block_keys=s, threads=1)
+    got = jattn.attention(q, k, v, key_value_seq_lengths=kvl, implementation="cpu", config=config)
+    H.assert_close(got, H.oracle(q, k, v, key_value_seq_lengths=kvl), H.tol(dtype)[0])
+
+
+@needs_lib
 def test_decode_one_kv_head_blocks_are_equal_shares():
     """With one KV head and a bfloat16 unit, decoding's key blocks are split only as far as
     equal shares for the threads ask: one block per sequence where the sequences divide
