@@ -348,6 +348,38 @@ def test_masked_non_finite_keys_change_nothing(impl):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 
 
+# The kernels that never let the keys and values past a sequence's length reach a result: the
+# pure-JAX ones zero what no query of a block sees. Not yet the native kernel and the Pallas
+# kernels: they multiply zero weights by key blocks or runs that straddle the length, and
+# 0 x NaN is NaN (docs/kernels.md).
+_PAST_LENGTH = ["reference", "fused", "flash"]
+
+
+@pytest.mark.parametrize("t", [1, 24])
+@pytest.mark.parametrize("impl", _PAST_LENGTH)
+def test_non_finite_keys_and_values_past_the_length_change_nothing(impl, t):
+    """A KV cache past each sequence's length may hold anything, NaN and inf included: the
+    output and every gradient are those of the same call with zeros there."""
+    q, k, v = _qkv((2,), t, 40, 4, 2, 16)
+    lengths = jnp.array([10, 33])
+    past = (jnp.arange(40)[None, :] >= lengths[:, None])[:, :, None, None]
+    bad_k = k.at[0, 30, 1, 5].set(jnp.nan).at[1, 35, 0, 2].set(jnp.inf)
+    bad_v = v.at[0, 12, 0, 3].set(jnp.nan).at[1, 39, 1, 0].set(-jnp.inf)
+
+    def f(q, k, v):
+        out = jattn.attention(
+            q, k, v, key_value_seq_lengths=lengths, is_causal=t > 1, implementation=impl
+        )
+        return jnp.sum(out * out), out
+
+    grad = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
+    (_, got), g_got = grad(q, bad_k, bad_v)
+    (_, want), g_want = grad(q, jnp.where(past, 0.0, k), jnp.where(past, 0.0, v))
+    for name, a, b in [("out", got, want), *zip("qkv", g_got, g_want, strict=True)]:
+        assert np.isfinite(np.asarray(a)).all(), name
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_softcap_holds_at_every_cap(impl):
     """c tanh(x / c) to float32 rounding for caps from 1 to 1e8, where x / c is tiny and

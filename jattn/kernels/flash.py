@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jattn import _dropout
 from jattn.kernels._tuning import Tuning, knob
-from jattn.kernels.common import KernelOutput
+from jattn.kernels.common import KernelOutput, hide_unseen
 from jattn.masks import Lengths, Mask, block_kind
 from jattn.plan import Plan
 
@@ -214,9 +214,12 @@ def _forward(st: _Static, q, k, v, bias, mask, seed):
             k0 = j * st.bk
             kj = jax.lax.dynamic_slice_in_dim(k, k0, st.bk)
             vj = jax.lax.dynamic_slice_in_dim(ve, k0, st.bk)
+            if masked:
+                visible = mask.block(q0, k0, st.bq, st.bk)
+                kj, vj = hide_unseen(visible, kj, vj)
             s, _ = _logits(st, qi, kj, bias, q0, k0)
             if masked:
-                s = jnp.where(mask.block(q0, k0, st.bq, st.bk), s, -jnp.inf)
+                s = jnp.where(visible, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1))
             m_use = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
             alpha = jnp.exp2((m - m_use) * st.unit)
@@ -305,9 +308,12 @@ def _backward(st: _Static, q, k, v, bias, mask, seed, out, lse, lo, g_out, g_lse
             k0 = j * st.bk
             kj = jax.lax.dynamic_slice_in_dim(k, k0, st.bk)
             vj = jax.lax.dynamic_slice_in_dim(v, k0, st.bk)
+            if masked:
+                visible = mask.block(q0, k0, st.bq, st.bk)
+                kj, vj = hide_unseen(visible, kj, vj)
             s, th = _logits(st, qsi, kj, bias, q0, k0)
             if masked:
-                s = jnp.where(mask.block(q0, k0, st.bq, st.bk), s, -jnp.inf)
+                s = jnp.where(visible, s, -jnp.inf)
             p = jnp.exp2(jnp.minimum(s - lsei[:, None], 0.0) * st.unit)  # as in the forward
             dp = jnp.einsum("td,sd->ts", doi, vj, preferred_element_type=acc_dt)
             pd = p

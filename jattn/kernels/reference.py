@@ -9,7 +9,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jattn.kernels.common import KernelOutput, dropout_keep, lse_from, transform_logits
+from jattn.kernels.common import (
+    KernelOutput,
+    dropout_keep,
+    hide_unseen,
+    lse_from,
+    transform_logits,
+)
 from jattn.plan import Plan
 from jattn.softmax import safe_max
 
@@ -21,11 +27,14 @@ def reference_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOu
     acc = jnp.promote_types(q.dtype, jnp.float32)
     t, s_len = q.shape[0], k.shape[0]
     qf, kf, vf = q.astype(acc), k.astype(acc), v.astype(acc)
+    mask = None if plan.mask is None else plan.mask.materialize(t, s_len)
+    if mask is not None:
+        kf, vf = hide_unseen(mask, kf, vf)
     hi = jax.lax.Precision.HIGHEST
     s = jnp.matmul(qf, kf.T, precision=hi) * jnp.asarray(plan.scale, acc)
     s = transform_logits(s, plan, plan.bias)
-    if plan.mask is not None:
-        s = jnp.where(plan.mask.materialize(t, s_len), s, -jnp.inf)
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
     m = safe_max(s)
     e = jnp.exp(s - m)
     l = e.sum(-1, keepdims=True)
