@@ -349,35 +349,47 @@ def test_masked_non_finite_keys_change_nothing(impl):
 
 
 # The kernels that never let the keys and values past a sequence's length reach a result: the
-# pure-JAX ones zero what no query of a block sees. Not yet the native kernel and the Pallas
-# kernels: they multiply zero weights by key blocks or runs that straddle the length, and
-# 0 x NaN is NaN (docs/kernels.md).
-_PAST_LENGTH = ["reference", "fused", "flash"]
+# pure-JAX ones zero what no query of a block sees; the native kernel's decoding stops each
+# sequence's key blocks at its length (and its backward keeps them out, but for the bfloat16
+# dq, which a NaN key past the length still reaches through whole packed key blocks).
+# Not yet the native prefill and the Pallas kernels: they multiply zero weights by key blocks
+# that straddle the length, and 0 x NaN is NaN (docs/kernels.md).
+_PAST_LENGTH = [
+    *((impl, 1, 4, 2, jnp.float32, True) for impl in ("reference", "fused", "flash")),
+    *((impl, 24, 4, 2, jnp.float32, True) for impl in ("reference", "fused", "flash")),
+    # decoding: dot products, float32 tiles, bfloat16 tiles (AMX: values read in place)
+    ("cpu", 1, 4, 2, jnp.float32, True),
+    ("cpu", 1, 4, 2, jnp.bfloat16, False),
+    ("cpu", 1, 32, 2, jnp.float32, True),
+    ("cpu", 1, 32, 2, jnp.bfloat16, False),
+]
 
 
-@pytest.mark.parametrize("t", [1, 24])
-@pytest.mark.parametrize("impl", _PAST_LENGTH)
-def test_non_finite_keys_and_values_past_the_length_change_nothing(impl, t):
+@pytest.mark.parametrize(("impl", "t", "n", "kh", "dtype", "grads"), _PAST_LENGTH, ids=str)
+def test_non_finite_keys_and_values_past_the_length_change_nothing(impl, t, n, kh, dtype, grads):
     """A KV cache past each sequence's length may hold anything, NaN and inf included: the
-    output and every gradient are those of the same call with zeros there."""
-    q, k, v = _qkv((2,), t, 40, 4, 2, 16)
-    lengths = jnp.array([10, 33])
-    past = (jnp.arange(40)[None, :] >= lengths[:, None])[:, :, None, None]
-    bad_k = k.at[0, 30, 1, 5].set(jnp.nan).at[1, 35, 0, 2].set(jnp.inf)
-    bad_v = v.at[0, 12, 0, 3].set(jnp.nan).at[1, 39, 1, 0].set(-jnp.inf)
+    output (and every gradient where `grads`) are those of the same call with zeros there."""
+    q, k, v = _qkv((2,), t, 300, n, kh, 128, dtype=dtype)
+    lengths = jnp.array([10, 233])
+    past = (jnp.arange(300)[None, :] >= lengths[:, None])[:, :, None, None]
+    bad_k = k.at[0, 30, 1, 5].set(jnp.nan).at[1, 235, 0, 2].set(jnp.inf)
+    bad_v = v.at[0, 12, 0, 3].set(jnp.nan).at[1, 299, 1, 0].set(-jnp.inf)
 
     def f(q, k, v):
         out = jattn.attention(
             q, k, v, key_value_seq_lengths=lengths, is_causal=t > 1, implementation=impl
         )
-        return jnp.sum(out * out), out
+        return jnp.sum(out.astype(jnp.float32) ** 2), out
 
     grad = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
     (_, got), g_got = grad(q, bad_k, bad_v)
-    (_, want), g_want = grad(q, jnp.where(past, 0.0, k), jnp.where(past, 0.0, v))
-    for name, a, b in [("out", got, want), *zip("qkv", g_got, g_want, strict=True)]:
-        assert np.isfinite(np.asarray(a)).all(), name
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, err_msg=name)
+    (_, want), g_want = grad(q, jnp.where(past, 0, k), jnp.where(past, 0, v))
+    atol = H.tol(dtype)[1]
+    pairs = [("out", got, want), *zip("qkv", g_got, g_want, strict=True)]
+    for name, a, b in pairs if grads else pairs[:1]:
+        a, b = (np.asarray(x, np.float32) for x in (a, b))
+        assert np.isfinite(a).all(), name
+        np.testing.assert_allclose(a, b, atol=atol, rtol=atol, err_msg=name)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
