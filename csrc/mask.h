@@ -65,6 +65,18 @@ struct RowBounds {
   }
 };
 
+// Rows [0, n) of a block, `width` elements each from src (rows ld apart), in buf (rows width
+// apart) with rows [valid, n) zero: a key block across a sequence's length is packed from
+// this copy, so that no product multiplies a zero weight by what lies past the length (a KV
+// cache may hold NaN or inf there, and 0 x NaN is NaN).
+template <class T>
+inline const T* zero_past(const T* src, int64_t ld, int64_t valid, int64_t n, int64_t width,
+                          T* buf) {
+  for (int64_t j = 0; j < valid; ++j) std::copy_n(src + j * ld, width, buf + j * width);
+  std::fill(buf + valid * width, buf + n * width, T{0});
+  return buf;
+}
+
 // The smallest and largest id of a span of segment ids (empty: lo > hi).
 struct IdRange {
   int32_t lo = 1, hi = 0;

@@ -900,6 +900,18 @@ class MaskPlan:
         f_hi = im.clip(f_hi, f_lo, hi_b)
         return lo_b, f_lo, f_hi, hi_b
 
+    def keys_seen(self, sc: MaskScalars, cols: Array) -> Array | None:
+        """Whether key positions ``cols`` (an int32 array) lie below the key-side bounds
+        (``kv_len``, ``kv_bound``), or None when there are none. No row sees a key past them:
+        kernels zero those keys and values before their products, since a KV cache may hold
+        NaN or inf past a sequence's length and a zero weight times NaN is NaN."""
+        ok = None
+        if self.kv_bound is not None:
+            ok = cols < self.kv_bound
+        if self.kv_len:
+            ok = cols < sc.kv_len if ok is None else jnp.logical_and(ok, cols < sc.kv_len)
+        return ok
+
     def visible(
         self, sc: MaskScalars, rows: Array, cols: Array, q_ids=None, kv_ids=None
     ) -> Array | None:

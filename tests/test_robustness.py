@@ -348,28 +348,36 @@ def test_masked_non_finite_keys_change_nothing(impl):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 
 
-# The kernels that never let the keys and values past a sequence's length reach a result: the
-# pure-JAX ones zero what no query of a block sees; the native kernel's decoding stops each
-# sequence's key blocks at its length (and its backward keeps them out, but for the bfloat16
-# dq, which a NaN key past the length still reaches through whole packed key blocks).
-# Not yet the native prefill and the Pallas kernels: they multiply zero weights by key blocks
-# that straddle the length, and 0 x NaN is NaN (docs/kernels.md).
-_PAST_LENGTH = [
-    *((impl, 1, 4, 2, jnp.float32, True) for impl in ("reference", "fused", "flash")),
-    *((impl, 24, 4, 2, jnp.float32, True) for impl in ("reference", "fused", "flash")),
-    # decoding: dot products, float32 tiles, bfloat16 tiles (AMX: values read in place)
-    ("cpu", 1, 4, 2, jnp.float32, True),
-    ("cpu", 1, 4, 2, jnp.bfloat16, False),
-    ("cpu", 1, 32, 2, jnp.float32, True),
-    ("cpu", 1, 32, 2, jnp.bfloat16, False),
-]
+# Every kernel keeps the keys and values past a sequence's length out of its products (a zero
+# weight times NaN is NaN): the pure-JAX ones zero what no query of a block sees, the Pallas
+# ones what lies past the length, and the native kernel stops its decoding's key blocks at the
+# length and packs a block across it with zeros past it (docs/kernels.md).
+_PAST_LENGTH = [(impl, t, 4, jnp.float32, None) for impl in IMPLS if impl != "cpu" for t in (1, 24)]
+if "cpu" in IMPLS:
+    # native: decoding (dot products; tiles from 32 rows), prefill (one query block; several,
+    # from pre-packed blocks), each dtype at the CPU's level, bfloat16 at the levels below
+    _PAST_LENGTH += [
+        *(
+            ("cpu", t, n, dt, None)
+            for t, n in [(1, 4), (1, 32), (24, 4), (200, 4)]
+            for dt in (jnp.float32, jnp.bfloat16, jnp.float16)
+        ),
+        *(("cpu", t, 4, jnp.bfloat16, isa) for t in (1, 200) for isa in ("generic", "avx2")),
+    ]
 
 
-@pytest.mark.parametrize(("impl", "t", "n", "kh", "dtype", "grads"), _PAST_LENGTH, ids=str)
-def test_non_finite_keys_and_values_past_the_length_change_nothing(impl, t, n, kh, dtype, grads):
+@pytest.mark.parametrize(("impl", "t", "n", "dtype", "isa"), _PAST_LENGTH, ids=str)
+def test_non_finite_keys_and_values_past_the_length_change_nothing(impl, t, n, dtype, isa):
     """A KV cache past each sequence's length may hold anything, NaN and inf included: the
-    output (and every gradient where `grads`) are those of the same call with zeros there."""
-    q, k, v = _qkv((2,), t, 300, n, kh, 128, dtype=dtype)
+    output and every gradient are those of the same call with zeros there."""
+    config = None
+    if isa is not None:
+        from jattn.kernels import cpu
+
+        if cpu.ISA_LEVELS.index(isa) > cpu.best_isa():
+            pytest.skip(f"this CPU lacks {isa}")
+        config = cpu.CpuConfig(isa=isa)
+    q, k, v = _qkv((2,), t, 300, n, 2, 128, dtype=dtype)
     lengths = jnp.array([10, 233])
     past = (jnp.arange(300)[None, :] >= lengths[:, None])[:, :, None, None]
     bad_k = k.at[0, 30, 1, 5].set(jnp.nan).at[1, 235, 0, 2].set(jnp.inf)
@@ -377,7 +385,13 @@ def test_non_finite_keys_and_values_past_the_length_change_nothing(impl, t, n, k
 
     def f(q, k, v):
         out = jattn.attention(
-            q, k, v, key_value_seq_lengths=lengths, is_causal=t > 1, implementation=impl
+            q,
+            k,
+            v,
+            key_value_seq_lengths=lengths,
+            is_causal=t > 1,
+            implementation=impl,
+            config=config,
         )
         return jnp.sum(out.astype(jnp.float32) ** 2), out
 
@@ -385,8 +399,7 @@ def test_non_finite_keys_and_values_past_the_length_change_nothing(impl, t, n, k
     (_, got), g_got = grad(q, bad_k, bad_v)
     (_, want), g_want = grad(q, jnp.where(past, 0, k), jnp.where(past, 0, v))
     atol = H.tol(dtype)[1]
-    pairs = [("out", got, want), *zip("qkv", g_got, g_want, strict=True)]
-    for name, a, b in pairs if grads else pairs[:1]:
+    for name, a, b in [("out", got, want), *zip("qkv", g_got, g_want, strict=True)]:
         a, b = (np.asarray(x, np.float32) for x in (a, b))
         assert np.isfinite(a).all(), name
         np.testing.assert_allclose(a, b, atol=atol, rtol=atol, err_msg=name)

@@ -208,6 +208,13 @@ def _mask(st: pc.Static, sc, s, rows, cols, q_ids, kv_ids):
     )
 
 
+def _hide_past(st: pc.Static, sc, cols: Array, *blocks: Array) -> tuple[Array, ...]:
+    """Key blocks (keys ``cols`` on the rows) with the keys past the key-side bounds zeroed
+    (``MaskPlan.keys_seen``): a zero weight times a NaN stored there would be NaN."""
+    seen = st.plan.keys_seen(sc, cols[:, None])
+    return blocks if seen is None else tuple(jnp.where(seen, x, 0) for x in blocks)
+
+
 def _run_blocks(st: pc.Static, bounds, step, carry, overlap=None):
     """Runs ``step(j, carry, masked)`` over ``[lo, f_lo)`` masked, ``[f_lo, f_hi)`` unmasked
     and ``[f_hi, hi)`` masked. With segments every block is masked and a block whose id ranges
@@ -277,6 +284,8 @@ def _fwd_kernel(*refs, st: pc.Static):
         k0 = pl.multiple_of(j * bk, bk)
         kj = k_ref[pl.ds(k0, bk), :]
         vj = v_ref[pl.ds(k0, bk), :]
+        if masked:
+            kj, vj = _hide_past(st, sc, k0 + _iota(bk), kj, vj)
         s, _ = _logits(st, qi, kj)
         if masked:
             kv_ids = None if kvseg_ref is None else kvseg_ref[pl.ds(k0, bk)]
@@ -347,8 +356,8 @@ def _dkv_kernel(*refs, st: pc.Static):
     bq, bk = st.bq_dkv, st.bk_dkv
     k0 = pl.program_id(0) * bk
     sc = _scalars(st.plan, sc_refs)
-    kj, vj = k_ref[...], v_ref[...]
     cols = k0 + _iota(bk)
+    kj, vj = _hide_past(st, sc, cols, k_ref[...], v_ref[...])
     kv_ids = None if kvseg_ref is None else kvseg_ref[...]
 
     def head(g, carry):
@@ -399,6 +408,8 @@ def _dq_kernel(*refs, st: pc.Static):
         k0 = pl.multiple_of(j * bk, bk)
         kj = k_ref[pl.ds(k0, bk), :]
         vj = v_ref[pl.ds(k0, bk), :]
+        if masked:
+            kj, vj = _hide_past(st, sc, k0 + _iota(bk), kj, vj)
         s, th = _logits(st, qi, kj)
         if masked:
             kv_ids = None if kvseg_ref is None else kvseg_ref[pl.ds(k0, bk)]

@@ -210,6 +210,16 @@ def _mask(st: pc.Static, sc: pc.Scalars, s: Array, rows, cols, qseg_ref, kvseg_r
     return pc.mask_logits(st.plan, sc, s, rows, cols, q_ids, kv_ids)
 
 
+def _hide_past(st: pc.Static, sc: pc.Scalars, k0, *blocks: Array) -> tuple[Array, ...]:
+    """Key blocks (keys on sublanes from position ``k0``) with the keys past the key-side
+    bounds zeroed (``MaskPlan.keys_seen``): a zero weight times a NaN stored there is NaN."""
+    out = []
+    for x in blocks:
+        seen = st.plan.keys_seen(sc, k0 + _iota(x.shape, 0))
+        out.append(x if seen is None else jnp.where(seen, x, 0))
+    return tuple(out)
+
+
 def _kv_map(st: pc.Static, bq: int, bk: int):
     """The K/V index map of a grid ``(batch, head, query block, key block)``: the head's K/V
     head, and the key block clamped to the range the query block sees."""
@@ -270,7 +280,10 @@ def _fwd_kernel(*refs, st: pc.Static):
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     def update(masked: bool):
-        s, _ = _logits(st, q_ref[...], k_ref[...])
+        kj, vj = k_ref[...], v_ref[...]
+        if masked:
+            kj, vj = _hide_past(st, sc, k0, kj, vj)
+        s, _ = _logits(st, q_ref[...], kj)
         if masked:
             s = _mask(
                 st, sc, s, q0 + _iota((bq, bk), 0), k0 + _iota((bq, bk), 1), qseg_ref, kvseg_ref
@@ -280,7 +293,6 @@ def _fwd_kernel(*refs, st: pc.Static):
         p = jnp.exp2(s - _lanes(m_use, bk) - st.shift)
         m_ref[...] = m_new
         l_ref[...] = alpha * l_prev + p.sum(axis=1, keepdims=True)
-        vj = v_ref[...]
         acc_ref[...] = acc_ref[...] * _lanes(alpha, dv) + _dot(p.astype(vj.dtype), vj)
 
     _run_step(st, im.in_range(j, lo, hi), im.in_range(j, f_lo, f_hi), update)
@@ -352,6 +364,8 @@ def _dkv_kernel(*refs, st: pc.Static):
 
     def update(masked: bool):
         qi, kj, vj, doi = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        if masked:
+            kj, vj = _hide_past(st, sc, k0, kj, vj)
         s, th = _logits(st, kj, qi)  # [bk, bq]: keys on sublanes, queries on lanes
         if masked:
             s = _mask(
@@ -392,6 +406,8 @@ def _dq_kernel(*refs, st: pc.Static):
 
     def update(masked: bool):
         qi, kj, vj, doi = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        if masked:
+            kj, vj = _hide_past(st, sc, k0, kj, vj)
         s, th = _logits(st, qi, kj)
         if masked:
             s = _mask(
