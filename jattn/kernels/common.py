@@ -32,15 +32,6 @@ def transform_logits(s: Array, plan: Plan, bias: Array | None) -> Array:
     return s
 
 
-def hide_unseen(visible: Array, *rows: Array) -> tuple[Array, ...]:
-    """``rows`` (keys, values: ``[S, ...]``) with the positions no query of ``visible``
-    (the ``[T, S]`` mask of a head or block) can see set to zero. A weight of zero times a NaN
-    or inf is NaN, so padding past a sequence's length would otherwise reach the output and
-    every gradient through the products."""
-    seen = visible.any(axis=0)
-    return tuple(jnp.where(seen.reshape(-1, *(1,) * (x.ndim - 1)), x, 0) for x in rows)
-
-
 def dropout_keep(plan: Plan, q_idx: Array, kv_idx: Array) -> Array | None:
     if plan.dropout_rate == 0.0:
         return None

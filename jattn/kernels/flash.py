@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jattn import _dropout
 from jattn.kernels._tuning import Tuning, knob
-from jattn.kernels.common import KernelOutput, hide_unseen
+from jattn.kernels.common import KernelOutput
 from jattn.masks import Lengths, Mask, block_kind
 from jattn.plan import Plan
 
@@ -187,6 +187,15 @@ def _block_range(st: _Static, mask: Mask | None, q0, tp: int, sp: int):
     return lo_b, jnp.maximum(lo_b, hi_b)
 
 
+def _hide_past(st: _Static, mask: Mask, q0, k0, sp: int, *blocks):
+    """Key blocks at ``k0`` with the keys past the range rows ``[q0, q0 + bq)`` can see
+    (``Mask.kv_range``: a sequence's length) zeroed. A KV cache may hold NaN or inf there, and
+    a zero weight times NaN is NaN. One compare and select per row of the block."""
+    _, hi = mask.kv_range(q0, q0 + st.bq, sp)
+    seen = (k0 + jnp.arange(st.bk) < hi)[:, None]
+    return tuple(jnp.where(seen, x, 0) for x in blocks)
+
+
 def _keep(st: _Static, seed, q0, k0):
     return _dropout.keep_mask(seed, q0 + jnp.arange(st.bq), k0 + jnp.arange(st.bk), st.dropout_rate)
 
@@ -215,11 +224,12 @@ def _forward(st: _Static, q, k, v, bias, mask, seed):
             kj = jax.lax.dynamic_slice_in_dim(k, k0, st.bk)
             vj = jax.lax.dynamic_slice_in_dim(ve, k0, st.bk)
             if masked:
-                visible = mask.block(q0, k0, st.bq, st.bk)
-                kj, vj = hide_unseen(visible, kj, vj)
+                # (the keys need no zeroing here: their logits are masked; the backward zeroes
+                # them for dq = dS K)
+                (vj,) = _hide_past(st, mask, q0, k0, sp, vj)
             s, _ = _logits(st, qi, kj, bias, q0, k0)
             if masked:
-                s = jnp.where(visible, s, -jnp.inf)
+                s = jnp.where(mask.block(q0, k0, st.bq, st.bk), s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1))
             m_use = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
             alpha = jnp.exp2((m - m_use) * st.unit)
@@ -308,11 +318,9 @@ def _backward(st: _Static, q, k, v, bias, mask, seed, out, lse, lo, g_out, g_lse
             k0 = j * st.bk
             kj = jax.lax.dynamic_slice_in_dim(k, k0, st.bk)
             vj = jax.lax.dynamic_slice_in_dim(v, k0, st.bk)
-            if masked:
-                visible = mask.block(q0, k0, st.bq, st.bk)
-                kj, vj = hide_unseen(visible, kj, vj)
             s, th = _logits(st, qsi, kj, bias, q0, k0)
             if masked:
+                visible = mask.block(q0, k0, st.bq, st.bk)
                 s = jnp.where(visible, s, -jnp.inf)
             p = jnp.exp2(jnp.minimum(s - lsei[:, None], 0.0) * st.unit)  # as in the forward
             dp = jnp.einsum("td,sd->ts", doi, vj, preferred_element_type=acc_dt)
@@ -324,10 +332,14 @@ def _backward(st: _Static, q, k, v, bias, mask, seed, out, lse, lo, g_out, g_lse
                 dp = jnp.where(keep, dp * inv, 0.0)
             dvj = jnp.einsum("ts,td->sd", pd.astype(v.dtype), doi, preferred_element_type=acc_dt)
             ds = p * (dp - deli[:, None])  # gradient of the (softcapped, biased) logits
+            if masked:  # (p = 0 there, and a value past a sequence's length may make dp NaN)
+                ds = jnp.where(visible, ds, 0.0)
             dlogits = ds if bias is not None else None
             if th is not None:
                 ds = ds * (1.0 - th * th)
             dsl = (ds * st.scale).astype(q.dtype)
+            if masked:  # keys past the block's range (a zero dS times NaN would be NaN)
+                (kj,) = _hide_past(st, mask, q0, k0, k.shape[0], kj)
             dqj = jnp.einsum("ts,sd->td", dsl, kj, preferred_element_type=acc_dt)
             dkj = jnp.einsum("ts,td->sd", dsl, qi, preferred_element_type=acc_dt)
             return dqj, dkj, dvj, dlogits

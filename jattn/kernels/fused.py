@@ -11,13 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jattn.kernels.common import (
-    KernelOutput,
-    dropout_keep,
-    hide_unseen,
-    lse_from,
-    transform_logits,
-)
+from jattn.kernels.common import KernelOutput, dropout_keep, lse_from, transform_logits
 from jattn.plan import Plan
 from jattn.softmax import masked_softmax, safe_max
 
@@ -30,11 +24,9 @@ def fused_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput
     t, s_len = q.shape[0], k.shape[0]
     # Scale q (T·D) rather than the logits (T·S).
     qs = (q.astype(acc) * jnp.asarray(plan.scale, acc)).astype(q.dtype)
-    mask = None if plan.mask is None else plan.mask.materialize(t, s_len)
-    if mask is not None:
-        k, v = hide_unseen(mask, k, v)
     s = jnp.einsum("td,sd->ts", qs, k, preferred_element_type=acc)
     s = transform_logits(s, plan, plan.bias)
+    mask = None if plan.mask is None else plan.mask.materialize(t, s_len)
     p = masked_softmax(s, mask)
     keep = dropout_keep(plan, jnp.arange(t), jnp.arange(s_len))
     pd = p if keep is None else jnp.where(keep, p * (1.0 / (1.0 - plan.dropout_rate)), 0.0)

@@ -284,8 +284,8 @@ def _fwd_kernel(*refs, st: pc.Static):
         k0 = pl.multiple_of(j * bk, bk)
         kj = k_ref[pl.ds(k0, bk), :]
         vj = v_ref[pl.ds(k0, bk), :]
-        if masked:
-            kj, vj = _hide_past(st, sc, k0 + _iota(bk), kj, vj)
+        if masked:  # (keys past the bounds get -inf logits; only dq needs them zeroed)
+            (vj,) = _hide_past(st, sc, k0 + _iota(bk), vj)
         s, _ = _logits(st, qi, kj)
         if masked:
             kv_ids = None if kvseg_ref is None else kvseg_ref[pl.ds(k0, bk)]
@@ -357,7 +357,8 @@ def _dkv_kernel(*refs, st: pc.Static):
     k0 = pl.program_id(0) * bk
     sc = _scalars(st.plan, sc_refs)
     cols = k0 + _iota(bk)
-    kj, vj = _hide_past(st, sc, cols, k_ref[...], v_ref[...])
+    kj = k_ref[...]
+    (vj,) = _hide_past(st, sc, cols, v_ref[...])
     kv_ids = None if kvseg_ref is None else kvseg_ref[...]
 
     def head(g, carry):

@@ -281,8 +281,8 @@ def _fwd_kernel(*refs, st: pc.Static):
 
     def update(masked: bool):
         kj, vj = k_ref[...], v_ref[...]
-        if masked:
-            kj, vj = _hide_past(st, sc, k0, kj, vj)
+        if masked:  # (keys past the bounds get -inf logits; only dq needs them zeroed)
+            (vj,) = _hide_past(st, sc, k0, vj)
         s, _ = _logits(st, q_ref[...], kj)
         if masked:
             s = _mask(
@@ -365,7 +365,7 @@ def _dkv_kernel(*refs, st: pc.Static):
     def update(masked: bool):
         qi, kj, vj, doi = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         if masked:
-            kj, vj = _hide_past(st, sc, k0, kj, vj)
+            (vj,) = _hide_past(st, sc, k0, vj)
         s, th = _logits(st, kj, qi)  # [bk, bq]: keys on sublanes, queries on lanes
         if masked:
             s = _mask(

@@ -1,7 +1,8 @@
 """The reference kernel: every score materialised, computed in float32 or float64.
 
-It is the oracle of every test: straightforward, with no tricks beyond the safe softmax, and
-float64-capable (give it float64 inputs with ``jax_enable_x64``).
+It is the oracle of every test: straightforward, with no tricks beyond the safe softmax and
+zeros for the keys and values no query sees, and float64-capable (give it float64 inputs with
+``jax_enable_x64``).
 """
 
 from __future__ import annotations
@@ -9,17 +10,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jattn.kernels.common import (
-    KernelOutput,
-    dropout_keep,
-    hide_unseen,
-    lse_from,
-    transform_logits,
-)
+from jattn.kernels.common import KernelOutput, dropout_keep, lse_from, transform_logits
 from jattn.plan import Plan
 from jattn.softmax import safe_max
 
 Array = jax.Array
+
+
+def _hide_unseen(visible: Array, *rows: Array) -> tuple[Array, ...]:
+    """``rows`` (keys, values: ``[S, ...]``) with the positions no query of ``visible``
+    (the ``[T, S]`` mask of a head or block) can see set to zero. A weight of zero times a NaN
+    or inf is NaN, so padding past a sequence's length would otherwise reach the output and
+    every gradient through the products."""
+    seen = visible.any(axis=0)
+    return tuple(jnp.where(seen.reshape(-1, *(1,) * (x.ndim - 1)), x, 0) for x in rows)
 
 
 def reference_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
@@ -29,7 +33,7 @@ def reference_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOu
     qf, kf, vf = q.astype(acc), k.astype(acc), v.astype(acc)
     mask = None if plan.mask is None else plan.mask.materialize(t, s_len)
     if mask is not None:
-        kf, vf = hide_unseen(mask, kf, vf)
+        kf, vf = _hide_unseen(mask, kf, vf)
     hi = jax.lax.Precision.HIGHEST
     s = jnp.matmul(qf, kf.T, precision=hi) * jnp.asarray(plan.scale, acc)
     s = transform_logits(s, plan, plan.bias)
