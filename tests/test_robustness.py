@@ -349,10 +349,11 @@ def test_masked_non_finite_keys_change_nothing(impl):
 
 
 # The kernels keep the keys and values past a sequence's length out of their products (a zero
-# weight times NaN is NaN): `reference` and `flash` zero what no query of a block sees, the
-# Pallas kernels what lies past the length, and the native kernel stops its decoding's key
-# blocks at the length and packs a block across it with zeros past it. Not `fused`, as in
-# jax.nn: a pass over V would double its decoding's time (docs/kernels.md).
+# weight times NaN is NaN): `reference` zeroes what no query sees, `flash` what lies past the
+# key range of a block's rows, the Pallas kernels what lies past the length, and the native
+# kernel stops its decoding's key blocks at the length and packs a block across it with zeros
+# past it. Not `fused`, as in jax.nn: a pass over V would double its decoding's time
+# (docs/kernels.md).
 _PAST_LENGTH = [
     (impl, t, 4, jnp.float32, None)
     for impl in IMPLS
