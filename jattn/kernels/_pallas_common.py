@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jattn.kernels.common import KernelOutput
+from jattn.kernels.common import KernelOutput, weight_shift
 from jattn.masks import MaskArrays, MaskPlan
 from jattn.masks import MaskScalars as Scalars
 from jattn.plan import Plan
@@ -113,13 +113,9 @@ class Static:
     bk_dq: int
     config: Any  # the kernel's tuning dataclass, for its launch parameters
     interpret: bool
-
-    @property
-    def shift(self) -> float:
-        """ceil(log2 sp): the forward's weights are ``2^(s - m - shift)``, so that no sum of
-        them exceeds 1 and the unnormalised accumulator stays within the values' range;
-        :func:`normalize` adds it back to the log-sum-exp."""
-        return float(math.ceil(math.log2(max(self.sp, 1))))
+    # The forward's weights are ``2^(s - m - shift)`` (common.weight_shift: ceil(log2 sp), 0
+    # for float16 values); :func:`normalize` adds it back to the log-sum-exp.
+    shift: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +166,7 @@ def launch(q: Array, k: Array, v: Array, plan: Plan, kernel: Kernel, *, interpre
         bk_dq=b["block_k_dq"],
         config=cfg,
         interpret=interpret,
+        shift=weight_shift(v.dtype, sp),
     )
     qp, kp, vp = kernel.pack(
         st, q.reshape(nb, t, n, h), k.reshape(nb, s, kh, h), v.reshape(nb, s, kh, hv)

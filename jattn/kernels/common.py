@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,17 @@ def transform_logits(s: Array, plan: Plan, bias: Array | None) -> Array:
     if bias is not None:
         s = s + bias.astype(s.dtype)
     return s
+
+
+def weight_shift(dtype: Any, sp: int) -> float:
+    """The exponent offset of the blockwise kernels' weights ``2^(x - m - shift)``: ``ceil(log2
+    sp)`` for ``sp`` keys, so that no sum of them exceeds 1 and an unnormalised float32
+    accumulator stays within the values' range (values near float32's largest). 0 for float16
+    values, whose sums stay far inside float32's range: weights scaled down by ``2^-shift``
+    would fall among float16's subnormals when rounded for the ``P V`` product."""
+    if jnp.dtype(dtype) == jnp.float16:
+        return 0.0
+    return float(math.ceil(math.log2(max(sp, 1))))
 
 
 def dropout_keep(plan: Plan, q_idx: Array, kv_idx: Array) -> Array | None:

@@ -13,10 +13,11 @@ and the row sum comes out of the ``p @ v`` product through a column of ones appe
 on a CPU both save a pass over every block. With a bias they stay in natural units (a finite
 bias, however large, must stay finite; ``bias * log2(e)`` overflows from 2.4e38 on) and are
 converted after the max is subtracted. The weights are ``2^(x - m - shift)``, ``shift =
-ceil(log2 S)``: no sum of them exceeds 1, so the unnormalised accumulator stays within the
-values' range. The saved log-sum-exp comes with what rounding it left out (``lo``); the
-backward scales the cotangents by ``2^-lo``, so rows whose lse rounds away the log of their
-sum (logits near 1e38) still get weights that sum to 1.
+ceil(log2 S)`` (``weight_shift``): no sum of them exceeds 1, so the unnormalised accumulator
+stays within the values' range (0 for float16 values, whose weights would otherwise be
+rounded among float16's subnormals). The saved log-sum-exp comes with what rounding it left
+out (``lo``); the backward scales the cotangents by ``2^-lo``, so rows whose lse rounds away
+the log of their sum (logits near 1e38) still get weights that sum to 1.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 
 from jattn import _dropout
 from jattn.kernels._tuning import Tuning, knob
-from jattn.kernels.common import KernelOutput
+from jattn.kernels.common import KernelOutput, weight_shift
 from jattn.masks import Lengths, Mask, block_kind
 from jattn.plan import Plan
 
@@ -105,7 +106,7 @@ def flash_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput
     bq, bk = min(cfg.block_q, t), min(cfg.block_k, s)
     tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
     natural = plan.bias is not None
-    shift = float(math.ceil(math.log2(max(sp, 1))))
+    shift = weight_shift(v.dtype, sp)
     st = _Static(plan.scale, plan.softcap, plan.dropout_rate, bq, bk, t, s, natural, shift)
 
     qp = jnp.pad(q, ((0, tp - t), (0, 0)))
