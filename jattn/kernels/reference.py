@@ -18,12 +18,12 @@ Array = jax.Array
 
 
 def _hide_unseen(visible: Array, *rows: Array) -> tuple[Array, ...]:
-    """``rows`` (keys, values: ``[S, ...]``) with the positions no query of ``visible``
-    (the ``[T, S]`` mask of a head or block) can see set to zero. A weight of zero times a NaN
-    or inf is NaN, so padding past a sequence's length would otherwise reach the output and
-    every gradient through the products."""
-    seen = visible.any(axis=0)
-    return tuple(jnp.where(seen.reshape(-1, *(1,) * (x.ndim - 1)), x, 0) for x in rows)
+    """``rows`` (keys, values: ``[S, D]``) with the positions no query of ``visible`` (the
+    head's ``[T, S]`` mask) can see set to zero. A weight of zero times a NaN or inf is NaN,
+    so padding past a sequence's length would otherwise reach the output and every gradient
+    through the products."""
+    seen = visible.any(axis=0)[:, None]
+    return tuple(jnp.where(seen, x, 0) for x in rows)
 
 
 def reference_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
