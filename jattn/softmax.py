@@ -52,7 +52,10 @@ def masked_softmax(logits: Array, mask: Array | None = None, axis: int = -1) -> 
     return _masked_softmax(logits, mask, axis)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+# A custom_jvp rather than a custom_vjp: JAX transposes the tangent below into the backward
+# a custom_vjp would write (dx = p (g - rowsum(g p)), keeping only p), and differentiates it
+# in every mode (jax.jvp, a Hessian) besides.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _masked_softmax(logits, mask, axis):
     return _forward(logits, mask, axis)
 
@@ -67,21 +70,15 @@ def _forward(logits, mask, axis):
     return (e / jnp.where(s == 0, 1, s)).astype(logits.dtype)
 
 
-def _fwd(logits, mask, axis):
-    p = _forward(logits, mask, axis)
-    return p, (p, mask)
-
-
-def _bwd(axis, res, g):
-    p, mask = res
+@_masked_softmax.defjvp
+def _jvp(axis, primals, tangents):
+    logits, mask = primals
+    p = _masked_softmax(logits, mask, axis)
     acc = jnp.promote_types(p.dtype, jnp.float32)
-    pf, gf = p.astype(acc), g.astype(acc)
-    # Masked entries have p == 0, so their gradient is zero without looking at the mask.
-    dx = pf * (gf - jnp.sum(gf * pf, axis=axis, keepdims=True))
-    return dx.astype(p.dtype), None
-
-
-_masked_softmax.defvjp(_fwd, _bwd)
+    pf, tf = p.astype(acc), tangents[0].astype(acc)
+    # Masked entries have p == 0, so their tangent is zero without looking at the mask.
+    dp = pf * (tf - jnp.sum(tf * pf, axis=axis, keepdims=True))
+    return p, dp.astype(p.dtype)
 
 
 def merge_sinks(
