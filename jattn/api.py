@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
+from jax.interpreters import batching
 
 from jattn import kernels, masks
 from jattn.kernels.common import KernelOutput
@@ -188,8 +191,105 @@ def _empty_result(plan: Plan, dtype):
 # Layout and vmap.
 
 
+_PLAIN_JAX = ("reference", "fused")
+
+
 @functools.partial(jax.jit, static_argnames=("impl_name",))
 def _run(impl_name: str, q: Array, k: Array, v: Array, plan: Plan):
+    if impl_name in _PLAIN_JAX:  # differentiable in every mode as they stand
+        return _run_kernel(impl_name, q, k, v, plan)
+    rest = dataclasses.replace(plan, bias=None, sinks=None)
+    return _any_mode(impl_name, q, k, v, plan.bias, plan.sinks, rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward-mode differentiation.
+#
+# The fast kernels define their reverse mode only (a custom_vjp: the saved output and log-sum-
+# exp, a backward kernel), and JAX refuses forward mode (jax.jvp, jacfwd, linearize) through a
+# custom_vjp. The seam below adds it without touching their reverse mode: a custom_jvp whose
+# tangent is a `linear_call` that computes forward-mode tangents with the reference's JVP
+# (every score materialised: forward mode is rarer than training) and transposes to the
+# kernel's own backward (reverse mode: the kernel's forward and backward, once each, as
+# before). Differentiating the backward again (second order) is refused by name: `reference`
+# and `fused` are plain JAX and take every order.
+
+
+def _differentiable(impl_name: str, rest: Plan):
+    """The kernel as a function of its differentiable inputs (q, k, v, bias, sinks); ``rest``
+    is the plan without them (its arrays, masks and dropout seeds, are integers)."""
+
+    def fn(q, k, v, bias, sinks):
+        return _run_kernel(impl_name, q, k, v, dataclasses.replace(rest, bias=bias, sinks=sinks))
+
+    return fn
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _any_mode(impl_name: str, q, k, v, bias, sinks, rest: Plan):
+    return _differentiable(impl_name, rest)(q, k, v, bias, sinks)
+
+
+@functools.partial(_any_mode.defjvp, symbolic_zeros=True)
+def _any_mode_jvp(impl_name: str, primals, tangents):
+    *xs, rest = primals
+    xs = _first_order_only(impl_name, tuple(xs))
+    out, pullback = jax.vjp(_differentiable(impl_name, rest), *xs)
+    # Only the inputs with a tangent are the linear call's: a transpose gives cotangents to
+    # every linear input, so a zero tangent (an input not differentiated) stays out.
+    live = [not isinstance(t, SymbolicZero) for t in tangents[:-1]]
+
+    def tangent(res, lin):
+        _, xs, rest = res
+        lin = iter(lin)
+        full = [
+            next(lin) if on else None if x is None else jnp.zeros_like(x)
+            for x, on in zip(xs, live, strict=True)
+        ]
+        oracle = _differentiable("reference", dataclasses.replace(rest, config=None))
+        return jax.jvp(oracle, xs, tuple(full))[1]
+
+    def transpose(res, ct):
+        return [g for g, on in zip(res[0](ct), live, strict=True) if on]
+
+    lin = [t for t, on in zip(tangents, live, strict=False) if on]
+    res = (pullback, xs, rest)
+    return out, jax.custom_derivatives.linear_call(tangent, transpose, res, lin)
+
+
+def _batch_linear_call(args, dims, **params):
+    """vmap of a `linear_call`: the call's function, vmapped. JAX gives the primitive no rule
+    of its own, and per-example gradients (vmap of grad) run the seam's transpose under vmap.
+    The batched result is not transposed again (a second derivative is refused anyway)."""
+    call = _linear_call_p.impl
+    outs = jax.vmap(lambda *a: call(*a, **params), in_axes=tuple(dims))(*args)
+    return outs, [0] * len(outs)
+
+
+_linear_call_p = jax._src.custom_derivatives.linear_call_p  # (no public name)
+if _linear_call_p not in batching.fancy_primitive_batchers:  # (JAX may give one later)
+    batching.primitive_batchers[_linear_call_p] = _batch_linear_call
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _first_order_only(impl_name: str, primals):
+    """``primals`` as they are; differentiating them is differentiating a derivative of the
+    kernel (a Hessian, forward over reverse, reverse over forward), which is refused here,
+    with what to do, before the kernel's own calls fail less clearly."""
+    return primals
+
+
+@_first_order_only.defjvp
+def _first_order_only_jvp(impl_name: str, primals, tangents):
+    raise NotImplementedError(
+        f"implementation {impl_name!r} gives first derivatives only (reverse mode: jax.grad, "
+        "jax.vjp; forward mode: jax.jvp, jax.jacfwd); a derivative of a derivative (a "
+        "Hessian, jax.jvp of jax.grad, jax.grad of jax.grad) needs a plain-JAX kernel: "
+        "implementation='fused' or 'reference'"
+    )
+
+
+def _run_kernel(impl_name: str, q: Array, k: Array, v: Array, plan: Plan):
     impl = kernels.REGISTRY[impl_name]
     if impl.batched:
         # Whole-array implementations (one Pallas launch, cuDNN, the native CPU kernel) take
