@@ -13,12 +13,19 @@ import jattn
 from tests import helpers as H
 
 VARIANTS = [v for v in H.variants() if v.every == 1 or v.slow]
+# The native kernel, the blockwise one and a plain-JAX one, where they run.
+THREE = [name for name in ("cpu", "flash", "fused") if name in jattn.kernels.REGISTRY]
 
 # (dtype, B, T, S, N, K, H, Hv, keyword arguments, bias, sinks)
 CASES = {
     "gqa_causal_lengths_bias_sinks": (
         jnp.float32, 2, 12, 12, 4, 2, 16, 16,
         dict(is_causal=True, key_value_seq_lengths=np.array([12, 5])), True, True,
+    ),
+    "dropout_segments": (
+        jnp.float32, 2, 9, 9, 2, 2, 8, 8,
+        dict(dropout_rate=0.25, segment_ids=np.array([[0] * 4 + [1] * 5, [0] * 9])),
+        False, False,
     ),
     "cross_window_softcap_latent": (
         jnp.float32, 1, 5, 23, 2, 1, 24, 8,
@@ -34,6 +41,7 @@ CASES = {
 def _inputs(case, seed=0):
     dt, b, t, s, n, kh, h, hv, kw, bias, sinks = CASES[case]
     rng = np.random.default_rng(seed)
+    kw = dict(kw, dropout_rng=jax.random.key(seed)) if "dropout_rate" in kw else dict(kw)
 
     def draw(*shape, scale=1.0):
         return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
@@ -48,7 +56,7 @@ def _inputs(case, seed=0):
     tangents = {
         name: None if x is None else draw(*x.shape).astype(x.dtype) for name, x in primals.items()
     }
-    return primals, tangents, dict(kw), dt
+    return primals, tangents, kw, dt
 
 
 def _fn(kw, implementation, config=None, **extra):
@@ -114,10 +122,8 @@ def test_forward_mode_matches_the_reference(variant, case):
     assert float(jnp.abs(t_out.astype(jnp.float32)).max()) > 0.1
 
 
-@pytest.mark.parametrize("implementation", ["cpu", "flash", "fused"])
+@pytest.mark.parametrize("implementation", THREE)
 def test_jacfwd_equals_jacrev(implementation):
-    if implementation not in jattn.kernels.REGISTRY:
-        pytest.skip(f"{implementation} is not available here")
     primals, _, kw, _ = _inputs("gqa_causal_lengths_bias_sinks", seed=1)
     f = _fn(kw, implementation)
 
@@ -129,11 +135,9 @@ def test_jacfwd_equals_jacrev(implementation):
     np.testing.assert_allclose(np.asarray(fwd), np.asarray(rev), atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("implementation", ["cpu", "flash", "fused"])
+@pytest.mark.parametrize("implementation", THREE)
 def test_per_example_gradients(implementation):
     """vmap of grad (DP-SGD, influence functions): each example's gradients as if alone."""
-    if implementation not in jattn.kernels.REGISTRY:
-        pytest.skip(f"{implementation} is not available here")
     primals, _, kw, _ = _inputs("gqa_causal_lengths_bias_sinks", seed=2)
     lengths = kw.pop("key_value_seq_lengths")
     w = jnp.asarray(np.random.default_rng(3).standard_normal((1, 12, 4, 16)), jnp.float32)
@@ -153,10 +157,8 @@ def test_per_example_gradients(implementation):
             np.testing.assert_allclose(np.asarray(got[i]), np.asarray(want), atol=1e-6)
 
 
-@pytest.mark.parametrize("implementation", ["cpu", "flash", "fused"])
+@pytest.mark.parametrize("implementation", THREE)
 def test_remat_gradients_equal_plain_ones(implementation):
-    if implementation not in jattn.kernels.REGISTRY:
-        pytest.skip(f"{implementation} is not available here")
     primals, _, kw, _ = _inputs("gqa_causal_lengths_bias_sinks", seed=4)
     f = _fn(kw, implementation)
 
@@ -199,10 +201,8 @@ def test_second_derivatives_of_plain_jax_kernels(implementation):
     assert np.isfinite(np.asarray(gg)).all() and float(jnp.abs(gg).max()) > 0
 
 
-@pytest.mark.parametrize("implementation", ["cpu", "flash"])
+@pytest.mark.parametrize("implementation", [n for n in THREE if n != "fused"])
 def test_second_derivatives_of_fast_kernels_are_refused_by_name(implementation):
-    if implementation not in jattn.kernels.REGISTRY:
-        pytest.skip(f"{implementation} is not available here")
     primals, tangents, kw, _ = _inputs("gqa_causal_lengths_bias_sinks", seed=6)
     f = _fn(kw, implementation)
 
