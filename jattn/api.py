@@ -14,6 +14,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.interpreters import batching
 
 from jattn import kernels, masks
+from jattn.kernels import flash
 from jattn.kernels.common import KernelOutput
 from jattn.plan import Plan, make_plan
 from jattn.softmax import merge_sinks
@@ -208,14 +209,13 @@ def _run(impl_name: str, q: Array, k: Array, v: Array, plan: Plan):
 # The fast kernels define their reverse mode only (a custom_vjp: the saved output and log-sum-
 # exp, a backward kernel), and JAX refuses forward mode (jax.jvp, jacfwd, linearize) through a
 # custom_vjp. The seam below adds it without touching their reverse mode: a custom_jvp whose
-# tangent is a `linear_call` that computes forward-mode tangents with the reference's JVP
-# (every score materialised: forward mode is rarer than training) and transposes to the
-# kernel's own backward (reverse mode: the kernel's forward and backward, once each, as
-# before). Differentiating the backward again (second order) is refused by name: `reference`
-# and `fused` are plain JAX and take every order.
+# tangent is a `linear_call` that computes forward-mode tangents blockwise (`flash`'s JVP, O(T
+# + S) memory) and transposes to the kernel's own backward (reverse mode: the kernel's forward
+# and backward, once each, as before). Differentiating the backward again (second order) is
+# refused by name: `reference` and `fused` are plain JAX and take every order.
 
 
-def _differentiable(impl_name: str, rest: Plan):
+def _differentiable(impl_name: str | kernels.Implementation, rest: Plan):
     """The kernel as a function of its differentiable inputs (q, k, v, bias, sinks); ``rest``
     is the plan without them (its arrays, masks and dropout seeds, are integers)."""
 
@@ -246,8 +246,10 @@ def _any_mode_jvp(impl_name: str, primals, tangents):
             next(lin) if on else None if x is None else jnp.zeros_like(x)
             for x, on in zip(xs, live, strict=True)
         ]
-        oracle = _differentiable("reference", dataclasses.replace(rest, config=None))
-        return jax.jvp(oracle, xs, tuple(full))[1]
+        # (flash's own blocks when the kernel is flash: the ones its user chose)
+        config = rest.config if impl_name == "flash" else None
+        engine = _differentiable(_TANGENTS, dataclasses.replace(rest, config=config))
+        return jax.jvp(engine, xs, tuple(full))[1]
 
     def transpose(res, ct):
         return [g for g, on in zip(res[0](ct), live, strict=True) if on]
@@ -255,6 +257,11 @@ def _any_mode_jvp(impl_name: str, primals, tangents):
     lin = [t for t, on in zip(tangents, live, strict=False) if on]
     res = (pullback, xs, rest)
     return out, jax.custom_derivatives.linear_call(tangent, transpose, res, lin)
+
+
+# Forward mode's tangents: `flash` with a JVP of its own (one more blockwise pass from the saved
+# log-sum-exp), which serves every feature a kernel under the seam can take.
+_TANGENTS = dataclasses.replace(kernels.REGISTRY["flash"], fn=flash.flash_attention_jvp)
 
 
 def _batch_linear_call(args, dims, **params):
@@ -289,8 +296,8 @@ def _first_order_only_jvp(impl_name: str, primals, tangents):
     )
 
 
-def _run_kernel(impl_name: str, q: Array, k: Array, v: Array, plan: Plan):
-    impl = kernels.REGISTRY[impl_name]
+def _run_kernel(impl_name: str | kernels.Implementation, q: Array, k: Array, v: Array, plan: Plan):
+    impl = kernels.REGISTRY[impl_name] if isinstance(impl_name, str) else impl_name
     if impl.batched:
         # Whole-array implementations (one Pallas launch, cuDNN, the native CPU kernel) take
         # the user's layout and the plan's leaves in their canonical [*B', K', G', ...] form,

@@ -12,7 +12,7 @@ import pytest
 import jattn
 from tests import helpers as H
 
-VARIANTS = [v for v in H.variants() if v.every == 1 or v.slow]
+VARIANTS = H.variants()
 # The native kernel, the blockwise one and a plain-JAX one, where they run.
 THREE = [name for name in ("cpu", "flash", "fused") if name in jattn.kernels.REGISTRY]
 
@@ -21,6 +21,12 @@ CASES = {
     "gqa_causal_lengths_bias_sinks": (
         jnp.float32, 2, 12, 12, 4, 2, 16, 16,
         dict(is_causal=True, key_value_seq_lengths=np.array([12, 5])), True, True,
+    ),
+    # Many blocks for the small-block configs: skipped, full and masked ones, partial ones.
+    "blocks_causal_window_lengths": (
+        jnp.float32, 2, 37, 70, 2, 1, 8, 16,
+        dict(is_causal=True, local_window_size=(30, 2), key_value_seq_lengths=np.array([70, 29])),
+        False, True,
     ),
     "dropout_segments": (
         jnp.float32, 2, 9, 9, 2, 2, 8, 8,

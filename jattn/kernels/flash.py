@@ -101,6 +101,17 @@ class _Static:
 
 def flash_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
     """Attention of one head. ``q [T, D]``, ``k [S, D]``, ``v [S, Dv]`` -> ``out [T, Dv]``."""
+    return _attention(_flash, q, k, v, plan)
+
+
+def flash_attention_jvp(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput:
+    """:func:`flash_attention` with a forward mode instead of a backward: its JVP is one more
+    blockwise pass (``_tangent``), O(T + S) memory like the forward. ``jattn.attention`` takes
+    the tangents of every kernel's forward mode from it."""
+    return _attention(_flash_forward_mode, q, k, v, plan)
+
+
+def _attention(core, q: Array, k: Array, v: Array, plan: Plan) -> KernelOutput:
     cfg = plan.config or FlashConfig()
     t, s = q.shape[0], k.shape[0]
     bq, bk = min(cfg.block_q, t), min(cfg.block_k, s)
@@ -119,7 +130,7 @@ def flash_attention(q: Array, k: Array, v: Array, *, plan: Plan) -> KernelOutput
     if bias is not None:
         pads = [(0, 0 if d == 1 else n - d) for d, n in zip(bias.shape, (tp, sp), strict=True)]
         bias = jnp.pad(bias, pads)
-    out, lse_u = _flash(st, qp, kp, vp, bias, mask, plan.dropout_seed)
+    out, lse_u = core(st, qp, kp, vp, bias, mask, plan.dropout_seed)
     lse = (lse_u[:t] if natural else lse_u[:t] * LN2) if plan.return_lse else None
     return KernelOutput(out[:t], lse, None)
 
@@ -438,3 +449,106 @@ def _flash_bwd(st, res, cts):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _flash_forward_mode(st: _Static, q, k, v, bias, mask: Any, seed):
+    out, lse, _ = _forward(st, q, k, v, bias, mask, seed)
+    return out, lse
+
+
+@_flash_forward_mode.defjvp
+def _flash_forward_mode_jvp(st: _Static, primals, tangents):
+    q, k, v, bias, mask, seed = primals
+    tq, tk, tv, tbias = tangents[:4]
+    out, lse, lo = _forward(st, q, k, v, bias, mask, seed)
+    t_out, t_lse = _tangent(st, q, k, v, bias, mask, seed, out, lse, lo, tq, tk, tv, tbias)
+    return (out, lse), (t_out, t_lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward mode: the tangent of the output and the log-sum-exp from the saved log-sum-exp.
+
+
+def _tangent(st: _Static, q, k, v, bias, mask, seed, out, lse, lo, tq, tk, tv, tbias):
+    """With P the weights, dl the logits' tangent (natural units) and P' the weights after
+    dropout: ``d lse = sum_j P dl`` and ``d out = sum_j P' (dl v_j + dv_j) - d lse out``.
+    Blockwise, each block's weights recomputed from the log-sum-exp as in the backward; the
+    tangent of ``lse`` is returned in its units (base 2 unless a bias is given), as it is."""
+    tp, sp, dv = q.shape[0], k.shape[0], v.shape[1]
+    nq = tp // st.bq
+    dropout = st.dropout_rate > 0.0
+    acc_dt = jnp.promote_types(q.dtype, jnp.float32)
+    qs, tqs = _prescaled(st, q), _prescaled(st, tq)
+    # The weights 2^((s - lse) unit) are 2^(lo unit) times the true ones (see the backward).
+    fix = jnp.exp2(-lo * st.unit).astype(acc_dt)
+    lse_use = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # rows that see nothing: p = 0
+
+    def q_block(i):
+        q0 = i * st.bq
+        qsi = jax.lax.dynamic_slice_in_dim(qs, q0, st.bq)
+        tqsi = jax.lax.dynamic_slice_in_dim(tqs, q0, st.bq)
+        lsei = jax.lax.dynamic_slice_in_dim(lse_use, q0, st.bq)
+
+        def local(j, masked):
+            k0 = j * st.bk
+            kj = jax.lax.dynamic_slice_in_dim(k, k0, st.bk)
+            tkj = jax.lax.dynamic_slice_in_dim(tk, k0, st.bk)
+            vj = jax.lax.dynamic_slice_in_dim(v, k0, st.bk)
+            tvj = jax.lax.dynamic_slice_in_dim(tv, k0, st.bk)
+            if masked:  # keys and values past the block's range: a zero weight times NaN
+                kj, tkj, vj, tvj = _hide_past(st, mask, q0, k0, sp, kj, tkj, vj, tvj)
+            s, th = _logits(st, qsi, kj, bias, q0, k0)
+            ds = jnp.einsum("td,sd->ts", tqsi, kj, preferred_element_type=acc_dt)
+            ds = ds + jnp.einsum("td,sd->ts", qsi, tkj, preferred_element_type=acc_dt)
+            if qsi.dtype not in (jnp.float32, jnp.float64):
+                ds = ds * (st.scale * st.to_logits)  # (low-precision q: not pre-scaled)
+            if th is not None:
+                ds = ds * (1.0 - th * th)
+            if tbias is not None:
+                ds = ds + _bias_block(tbias, q0, k0, st.bq, st.bk).astype(acc_dt)
+            if masked:
+                visible = mask.block(q0, k0, st.bq, st.bk)
+                s = jnp.where(visible, s, -jnp.inf)
+                ds = jnp.where(visible, ds, 0.0)
+            p = jnp.exp2(jnp.minimum(s - lsei[:, None], 0.0) * st.unit)  # as in the forward
+            pds = p * ds
+            d_lse = pds.sum(axis=1)
+            if dropout:
+                keep = _keep(st, seed, q0, k0)
+                inv = 1.0 / (1.0 - st.dropout_rate)
+                p, pds = (jnp.where(keep, x * inv, 0.0) for x in (p, pds))
+            # (dl = ds / to_logits: applied once per row at the end)
+            tv_part = jnp.einsum("ts,sd->td", p.astype(v.dtype), tvj, preferred_element_type=acc_dt)
+            v_part = jnp.einsum("ts,sd->td", pds, vj.astype(acc_dt), preferred_element_type=acc_dt)
+            return d_lse, v_part, tv_part
+
+        def skipped(j):
+            z = jnp.zeros_like(qsi, acc_dt, shape=(st.bq, dv))
+            return jnp.zeros_like(qsi, acc_dt, shape=(st.bq,)), z, z
+
+        def body(j, carry):
+            flags = block_kind(mask, q0, j * st.bk, st.bq, st.bk)
+            parts = _dispatch(
+                flags,
+                skipped,
+                lambda j: local(j, masked=False),
+                lambda j: local(j, masked=True),
+                j,
+            )
+            return tuple(c + x for c, x in zip(carry, parts, strict=True))
+
+        lo_b, hi_b = _block_range(st, mask, q0, tp, sp)
+        d_lse, v_part, tv_part = jax.lax.fori_loop(lo_b, hi_b, body, skipped(0))
+        fixi = jax.lax.dynamic_slice_in_dim(fix, q0, st.bq)
+        outi = jax.lax.dynamic_slice_in_dim(out, q0, st.bq).astype(acc_dt)
+        d_lse = d_lse * fixi
+        t_out = ((v_part * fixi[:, None] - d_lse[:, None] * outi) / st.to_logits) + (
+            tv_part * fixi[:, None]
+        )
+        return t_out.astype(q.dtype), d_lse.astype(lse.dtype)
+
+    if nq == 1:
+        return q_block(0)
+    t_outs, t_lses = jax.lax.map(q_block, jnp.arange(nq))
+    return t_outs.reshape(tp, dv), t_lses.reshape(tp)
