@@ -47,6 +47,7 @@ def attention(
     config: Any = None,
     return_weights: bool = False,
     return_lse: bool = False,
+    return_residual: bool = False,
 ) -> Array | tuple[Array, ...]:
     """Scaled dot-product attention, ``softmax(softcap(scale · q kᵀ) + bias) v`` under a mask.
 
@@ -93,9 +94,14 @@ def attention(
       return_weights: also return the attention weights ``[*B, N, T, S]`` (before dropout).
       return_lse: also return the log-sum-exp of each row's logits ``[*B, N, T]`` (float32;
         ``-inf`` for a row with no visible key), to merge partial results exactly.
+      return_residual: as ``jax.nn.dot_product_attention``'s: also return the log-sum-exp
+        in the query's layout and dtype, ``[*B, T, N]`` (``-inf`` for a row with no visible
+        key, where ``jax.nn`` gives a large negative number); after the others.
+        Differentiable, like ``lse`` (``jax.nn``'s residual has a zero gradient).
 
     Returns:
-      ``out``, or ``(out, weights)``, ``(out, lse)``, ``(out, weights, lse)``.
+      ``out``, or ``(out, weights)``, ``(out, lse)``, ``(out, weights, lse)``, each with the
+      residual last when ``return_residual``.
 
     A row with no key to attend to returns zeros, with zero gradient. Combined masking
     arguments are intersected.
@@ -130,7 +136,7 @@ def attention(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
         return_weights=return_weights,
-        return_lse=return_lse,
+        return_lse=return_lse or return_residual,
     )
     candidates, reasons = kernels.select(plan, implementation, config)
     if _is_empty(plan):
@@ -155,6 +161,8 @@ def attention(
             )
 
     extra = ([weights] if return_weights else []) + ([lse] if return_lse else [])
+    if return_residual:
+        extra.append(jnp.moveaxis(lse, -1, -2).astype(out.dtype))
     return (out, *extra) if extra else out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +65,8 @@ def jax_nn_calls(draw):
         kw["bias"] = jnp.asarray(rng.normal(size=bshape), jnp.float32)
     if draw(st.booleans()):
         kw["scale"] = draw(st.floats(0.05, 1.0))
+    if draw(st.booleans()):
+        kw["return_residual"] = True
     return (b, t, s, n, kh, h, seed), kw
 
 
@@ -89,10 +93,19 @@ def test_parity_with_jax_nn(case):
         dense=None if mask is None else np.asarray(mask),
     )
     live = np.moveaxis(dense.any(-1), -2, -1)  # [B, T, N]
-    for impl in ("fused", "flash", "reference"):
+    for impl in (None, *(n for n in jattn.kernels.REGISTRY if n in jattn.kernels.available())):
         got = jattn.attention(q, k, v, bias, mask, implementation=impl, **kw)
+        if kw.get("return_residual"):
+            (got, res), (want_out, want_res) = got, want
+            assert res.shape == want_res.shape == (b, t, n) and res.dtype == want_res.dtype
+            np.testing.assert_allclose(
+                np.asarray(res)[live], np.asarray(want_res)[live], atol=2e-5, rtol=2e-5
+            )
+            assert np.isneginf(np.asarray(res)[~live]).all()
+        else:
+            want_out = want
         np.testing.assert_allclose(
-            np.asarray(got)[live], np.asarray(want)[live], atol=2e-5, rtol=2e-5, err_msg=impl
+            np.asarray(got)[live], np.asarray(want_out)[live], atol=2e-5, rtol=2e-5, err_msg=impl
         )
         assert not np.asarray(got)[~live].any()
 
@@ -107,6 +120,38 @@ def test_unbatched_input_like_jax_nn():
     want = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     assert got.shape == (5, 2, 8)
     np.testing.assert_allclose(got, want, atol=1e-6)
+    (_, res), (_, want_res) = (
+        f(q, k, v, is_causal=True, return_residual=True)
+        for f in (jattn.attention, jax.nn.dot_product_attention)
+    )
+    assert res.shape == want_res.shape == (5, 2)
+    np.testing.assert_allclose(res, want_res, atol=1e-6)
+
+
+def test_residual_comes_last_and_carries_gradients():
+    q, k, v, _ = H.random_qkv(jax.random.key(3), (2,), 6, 9, 4, 2, 8, dtype=jnp.bfloat16)
+    out, w, lse, res = jattn.attention(
+        q, k, v, implementation="fused", return_weights=True, return_lse=True, return_residual=True
+    )
+    assert w.shape == (2, 4, 6, 9) and res.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(res, jnp.moveaxis(lse, -1, -2).astype(jnp.bfloat16))
+
+    def loss(f, q):
+        return jnp.sum(f(q, k, v, return_residual=True)[1].astype(jnp.float32))
+
+    def direct(q):  # the log-sum-exp written out (jax.nn's residual has a zero gradient)
+        s = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, 2, axis=2)) / np.sqrt(8)
+        return jnp.sum(jax.nn.logsumexp(s.astype(jnp.float32), -1))
+
+    want = jax.grad(direct)(q)
+    assert float(jnp.abs(want.astype(jnp.float32)).max()) > 0.1
+    for impl in jattn.kernels.available():
+        got = jax.grad(
+            functools.partial(loss, functools.partial(jattn.attention, implementation=impl))
+        )(q)
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), atol=0.05, err_msg=impl
+        )
 
 
 def test_three_batch_dims():
