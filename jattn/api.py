@@ -196,10 +196,6 @@ def _empty_result(plan: Plan, dtype):
     return out, lse, weights
 
 
-# ---------------------------------------------------------------------------------------------
-# Layout and vmap.
-
-
 _PLAIN_JAX = ("reference", "fused")
 
 
@@ -262,7 +258,7 @@ def _any_mode_jvp(impl_name: str, primals, tangents):
     def transpose(res, ct):
         return [g for g, on in zip(res[0](ct), live, strict=True) if on]
 
-    lin = [t for t, on in zip(tangents, live, strict=False) if on]
+    lin = [t for t, on in zip(tangents[:-1], live, strict=True) if on]
     res = (pullback, xs, rest)
     return out, jax.custom_derivatives.linear_call(tangent, transpose, res, lin)
 
@@ -302,6 +298,10 @@ def _first_order_only_jvp(impl_name: str, primals, tangents):
         "Hessian, jax.jvp of jax.grad, jax.grad of jax.grad) needs a plain-JAX kernel: "
         "implementation='fused' or 'reference'"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout and vmap.
 
 
 def _run_kernel(impl_name: str | kernels.Implementation, q: Array, k: Array, v: Array, plan: Plan):
