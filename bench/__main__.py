@@ -98,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--modes",
         default="fwd,fwd+bwd",
-        help="comma-separated: fwd (forward), fwd+bwd (forward and gradients of q, k, v)",
+        help="comma-separated: fwd (forward), fwd+bwd (forward and gradients of q, k, v), "
+        "jvp (forward mode: the output and its tangent along tangents of q, k, v)",
     )
     run.add_argument("--repeats", type=int, default=5, help="timed samples per case (default 5)")
     run.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")

@@ -38,8 +38,8 @@ Kind = Literal["attention", "roofline", "train"]
 KINDS: tuple[Kind, ...] = ("attention", "roofline", "train")
 Origin = Literal["ours", "peer", "machine"]
 
-Mode = Literal["fwd", "fwd+bwd"]
-MODES: tuple[Mode, ...] = ("fwd", "fwd+bwd")
+Mode = Literal["fwd", "fwd+bwd", "jvp"]
+MODES: tuple[Mode, ...] = ("fwd", "fwd+bwd", "jvp")
 
 Status = Literal["ok", "unsupported", "oom", "error", "absent", "skipped"]
 STATUSES: tuple[Status, ...] = ("ok", "unsupported", "oom", "error", "absent", "skipped")
@@ -47,6 +47,9 @@ STATUSES: tuple[Status, ...] = ("ok", "unsupported", "oom", "error", "absent", "
 # FlashAttention convention: the backward pass does 2.5x the forward's matmul work
 # (five matmuls against two), so forward + backward is 3.5x the forward.
 BACKWARD_FACTOR = 2.5
+# Forward mode (jax.jvp of q, k, v): the forward plus its tangent, whose logits' tangent is two
+# products the size of q kᵀ and whose output's tangent two the size of p v: 3x the forward.
+JVP_FACTOR = 2.0
 
 
 def attention_flops(
@@ -55,14 +58,16 @@ def attention_flops(
     """FLOPs of attention by the FlashAttention convention.
 
     Forward: 2·B·N·T·S·(H + Hv) (q kᵀ is 2·T·S·H per head, p v is 2·T·S·Hv; 4·B·N·T·S·H when
-    Hv = H, the default), halved when causal. Forward + backward: 3.5× the forward. Softmax,
-    sinks and masking are not counted.
+    Hv = H, the default), halved when causal. Forward + backward: 3.5× the forward; forward
+    mode (``jvp``): 3×. Softmax, sinks and masking are not counted.
     """
     flops = 2.0 * B * N * T * S * (H + (H if Hv is None else Hv))
     if causal:
         flops /= 2
     if mode == "fwd+bwd":
         flops *= 1.0 + BACKWARD_FACTOR
+    elif mode == "jvp":
+        flops *= 1.0 + JVP_FACTOR
     elif mode != "fwd":
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return flops

@@ -189,6 +189,20 @@ class JaxRunner(Runner):
         if case.mode == "fwd":
             fn = attn
             args: tuple[Any, ...] = (q, k, v, sinks)
+        elif case.mode == "jvp":
+            # Forward mode: the output and its tangent along random tangents of q, k, v.
+            kt = jax.random.split(kd, 3)
+            tangents = tuple(
+                None if x is None else jax.random.normal(t, x.shape, dtype)
+                for x, t in zip((q, k, v), kt, strict=True)
+            )
+
+            def forward_mode(q: Any, k: Any, v: Any, tq: Any, tk: Any, tv: Any, sinks: Any) -> Any:
+                if v is None:  # the values are inside k: its tangent carries theirs
+                    return jax.jvp(lambda q, k: attn(q, k, None, sinks), (q, k), (tq, tk))
+                return jax.jvp(lambda q, k, v: attn(q, k, v, sinks), (q, k, v), (tq, tk, tv))
+
+            fn, args = forward_mode, (q, k, v, *tangents, sinks)
         else:
             # The cotangent is random too: a ones or zeros cotangent can let XLA simplify.
             do = jax.random.normal(kd, (s.B, s.T, s.N, s.hv), dtype)
@@ -450,6 +464,8 @@ class TokamaxRunner(JaxRunner):
         import tokamax
 
         _refuse_sinks(case, "tokamax.dot_product_attention")
+        if case.mode == "jvp":  # (JAX: "can't apply forward-mode autodiff to a custom_vjp")
+            raise NotImplementedError("tokamax.dot_product_attention has no forward mode")
         _absl_flags_parsed()
         dpa = functools.partial(
             tokamax.dot_product_attention,
@@ -492,6 +508,10 @@ class TorchRunner(Runner):
 
         s = case.shape
         _refuse_sinks(case, "torch.nn.functional.scaled_dot_product_attention")
+        if case.mode == "jvp":
+            # (torch.func.jvp: "Trying to use forward AD with
+            # _scaled_dot_product_flash_attention_for_cpu that does not support it", torch 2.14)
+            raise NotImplementedError("scaled_dot_product_attention has no forward mode")
         dtype = getattr(torch, case.dtype)
         gen = torch.Generator(device=self.device).manual_seed(seed)
 

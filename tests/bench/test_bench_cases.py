@@ -9,6 +9,7 @@ import pathlib
 
 import pytest
 
+import jattn
 from bench import __main__ as cli
 from bench.records import (
     RECORD_FIELDS,
@@ -48,6 +49,7 @@ def test_flops_count_the_value_heads():
     assert attention_flops(B, T, S, N, 64, causal=False, mode="fwd") == 4 * B * N * T * S * 64
     assert attention_flops(B, T, S, N, 192, causal=True, mode="fwd", Hv=128) == fwd / 2
     assert attention_flops(B, T, S, N, 192, causal=False, mode="fwd+bwd", Hv=128) == 3.5 * fwd
+    assert attention_flops(B, T, S, N, 192, causal=False, mode="jvp", Hv=128) == 3 * fwd
 
 
 def test_parse_shape_with_value_heads_and_sinks():
@@ -241,6 +243,30 @@ def test_a_sinks_case_is_unsupported_by_the_peers_and_measured_by_jattn(tmp_path
     peers = {r["implementation"] for r in measured if r["origin"] == "peer"}
     assert {"jax.nn:xla", "flax.linen"} <= peers
     assert "none+sinks" in run_table(records)
+
+
+def test_forward_mode_runs_end_to_end_and_peers_without_it_say_so(tmp_path):
+    out = tmp_path / "jvp.jsonl"
+    impls = ",".join(n for n in ("flash", "cpu") if n in jattn.kernels.REGISTRY)
+    code = cli.main(["--shape", "1,24,24,2,1,8", "--shape", "1,1,40,4,1,48,32,latent",
+                     "--modes", "jvp", "--impls", impls, "--peers", "xla,torch,tokamax",
+                     *FAST, "--out", str(out)])  # fmt: skip
+    assert code == 0
+    records = [r for r in read_records([out]) if r["status"] != "absent"]
+    assert {r["mode"] for r in records} == {"jvp"}
+    by = {(r["implementation"], r["T"], r["causal"]): r for r in records}
+    for (impl, t, causal), r in by.items():
+        if impl.startswith("jattn:"):
+            assert r["status"] == "ok", r["reason"]
+            n, s, h, hv = (2, 24, 8, 8) if t == 24 else (4, 40, 48, 32)
+            assert r["flops"] == attention_flops(1, t, s, n, h, causal=causal, mode="jvp", Hv=hv)
+        elif impl == "jax.nn:xla" and t == 24:
+            assert r["status"] == "ok", r["reason"]
+        elif impl != "jax.nn:xla":
+            assert r["status"] == "unsupported" and "forward mode" in r["reason"], r
+    assert {("jattn:flash", 24, True), ("jattn:flash", 1, False), ("jax.nn:xla", 24, True)} <= set(
+        by
+    )
 
 
 def test_a_latent_case_runs_end_to_end(tmp_path):
