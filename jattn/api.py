@@ -277,8 +277,12 @@ def _batch_linear_call(args, dims, **params):
     return outs, [0] * len(outs)
 
 
-_linear_call_p = jax._src.custom_derivatives.linear_call_p  # (no public name)
-if _linear_call_p not in batching.fancy_primitive_batchers:  # (JAX may give one later)
+# (The primitive has no public name; a JAX without it, or with a rule of its own, is left as
+# it is: vmap of grad through the fast kernels would then fail there, loudly.)
+_linear_call_p = getattr(jax._src.custom_derivatives, "linear_call_p", None)
+if _linear_call_p is not None and _linear_call_p not in getattr(
+    batching, "fancy_primitive_batchers", {}
+):
     batching.primitive_batchers[_linear_call_p] = _batch_linear_call
 
 
