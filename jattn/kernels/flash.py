@@ -297,22 +297,34 @@ def _forward(st: _Static, q, k, v, bias, mask, seed):
 # Backward: recompute each block's probabilities from the saved log-sum-exp.
 
 
+def _from_saved_lse(st: _Static, lse: Array, lo: Array, acc_dt) -> tuple[Array, Array]:
+    """What the passes that recompute each block's weights from the saved log-sum-exp (the
+    backward, forward mode's tangent) need: the lse with rows that see no key at +inf (their
+    weights 0 everywhere), and ``2^(-lo unit)``: the recomputed weights are ``2^(lo unit)``
+    times the true ones, so each row's sums are scaled by it."""
+    return jnp.where(jnp.isneginf(lse), jnp.inf, lse), jnp.exp2(-lo * st.unit).astype(acc_dt)
+
+
+def _block_weights(st: _Static, s: Array, lsei: Array) -> Array:
+    """A block's weights ``2^((s - lse) unit)`` from its logits and its rows' saved lse, with
+    the forward's clamp."""
+    return jnp.exp2(jnp.minimum(s - lsei[:, None], 0.0) * st.unit)
+
+
 def _backward(st: _Static, q, k, v, bias, mask, seed, out, lse, lo, g_out, g_lse):
     tp, sp, d = q.shape[0], k.shape[0], q.shape[1]
     nq = tp // st.bq
     dropout = st.dropout_rate > 0.0
     acc_dt = jnp.promote_types(q.dtype, jnp.float32)
     qs = _prescaled(st, q)
-    # The weights 2^((s - lse) unit) are 2^(lo unit) times the true ones: the cotangents are
-    # scaled by 2^(-lo unit) instead (the same products; a pass over dO, not over the logits).
-    fix = jnp.exp2(-lo * st.unit).astype(acc_dt)
+    # The recomputed weights are 2^(lo unit) times the true ones: the cotangents are scaled by
+    # 2^(-lo unit) instead (the same products; a pass over dO, not over the logits).
+    lse_use, fix = _from_saved_lse(st, lse, lo, acc_dt)
     g_out = (g_out.astype(acc_dt) * fix[:, None]).astype(g_out.dtype)
     # dL/dlogits = p * (dp - delta); delta = rowsum(dO * O) minus the lse cotangent.
     delta = jnp.sum(g_out.astype(acc_dt) * out.astype(acc_dt), axis=1)
     if g_lse is not None:
         delta = delta - g_lse.astype(acc_dt) * fix
-    # Rows with no visible key (lse = -inf) have p = 0 everywhere.
-    lse_use = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
 
     def q_block(i, carry):
         dk, dv, dbias = carry
@@ -334,7 +346,7 @@ def _backward(st: _Static, q, k, v, bias, mask, seed, out, lse, lo, g_out, g_lse
             if masked:
                 visible = mask.block(q0, k0, st.bq, st.bk)
                 s = jnp.where(visible, s, -jnp.inf)
-            p = jnp.exp2(jnp.minimum(s - lsei[:, None], 0.0) * st.unit)  # as in the forward
+            p = _block_weights(st, s, lsei)
             dp = jnp.einsum("td,sd->ts", doi, vj, preferred_element_type=acc_dt)
             pd = p
             if dropout:
@@ -480,9 +492,7 @@ def _tangent(st: _Static, q, k, v, bias, mask, seed, out, lse, lo, tq, tk, tv, t
     dropout = st.dropout_rate > 0.0
     acc_dt = jnp.promote_types(q.dtype, jnp.float32)
     qs, tqs = _prescaled(st, q), _prescaled(st, tq)
-    # The weights 2^((s - lse) unit) are 2^(lo unit) times the true ones (see the backward).
-    fix = jnp.exp2(-lo * st.unit).astype(acc_dt)
-    lse_use = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # rows that see nothing: p = 0
+    lse_use, fix = _from_saved_lse(st, lse, lo, acc_dt)  # (fix: applied per row at the end)
 
     def q_block(i):
         q0 = i * st.bq
@@ -511,7 +521,7 @@ def _tangent(st: _Static, q, k, v, bias, mask, seed, out, lse, lo, tq, tk, tv, t
                 visible = mask.block(q0, k0, st.bq, st.bk)
                 s = jnp.where(visible, s, -jnp.inf)
                 ds = jnp.where(visible, ds, 0.0)
-            p = jnp.exp2(jnp.minimum(s - lsei[:, None], 0.0) * st.unit)  # as in the forward
+            p = _block_weights(st, s, lsei)
             pds = p * ds
             d_lse = pds.sum(axis=1)
             if dropout:
